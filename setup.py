@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bpo",
+    version="0.1.0",
+    description="Blind Preference Optimization for vision-language models on DeepSpeed ZeRO-3",
+    packages=find_packages(include=["bpo", "bpo.*"]),
+    package_data={"bpo": ["*.txt", "**/*.txt", "configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=5.0",
+        "safetensors",
+        "tokenizers",
+        "jsonlines",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        "bitsandbytes",
+    ],
+    extras_require={
+        "test": ["pytest", "triton"],
+        "gpu": ["flash-attn"],
+        "bench": ["liger-kernel"],
+    },
+)
