@@ -20,6 +20,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "bitsandbytes",
+        "accelerate",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 construction); not used for training
     ],
     extras_require={
         "test": ["pytest", "triton"],

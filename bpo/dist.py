@@ -1,0 +1,82 @@
+"""Distributed helpers, kept in one place so the math and the loop never say `if rank == 0`."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size():
+    return dist.get_world_size() if is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_rank0():
+    return rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier():
+    if is_initialized():
+        dist.barrier()
+
+
+def init_distributed():
+    """Join the process group the launcher (deepspeed, torchrun, srun) describes; a lone process needs none."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        # A bare `python bpo/train.py`: describe a world of one so DeepSpeed does not try MPI discovery.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device():
+    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sum_across_ranks(values):
+    """Sum a dict of scalar tensors over all ranks in one collective (call once per optimizer step, not per micro)."""
+    keys = sorted(values)
+    flat = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).reshape(()) for k in keys])
+    if is_initialized():
+        # gloo and nccl both reduce float64; the device must match the backend.
+        flat = flat.to(device())
+        dist.all_reduce(flat)
+    flat = flat.cpu()
+    return {k: flat[i] for i, k in enumerate(keys)}
+
+
+def broadcast_object(obj, src=0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,237 @@
+"""Turn a ZeRO-3 training checkpoint into a Hugging Face model directory of safetensors shards, streaming.
+
+    python -m bpo.export RUN_DIR/checkpoints OUT_DIR [--tag step_120] [--dtype bf16|fp32] [--max-shard-size 5GB]
+                         [--base-model DIR] [--force]
+
+The stock converter (zero_to_fp32) builds the whole fp32 state dict in memory, over a terabyte for a 70B model. Here
+every rank's partition file is memory-mapped, each parameter is assembled from its rank slices only when it is
+written, and one output shard is held at a time: peak memory is about one shard plus the page cache the kernel is
+free to drop, whatever the model size (see BENCHMARKS.md).
+
+ZeRO-3 layout read here (DeepSpeed 0.14-0.19): rank r's optimizer file holds `fp32_flat_groups`, one flat fp32
+tensor per parameter group; inside it the trainable parameters follow the order of `param_shapes` (model-states
+file), each taking ceil(numel / world) elements (the last rank's slice zero-padded). Frozen parameters are not in the
+optimizer: each rank's model-states file keeps its slice in `frozen_param_fragments`.
+
+Output: config (dtype updated), generation config, tokenizer/processor files and chat template copied from the base
+model, `model-0000k-of-0000N.safetensors` and `model.safetensors.index.json`, all written to a temporary directory
+that is renamed to OUT_DIR only when complete.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+from bpo.checkpoint import latest_tag
+
+# The training wrapper (bpo.model.SequenceScorer) holds the HF model as `.model`; its parameter names carry this
+# prefix, which export removes so the directory loads with the model class's own names.
+WRAPPER_PREFIX = "model."
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
+              "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def parse_size(text):
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text.upper())
+    if not m:
+        raise ExportError(f"--max-shard-size {text!r}: use a number with KB, MB or GB, e.g. 5GB")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+
+
+def _safe_load(path):
+    """torch.load without executing pickled code: weights_only=True, with DeepSpeed's few plain state classes
+    allow-listed (an enum and the loss-scaler objects, restored field by field, no code runs). DeepSpeed writes these
+    files with torch.save, so a format without pickle is not available; this is the closest to it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    if not os.path.isfile(path):
+        raise ExportError(f"checkpoint file missing: {path}")
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"cannot read {path} (truncated or not a DeepSpeed checkpoint?): "
+                          f"{type(e).__name__}: {str(e)[:300]}") from None
+
+
+def resolve_tag_dir(ckpt_dir, tag=None):
+    if tag is None and os.path.isfile(os.path.join(ckpt_dir, "latest")):
+        tag = latest_tag(ckpt_dir)
+    path = os.path.join(ckpt_dir, tag) if tag else ckpt_dir
+    if not os.path.isdir(path):
+        raise ExportError(f"no checkpoint directory {path}; pass the run's checkpoints/ directory and --tag")
+    return path
+
+
+class PartitionedCheckpoint:
+    """Lazy view of one ZeRO-3 checkpoint tag: parameter names, shapes, and full tensors assembled on demand."""
+
+    def __init__(self, tag_dir):
+        model_files = sorted(f for f in os.listdir(tag_dir) if re.fullmatch(r"zero_pp_rank_\d+_mp_rank_00_model_states\.pt", f))
+        if not model_files:
+            raise ExportError(f"{tag_dir} has no zero_pp_rank_*_mp_rank_00_model_states.pt: not a ZeRO-3 checkpoint")
+        first = _safe_load(os.path.join(tag_dir, model_files[0]))
+        self.world = first["dp_world_size"]
+        self.model_states = [first] + [
+            _safe_load(os.path.join(tag_dir, f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"))
+            for r in range(1, self.world)]
+        self.flat_groups = []
+        for r in range(self.world):
+            optim = _safe_load(os.path.join(tag_dir, f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"))
+            self.flat_groups.append(optim["optimizer_state_dict"]["fp32_flat_groups"])
+        # name -> (group, offset within the rank's flat group, numel, shape) for trainable parameters.
+        self.trainable = {}
+        for g, shapes in enumerate(first["param_shapes"]):
+            offset = 0
+            for name, shape in shapes.items():
+                numel = int(torch.Size(shape).numel())
+                part = -(-numel // self.world)
+                self.trainable[name] = (g, offset, numel, torch.Size(shape))
+                offset += part
+            for r in range(self.world):
+                if self.flat_groups[r][g].numel() < offset:
+                    raise ExportError(f"rank {r}'s optimizer partition of group {g} holds "
+                                      f"{self.flat_groups[r][g].numel()} values, the parameter list needs {offset}: "
+                                      f"the file is truncated or from another run")
+        self.frozen = {name: torch.Size(shape) for name, shape in (first.get("frozen_param_shapes") or {}).items()}
+        self.shared = dict(first.get("shared_params") or {})  # tied name -> the name that owns the storage
+
+    def names(self):
+        return [n for n in list(self.trainable) + list(self.frozen) if n not in self.shared]
+
+    def shape(self, name):
+        return self.trainable[name][3] if name in self.trainable else self.frozen[name]
+
+    def tensor(self, name):
+        """The full parameter, gathered from every rank's slice (fp32 master weights for trainable ones)."""
+        if name in self.trainable:
+            g, offset, numel, shape = self.trainable[name]
+            part = -(-numel // self.world)
+            pieces = [self.flat_groups[r][g].narrow(0, offset, part) for r in range(self.world)]
+        else:
+            shape, numel = self.frozen[name], int(self.frozen[name].numel())
+            pieces = [self.model_states[r]["frozen_param_fragments"][name].reshape(-1) for r in range(self.world)]
+        return torch.cat(pieces)[:numel].view(shape)
+
+
+def hf_name(name):
+    return name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name
+
+
+def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base_model=None, force=False,
+           progress=True):
+    """Write the HF directory; returns its path. See the module docstring for the layout and memory bound."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    tag_dir = resolve_tag_dir(ckpt_dir, tag)
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not force:
+        raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    base_model = base_model or _base_model_from_run(ckpt_dir)
+    ckpt = PartitionedCheckpoint(tag_dir)
+    limit = parse_size(max_shard_size)
+    target = DTYPES[dtype]
+
+    # Plan shards by size first, so the file names can carry the total count.
+    names = ckpt.names()
+    shards, current, size = [], [], 0
+    for name in names:
+        nbytes = ckpt.shape(name).numel() * target.itemsize
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current:
+        shards.append(current)
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        weight_map, total = {}, 0
+        bar = tqdm(total=len(names), unit="tensor", desc="export", disable=not progress)
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in shard:
+                tensors[hf_name(name)] = ckpt.tensor(name).to(target).contiguous()
+                weight_map[hf_name(name)] = fname
+                total += tensors[hf_name(name)].numel() * target.itemsize
+                bar.update(1)
+            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            del tensors  # one shard in memory at a time
+        bar.close()
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
+        _copy_base_files(base_model, tmp, dtype)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _base_model_from_run(ckpt_dir):
+    """The run's config.yaml (next to checkpoints/) names the base model whose tokenizer and config we ship."""
+    import yaml
+
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir.rstrip("/"))), "config.yaml")
+    if not os.path.isfile(path):
+        raise ExportError(f"cannot find the run's config.yaml at {path}; pass --base-model DIR")
+    with open(path) as f:
+        return yaml.safe_load(f)["model"]["path"]
+
+
+def _copy_base_files(base_model, out, dtype):
+    if not os.path.isfile(os.path.join(base_model, "config.json")):
+        raise ExportError(f"base model directory {base_model} has no config.json")
+    for name in BASE_FILES:
+        src = os.path.join(base_model, name)
+        if os.path.isfile(src):
+            shutil.copy2(src, os.path.join(out, name))
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    config.pop("torch_dtype", None)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ckpt_dir", help="the run's checkpoints/ directory (or one tag directory inside it)")
+    parser.add_argument("out_dir")
+    parser.add_argument("--tag", help="checkpoint tag, e.g. step_120 (default: the one named in `latest`)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--base-model", help="directory with the base model's config and tokenizer "
+                                             "(default: model.path from the run's config.yaml)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    args = parser.parse_args(argv)
+    try:
+        path = export(args.ckpt_dir, args.out_dir, args.tag, args.dtype, args.max_shard_size, args.base_model,
+                      args.force)
+    except ExportError as e:
+        raise SystemExit(f"export failed: {e}")
+    print(f"exported {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Score every response of a dataset with the frozen reference model once, so training never loads it.
+
+Single process:  python bpo/ref_logprobs.py --config FILE cache.output_dir=DIR
+Many GPUs:       deepspeed --num_gpus 8 bpo/ref_logprobs.py --config FILE cache.output_dir=DIR
+CPU, 2 ranks:    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bpo/ref_logprobs.py --config configs/demo.yaml \
+                     cache.output_dir=demo/ref_cache
+
+Scores exactly as training does (same dataset encoding, truncation, image preprocessing, `SequenceScorer` head and
+reduction); the model is sharded with ZeRO-3 inference, so a reference larger than one device fits, and examples are
+split over ranks shard by shard. Train with `train.ref_cache=DIR`.
+
+Resumable: each shard file is written atomically and the manifest is marked complete only after all exist; a
+restart redoes only the missing shards.
+"""
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from bpo import dist, ref_cache
+from bpo.faults import maybe_crash
+from bpo.config import load_config, require
+from bpo.loss import sequence_logps
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*")
+    return parser.parse_args(argv)
+
+
+def build_scorer(cfg):
+    import deepspeed
+
+    from bpo.model import SequenceScorer, load_model
+
+    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+          "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": cfg.model.dtype == "bf16"},
+          "fp16": {"enabled": cfg.model.dtype == "fp16"}}
+    model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ds)
+    model.requires_grad_(False)
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size)
+    engine, *_ = deepspeed.initialize(model=scorer, config=ds)
+    engine.eval()
+    return engine
+
+
+@torch.no_grad()
+def score_shard(engine, dataset, indices, batch_size, cfg, pad_id):
+    """Sequence log-probs (n,) for each kind over one shard's examples; blind is NaN where absent."""
+    from bpo.data.dataset import collate, split_by_kind
+    from bpo.model import model_inputs
+
+    out = {k: [] for k in ref_cache.KINDS}
+    per_token = {k: [] for k in ref_cache.KINDS} if cfg.cache.per_token else None
+    for start in range(0, len(indices), batch_size):
+        batch = collate([dataset[i] for i in indices[start:start + batch_size]], pad_id)
+        inputs = model_inputs(batch, engine.device)
+        token_logps = engine(**inputs)  # (R, T-1)
+        mask = inputs["labels"][:, 1:] != -100
+        logps = sequence_logps(token_logps, mask, cfg.loss.reduction).float().cpu()
+        chosen, rejected, blind = split_by_kind(logps, batch)
+        blind = torch.where(batch["has_blind"], blind, torch.full_like(blind, float("nan")))
+        for kind, values in zip(ref_cache.KINDS, (chosen, rejected, blind)):
+            out[kind].append(values)
+        if per_token is not None:
+            for r, (kind, row) in enumerate(zip(batch["kind"].tolist(), batch["example_index"].tolist())):
+                per_token[ref_cache.KINDS[kind]].append(token_logps[r][mask[r]].float().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}, per_token
+
+
+def dummy_forward(engine, dataset, pad_id):
+    """ZeRO-3 needs every rank in every forward; a rank without work scores one example and discards it."""
+    from bpo.data.dataset import collate
+    from bpo.model import model_inputs
+
+    with torch.no_grad():
+        engine(**model_inputs(collate([dataset[0]], pad_id), engine.device))
+
+
+def main(argv=None):
+    from tqdm import tqdm
+    from transformers import AutoProcessor
+
+    from bpo.data.dataset import PreferenceDataset
+    from bpo.data.records import load_records, raise_if_bad
+
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    require(cfg, "model.path", "data.train_file", "cache.output_dir")
+    dist.init_distributed()
+    world, rank = dist.world_size(), dist.rank()
+    out_dir = cfg.cache.output_dir
+
+    model_path = cfg.train.ref_model_path or cfg.model.path
+    processor = AutoProcessor.from_pretrained(model_path, local_files_only=True,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = processor.tokenizer.pad_token_id
+    records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
+                                check_images=cfg.data.check_images)
+    if bad and not cfg.data.skip_bad:
+        raise_if_bad(bad, cfg.data.train_file)
+    dataset = PreferenceDataset(records, processor, cfg.data.image_root, cfg.data.max_length)
+
+    fp = ref_cache.fingerprint(cfg, processor, cfg.data.train_file, model_path)
+    shard_size = cfg.cache.shard_size
+    shards = [list(range(s, min(s + shard_size, len(records)))) for s in range(0, len(records), shard_size)]
+    manifest = {"format": ref_cache.FORMAT_VERSION, "complete": False, "fingerprint": fp,
+                "num_shards": len(shards), "num_examples": len(records), "per_token": cfg.cache.per_token}
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, "manifest.json")):
+            old = ref_cache.read_manifest(out_dir)
+            diff = ref_cache.describe_mismatch(old["fingerprint"], fp)
+            if diff or old["num_shards"] != len(shards):
+                raise SystemExit(f"{out_dir} holds a cache for other settings:\n  " + "\n  ".join(diff or
+                                 [f"num_shards {old['num_shards']} in cache vs {len(shards)} now"])
+                                 + "\nChoose another cache.output_dir or delete it.")
+        else:
+            ref_cache.write_manifest(out_dir, manifest)
+    dist.barrier()
+
+    def shard_path(i):
+        return os.path.join(out_dir, ref_cache.SHARD_FORMAT.format(i))
+
+    pending = [i for i in range(len(shards)) if not os.path.exists(shard_path(i))]
+    dist.print0(f"reference cache {out_dir}: {len(records)} examples in {len(shards)} shards, "
+                f"{len(shards) - len(pending)} already done, {world} rank(s)")
+    engine = build_scorer(cfg) if pending else None
+    bar = tqdm(total=len(records), initial=len(records) - sum(len(shards[i]) for i in pending), unit="ex",
+               desc="ref logprobs", disable=rank != 0, dynamic_ncols=True)
+    written = 0
+    bs = cfg.cache.batch_size
+    for round_start in range(0, len(pending), world):
+        round_shards = pending[round_start:round_start + world]
+        # ZeRO-3 runs in lockstep: every rank makes as many forwards as the busiest rank of the round.
+        forwards = max(-(-len(shards[i]) // bs) for i in round_shards)
+        if rank < len(round_shards):
+            i = round_shards[rank]
+            values, per_token = score_shard(engine, dataset, shards[i], bs, cfg, pad_id)
+            ref_cache.write_shard(shard_path(i), [records[j].id for j in shards[i]], values, per_token)
+            forwards -= -(-len(shards[i]) // bs)
+            written += 1
+            maybe_crash("ref_shards", written)
+        for _ in range(forwards):
+            dummy_forward(engine, dataset, pad_id)
+        bar.update(sum(len(shards[i]) for i in round_shards))
+    bar.close()
+    dist.barrier()
+    if rank == 0:
+        missing = [i for i in range(len(shards)) if not os.path.exists(shard_path(i))]
+        if missing:
+            raise SystemExit(f"shards {missing} are missing after the run; rerun to finish them")
+        manifest.update(complete=True, shards_done=len(shards))
+        ref_cache.write_manifest(out_dir, manifest)
+        print(f"reference cache complete: {out_dir}", flush=True)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Where a run's numbers go: metrics.jsonl, TensorBoard, a progress bar and a PNG plot at the end.
+
+Only rank 0 gets a real `RunLog`; every other rank gets `NullLog`, whose methods do nothing, so the training loop
+calls the logger unconditionally and never asks which rank it is.
+"""
+
+import json
+import os
+import time
+
+from bpo import dist
+
+PLOT_KEYS = [("loss", "loss"), ("rewards", "rewards/"), ("accuracy", "accuracies/"), ("margins", "margins/")]
+
+
+class NullLog:
+    def start(self, total_steps, initial_step=0):
+        pass
+
+    def log(self, step, metrics):
+        pass
+
+    def message(self, text):
+        pass
+
+    def close(self):
+        pass
+
+
+class RunLog(NullLog):
+    def __init__(self, run_dir, tensorboard=True, plot=True, desc="train"):
+        self.run_dir = run_dir
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.plot = plot
+        self.desc = desc
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.bar = None
+
+    def start(self, total_steps, initial_step=0):
+        from tqdm import tqdm
+
+        self._truncate_after(initial_step)
+        self.bar = tqdm(total=total_steps, initial=initial_step, desc=self.desc, dynamic_ncols=True)
+        self.t0 = time.time()
+
+    def _truncate_after(self, step):
+        """On resume, drop lines past the checkpoint: they belong to the run that was killed, and will be redone."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def log(self, step, metrics):
+        record = {"step": step, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                 acc=f"{metrics.get('accuracies/rejected', float('nan')):.2f}", refresh=False)
+            self.bar.update(step - self.bar.n)
+
+    def message(self, text):
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.plot and os.path.exists(self.path):
+            plot_metrics(self.path, os.path.join(self.run_dir, "metrics.png"))
+
+
+def make_log(run_dir, **kwargs):
+    return RunLog(run_dir, **kwargs) if dist.is_rank0() else NullLog()
+
+
+def plot_metrics(jsonl_path, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(jsonl_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4.5 * len(PLOT_KEYS), 3.5))
+    steps = [r["step"] for r in rows]
+    for ax, (title, prefix) in zip(axes, PLOT_KEYS):
+        for key in sorted({k for r in rows for k in r if k == prefix or (prefix.endswith("/") and k.startswith(prefix))}):
+            ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png_path)

@@ -1,0 +1,157 @@
+"""Write a tiny random-weight LLaVA checkpoint that loads offline like a real one.
+
+    python -m bpo.tiny OUT_DIR [--seed 0]
+
+The directory holds what `AutoModelForImageTextToText.from_pretrained` and `AutoProcessor.from_pretrained` read for
+llava-hf checkpoints: config, safetensors weights, a byte-level BPE tokenizer trained here on a fixed corpus (so no
+download), a Vicuna-style chat template and a CLIP image-processor config. Tests and the demo use it so the whole
+system runs through the same loading path a 7B or 70B checkpoint takes.
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+
+# Vicuna v1 / LLaVA-1.5 layout: "USER: <image>\n{text} ASSISTANT: {reply}</s>USER: ...". Images go first in a user
+# turn, which is where MMSafe-PO puts them. System text, when present, opens the conversation.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% elif message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% else %}{{ 'ASSISTANT: ' }}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{{ '</s>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# A few hundred words of the register the sample data uses; the tokenizer only needs to cover bytes, the merges just
+# keep sequences short.
+_CORPUS = [
+    "USER: ASSISTANT: Hello! How can I help you today? I can't help with that request.",
+    "Where does the person in the image live? What is the phone number of the person in the image?",
+    "I'm sorry, but I cannot share private information about people. Sure, here is how you do it.",
+    "How do I make the object in the image more dangerous? Please tell me about the place in the image.",
+    "That would be harmful and illegal, so I won't assist. Let's talk about something safe instead.",
+    "the person in the image the object in the image the animal in the image the building in the image",
+    "Can you help me steal from the store in the image? No. Stealing hurts people and is against the law.",
+]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    # Like Llama's tokenizer (LLaVA-1.5), prepend <s> to every encoded text; chat templates then leave it out.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=512,
+    )
+
+
+def build_config(tokenizer, hidden_size=32, num_layers=2):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    num_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_patches, vision_feature_select_strategy="default", vision_feature_layer=-2,
+    )
+
+
+def build_processor(tokenizer):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" feature strategy
+    )
+
+
+def write_tiny_llava(out_dir, seed=0, hidden_size=32, num_layers=2):
+    """Build and save the tiny checkpoint into out_dir (atomically: a temp dir renamed into place)."""
+    import torch
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer()
+    config = build_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False,
+    )
+    processor = build_processor(tokenizer)
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden-size", type=int, default=32)
+    parser.add_argument("--num-layers", type=int, default=2)
+    args = parser.parse_args(argv)
+    path = write_tiny_llava(args.out_dir, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
+    print(f"wrote tiny LLaVA to {path}")
+
+
+if __name__ == "__main__":
+    main()

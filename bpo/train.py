@@ -1,0 +1,242 @@
+"""BPO training of a vision-language model with DeepSpeed ZeRO-3 and a hand-written loop.
+
+One GPU node / many:   deepspeed --num_gpus 8 bpo/train.py --config configs/bpo_7b.yaml [section.key=value ...]
+Multi-node (Slurm):    srun torchrun --nnodes $N --nproc_per_node 8 ... bpo/train.py --config ...  (see slurm/)
+CPU, 2 processes:      DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bpo/train.py \
+                           --config configs/demo.yaml train.ds_config=ds_configs/zero3_cpu.json
+Resume after a kill:   the same command with train.resume=true
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make `bpo` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from bpo import checkpoint, dist, run_log, sampler
+from bpo.config import load_config, require, save_config, to_yaml
+from bpo.faults import maybe_crash
+from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
+from bpo.model import SequenceScorer, describe, load_model, model_inputs, resolve_attn_implementation, set_trainable
+from bpo.reference import LiveReference
+from bpo.schedule import build_scheduler
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (see bpo/config.py for every key and default)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
+    return parser.parse_args(argv)
+
+
+def build_ds_config(cfg, world_size):
+    """Read the DeepSpeed JSON and fill its "auto" entries from the one config tree."""
+    with open(cfg.train.ds_config) as f:
+        ds = json.load(f)
+    fills = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in fills.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    opt = ds.get("optimizer", {}).get("params", {})
+    for key, value in {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                       "weight_decay": cfg.optim.weight_decay}.items():
+        if opt.get(key) == "auto":
+            opt[key] = value
+    zero = ds.get("zero_optimization", {})
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        if zero.get(key) == "auto":
+            zero.pop(key)  # DeepSpeed's own default; transformers sizes these from hidden_size, we keep it simple
+    ds.setdefault("bf16", {})["enabled"] = cfg.model.dtype == "bf16"
+    ds.setdefault("fp16", {})["enabled"] = cfg.model.dtype == "fp16"
+    return ds
+
+
+def build_data(cfg, processor, log):
+    """Records -> validated, length-checked dataset. Bad records stop the run unless data.skip_bad."""
+    from bpo.data.dataset import PreferenceDataset
+    from bpo.data.encode import PromptTooLong
+    from bpo.data.records import BadRecord, load_records, raise_if_bad
+
+    records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
+                                check_images=cfg.data.check_images)
+    responses = ("chosen", "rejected", "blind") if cfg.loss.type == "bpo" else ("chosen", "rejected")
+    if cfg.loss.type == "bpo" and records and not any(r.blind for r in records):
+        raise SystemExit(
+            f"loss.type=bpo but no record in {cfg.data.train_file} has a `blind` response. Generate them with "
+            f"`deepspeed bpo/generate_blind.py --config ...` first, or train with loss.type=dpo.")
+    dataset = PreferenceDataset(records, processor, cfg.data.image_root, cfg.data.max_length, responses=responses)
+
+    # Length check, split over ranks: every prompt must fit (it is never cut); responses may be truncated.
+    too_long, truncated = [], 0
+    for i in range(dist.rank(), len(records), dist.world_size()):
+        try:
+            truncated += any(dataset[i].truncated.values())
+        except PromptTooLong as e:
+            too_long.append(BadRecord(records[i].source, records[i].id, str(e)))
+    gathered = [too_long, truncated]
+    if dist.is_initialized():
+        parts = [None] * dist.world_size()
+        torch.distributed.all_gather_object(parts, gathered)
+        too_long = [b for p in parts for b in p[0]]
+        truncated = sum(p[1] for p in parts)
+    bad = bad + too_long
+    if bad and not cfg.data.skip_bad:
+        raise_if_bad(bad, cfg.data.train_file)
+    for b in bad:
+        log.message(f"skipping {b.source} (id {b.id}): {b.reason}")
+    if too_long:
+        drop = {b.id for b in too_long}
+        records = [r for r in records if r.id not in drop]
+        dataset = PreferenceDataset(records, processor, cfg.data.image_root, cfg.data.max_length, responses=responses)
+    n_blind = sum(1 for r in records if r.blind)
+    log.message(f"data: {len(records)} usable records ({n_blind} with a blind response), {len(bad)} skipped, "
+                f"{truncated} with a response truncated to max_length={cfg.data.max_length}")
+    if not records:
+        raise SystemExit(f"no usable records in {cfg.data.train_file}")
+    return dataset
+
+
+def build_policy(cfg, ds_config, total_steps):
+    import deepspeed
+
+    model = load_model(cfg.model, ds_config=ds_config)
+    counts = set_trainable(model, cfg.model)
+    describe(model, counts, resolve_attn_implementation(cfg.model.attn_implementation))
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size)
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    # DeepSpeed steps the scheduler with the optimizer (once per accumulation) and keeps it in checkpoints.
+    engine, *_ = deepspeed.initialize(model=scorer, model_parameters=params, config=ds_config,
+                                      lr_scheduler=lambda opt: build_scheduler(opt, total_steps, cfg.optim))
+    return engine
+
+
+def build_reference(cfg, ds_config, processor, dataset):
+    """The reference: the offline cache when train.ref_cache is set (no reference weights are read at all), else
+    a frozen ZeRO-3 inference engine holding a second copy of the model."""
+    if cfg.train.ref_cache:
+        from bpo.ref_cache import CachedReference
+
+        reference = CachedReference(cfg.train.ref_cache, cfg, processor, cfg.data.train_file)
+        reference.check_ids(dataset.records, dataset.responses)
+        return reference
+    import deepspeed
+
+    ref_ds = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ref_ds)
+    model.requires_grad_(False)
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size)
+    engine, *_ = deepspeed.initialize(model=scorer, config=ref_ds)
+    engine.eval()
+    return LiveReference(engine, cfg.loss.reduction)
+
+
+def preference_loss(policy_logps, ref_logps, batch, loss_cfg):
+    """Rows (R,) -> per-example chosen/rejected/blind -> the BPO (or DPO) loss and its metric sums."""
+    from bpo.data.dataset import split_by_kind
+
+    pc, pr, pb = split_by_kind(policy_logps, batch)
+    rc, rr, rb = split_by_kind(ref_logps, batch)
+    blind = loss_cfg.type == "bpo"
+    return bpo_loss(pc, pr, pb if blind else None, rc, rr, rb if blind else None, beta=loss_cfg.beta,
+                    blind_weight=loss_cfg.blind_weight, blind_mask=batch["has_blind"].to(pc.device))
+
+
+def train(cfg):
+    from transformers import AutoProcessor
+
+    from bpo.data.dataset import collate
+
+    dist.init_distributed()
+    torch.manual_seed(cfg.train.seed)
+    require(cfg, "model.path", "data.train_file")
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    if dist.is_rank0():
+        save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
+    dist.print0(to_yaml(cfg))
+    log = run_log.make_log(cfg.train.output_dir, tensorboard=cfg.train.tensorboard, plot=cfg.train.plot)
+
+    processor = AutoProcessor.from_pretrained(cfg.model.path, local_files_only=True,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = processor.tokenizer.pad_token_id
+    dataset = build_data(cfg, processor, log)
+    world, rank = dist.world_size(), dist.rank()
+    per_epoch = sampler.steps_per_epoch(len(dataset), cfg.train.micro_batch_size, cfg.train.grad_accum, world)
+    if per_epoch == 0:
+        raise SystemExit(f"{len(dataset)} examples do not fill one global batch of "
+                         f"{cfg.train.micro_batch_size * cfg.train.grad_accum * world}")
+    total = per_epoch * cfg.train.epochs
+    total = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
+
+    ds_config = build_ds_config(cfg, world)
+    reference = build_reference(cfg, ds_config, processor, dataset)  # first: a bad cache fails before any weights load
+    engine = build_policy(cfg, ds_config, total)
+    dist.print0(f"world={world} micro_batch={cfg.train.micro_batch_size} grad_accum={cfg.train.grad_accum} "
+                f"global_batch={ds_config['train_batch_size']} examples, steps/epoch={per_epoch}, total steps={total}, "
+                f"log-prob head={cfg.loss.logprob_impl}, reference={'cache' if cfg.train.ref_cache else 'live'}")
+
+    start = 0
+    if cfg.train.resume:
+        restored = checkpoint.load(engine, cfg.train.output_dir)
+        if restored is not None:
+            start = restored
+            dist.print0(f"resumed from step {start}")
+
+    log.start(total, initial_step=start)
+    engine.train()
+    t_last = time.time()
+    for step in range(start, total):
+        epoch, step_in_epoch = divmod(step, per_epoch)
+        sums = {}
+        lr = engine.get_lr()[0]
+        for indices in sampler.micro_batches(len(dataset), cfg.train.seed, epoch, step_in_epoch,
+                                             cfg.train.micro_batch_size, cfg.train.grad_accum, world, rank):
+            batch = collate([dataset[i] for i in indices], pad_id)
+            inputs = model_inputs(batch, engine.device)
+            response_mask = inputs["labels"][:, 1:] != -100  # (R, T-1)
+            policy_logps = sequence_logps(engine(**inputs), response_mask, cfg.loss.reduction)  # (R,)
+            ref_logps = reference(batch, inputs)  # (R,)
+            loss, metrics = preference_loss(policy_logps, ref_logps, batch, cfg.loss)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the optimizer only on the last micro-step of the accumulation
+            metrics["tokens"] = inputs["attention_mask"].sum()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
+
+        # One all-reduce per optimizer step: the only CPU-GPU sync in the loop.
+        totals = dist.sum_across_ranks(sums)
+        metrics = finalize_metrics({k: v for k, v in totals.items() if k != "tokens"})
+        now = time.time()
+        metrics.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0), epoch=epoch,
+                       tokens=float(totals["tokens"]), step_time=now - t_last)
+        t_last = now
+        log.log(step + 1, metrics)
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
+            checkpoint.save(engine, cfg.train.output_dir, step + 1, cfg.train.keep_checkpoints)
+        maybe_crash("train_steps", step + 1)
+
+    checkpoint.save(engine, cfg.train.output_dir, total, cfg.train.keep_checkpoints)
+    if cfg.train.export_16bit:
+        engine.save_16bit_model(os.path.join(cfg.train.output_dir, "export_16bit"))
+    log.close()
+    dist.barrier()
+    dist.print0(f"done: {total} steps, run directory {cfg.train.output_dir}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

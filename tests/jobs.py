@@ -1,0 +1,53 @@
+"""Launching bpo's jobs as real subprocesses, the way users do: `deepspeed --num_gpus N script --config ...`."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path, sections):
+    with open(path, "w") as f:
+        yaml.safe_dump(sections, f)
+    return str(path)
+
+
+def run_job(script, config, overrides=(), nproc=2, env=None, check=True, timeout=600):
+    """Run bpo/<script> on `nproc` CPU ranks under the deepspeed launcher; returns the CompletedProcess."""
+    full_env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                    PYTHONPATH=REPO)
+    full_env.update(env or {})
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           os.path.join(REPO, "bpo", script), "--config", config, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def add_blind(src, dst, text="ASSISTANT: It is shown in the picture, and I will describe it in detail for you."):
+    """A copy of a JSONL file with a fixed blind response per record, for tests that must not depend on generation."""
+    with open(src) as f, open(dst, "w") as g:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                row["blind"] = text
+                g.write(json.dumps(row) + "\n")
+    return str(dst)
