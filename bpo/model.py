@@ -11,7 +11,8 @@ import os
 import torch
 from torch import nn
 
-from bpo import dist, ops
+from bpo import dist
+from bpo.ops.logprobs import naive_sequence_logprobs, resolve_backend, sequence_logprobs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -94,7 +95,7 @@ class SequenceScorer(nn.Module):
 
     Returns (R, T-1) float32 log-probs of labels[:, 1:], exactly 0 where the label is -100 (prompt, image tokens,
     padding). The base model (`model.model` in transformers 5 image-text-to-text classes) produces hidden states;
-    the lm_head weight is applied by `bpo.ops`.
+    the lm_head weight is applied by `bpo.ops.logprobs`.
 
     ZeRO-3: lm_head.weight is partitioned and has numel 0 outside lm_head's own forward, which we never call. We
     register it as an external parameter of this wrapper, so DeepSpeed gathers it for this module's forward and again
@@ -120,10 +121,10 @@ class SequenceScorer(nn.Module):
         targets = labels[:, 1:]  # (R, T-1)
         weight = self.model.get_output_embeddings().weight  # (V, H)
         if self.impl == "naive":
-            return ops.naive_sequence_logprobs(hidden, weight, targets)
+            return naive_sequence_logprobs(hidden, weight, targets)
         if self.backend is None:
-            self.backend = ops.resolve_backend(hidden.device)
-        return ops.sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend)
+            self.backend = resolve_backend(hidden.device)
+        return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend)
 
 
 def model_inputs(batch, device):

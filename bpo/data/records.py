@@ -1,0 +1,238 @@
+"""MMSafe-PO preference records: read a JSON array or a JSONL file, validate every record, report the bad ones.
+
+Two published variants are read alike: one with `id` and `question`, one with `prompt` and no `id` (those get a
+stable id: the first 16 hex digits of sha256 over the raw conversation, image, chosen and rejected strings). The
+conversation is parsed by `bpo.data.conversation`; responses lose their `ASSISTANT: ` prefix. Every other field
+(`type`, `entity`, `entity_type`, `replacement`, `text_prompt`, `mid_prompt`, unknown keys) is kept in `meta`, with
+`meta["conversation_key"]` naming the original `question`/`prompt` key.
+
+The format is decided by content: a file whose first non-blank character is `[` is a JSON array, anything else is
+JSONL. Image names are joined to `image_root`; with no root they are relative to the current directory (or absolute),
+the same rule `bpo.data.encode` uses, so what is checked here is what training opens.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+from bpo.data.conversation import ConversationError, Turn, parse_conversation
+
+CONVERSATION_KEYS = ("question", "prompt")
+RESPONSE_KEYS = ("chosen", "rejected", "blind")
+_RESPONSE_PREFIX = "ASSISTANT:"
+_END_OF_TURN = "</s>"
+_OWN_KEYS = {"id", "image", *CONVERSATION_KEYS, *RESPONSE_KEYS}
+
+
+class DataFileError(OSError):
+    """The data file cannot be read as JSON or JSONL at all."""
+
+
+class RecordError(ValueError):
+    """Some records are unusable; the message lists each one."""
+
+
+@dataclass
+class Record:
+    id: str
+    turns: list  # list[Turn], ending with the user turn to answer
+    image: str | None  # name under the image root, as in the file; None for a text-only record
+    chosen: str  # responses without the "ASSISTANT: " prefix, stripped
+    rejected: str
+    blind: str | None = None  # y_b, the answer to the prompt without its image; None until generated
+    meta: dict = field(default_factory=dict)  # every other field, plus "conversation_key": "question" | "prompt"
+    source: str = ""  # "data/train.jsonl:17" (line) or "data/test.json[3]" (array index)
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    source: str
+    id: str | None  # None when the entry is not a JSON object
+    reason: str
+
+    def __str__(self):
+        return f"{self.source} (id {self.id if self.id is not None else '?'}): {self.reason}"
+
+
+class _Bad(Exception):
+    pass
+
+
+def image_path(record, image_root):
+    return os.path.join(image_root or "", record.image)
+
+
+def stable_id(conversation, image, chosen, rejected):
+    """Content-derived id for records published without one: the same record always gets the same id."""
+    blob = json.dumps([conversation, image, chosen, rejected], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def read_raw_records(path):
+    """[(source, parsed JSON value)] for every entry in file order; None for a JSONL line that is not valid JSON."""
+    return [(source, obj) for source, obj, _ in _read_entries(path)]
+
+
+def load_records(path, image_root=None, check_images=True, progress=False):
+    """Read every record of a JSON or JSONL file. Returns (good records, bad records), both in file order.
+
+    Raises DataFileError when the file cannot be read or parsed as a whole (a broken JSONL line is a bad record)."""
+    records, bad = [], []
+    first_source = {}  # id -> source of its first good occurrence
+    image_verdicts = {}  # image path -> None (fine) or the reason; records often share an image
+    for source, obj, error in _progress(_read_entries(path), progress):
+        if error:
+            bad.append(BadRecord(source, None, error))
+            continue
+        rid = _record_id(obj)
+        try:
+            record = _build_record(obj, rid, source)
+            if rid in first_source:
+                raise _Bad(f"duplicate id (first at {first_source[rid]})")
+            if check_images and record.image is not None:
+                where = image_path(record, image_root)
+                if where not in image_verdicts:
+                    image_verdicts[where] = _check_image(where)
+                if image_verdicts[where]:
+                    raise _Bad(image_verdicts[where])
+        except _Bad as e:
+            bad.append(BadRecord(source, rid, str(e)))
+            continue
+        first_source[rid] = source
+        records.append(record)
+    return records, bad
+
+
+def raise_if_bad(bad, path):
+    """Raise RecordError listing every bad record, or return when there is none."""
+    if not bad:
+        return
+    lines = [f"{len(bad)} bad record(s) in {os.fspath(path)}:"]
+    lines += [f"  {b}" for b in bad]
+    lines.append(f"Fix them (`python -m bpo.data.inspect {os.fspath(path)}` lists them), or skip them with "
+                 f"--skip-bad / data.skip_bad=true.")
+    raise RecordError("\n".join(lines))
+
+
+def _read_entries(path):
+    """[(source, obj, error)] in file order; error is None or why the entry is not a JSON object."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFileError(f"cannot read data file {path}: {e}") from e
+    if not text.strip():
+        raise DataFileError(f"data file {path} holds no records")
+
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"data file {path} starts like a JSON array but is not valid JSON: {e}") from e
+        entries = [(f"{path}[{i}]", obj, None) for i, obj in enumerate(items)]
+    else:
+        entries = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append((f"{path}:{lineno}", json.loads(line), None))
+            except json.JSONDecodeError as e:
+                entries.append((f"{path}:{lineno}", None, f"invalid JSON: {e}"))
+        if all(error for _, _, error in entries):
+            raise DataFileError(f"data file {path} is neither a JSON array nor JSONL (no line parses as JSON)")
+    return [
+        (source, obj, error or (None if isinstance(obj, dict) else "not a JSON object"))
+        for source, obj, error in entries
+    ]
+
+
+def _record_id(obj):
+    rid = obj.get("id")
+    if rid is None:
+        conversation = next((obj[k] for k in CONVERSATION_KEYS if k in obj), None)
+        return stable_id(conversation, obj.get("image"), obj.get("chosen"), obj.get("rejected"))
+    return str(rid)
+
+
+def _build_record(obj, rid, source):
+    keys = [k for k in CONVERSATION_KEYS if k in obj]
+    if not keys:
+        raise _Bad("missing field 'question' (or 'prompt')")
+    if len(keys) > 1:
+        raise _Bad("has both 'question' and 'prompt'; expected one")
+    for key in ("image", "chosen", "rejected"):
+        if key not in obj:
+            raise _Bad(f"missing field '{key}'")
+    if isinstance(obj.get("id"), (bool, float, list, dict)):
+        raise _Bad("field 'id' must be a string or an integer")
+    try:
+        turns = parse_conversation(obj[keys[0]])
+    except ConversationError as e:
+        raise _Bad(f"unparsable conversation in '{keys[0]}': {e}") from None
+
+    image = obj["image"]
+    if image is not None and (not isinstance(image, str) or not image.strip()):
+        raise _Bad("field 'image' must be a non-empty file name (or null for a text-only record)")
+    has_marker = any(t.has_image for t in turns)
+    if image is None and has_marker:
+        raise _Bad("conversation has an <image> marker but 'image' is null")
+    if image is not None and not has_marker:
+        turns = _attach_image(turns)
+
+    responses = {key: _response(obj, key) for key in RESPONSE_KEYS if key in obj}
+    meta = {k: v for k, v in obj.items() if k not in _OWN_KEYS}
+    meta["conversation_key"] = keys[0]
+    return Record(
+        id=rid, turns=turns, image=image, chosen=responses["chosen"], rejected=responses["rejected"],
+        blind=responses.get("blind"), meta=meta, source=source,
+    )
+
+
+def _attach_image(turns):
+    """A record naming an image without an <image> marker: the image goes to the last user turn, where MMSafe-PO
+    puts it."""
+    last_user = max(i for i, t in enumerate(turns) if t.role == "user")
+    return [Turn(t.role, t.text, True) if i == last_user else t for i, t in enumerate(turns)]
+
+
+def _response(obj, key):
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Bad(f"field '{key}' is {type(value).__name__}, not a string")
+    value = value.strip()
+    if value.startswith(_RESPONSE_PREFIX):
+        value = value[len(_RESPONSE_PREFIX):].lstrip()
+    if value.endswith(_END_OF_TURN):
+        value = value[: -len(_END_OF_TURN)].rstrip()
+    if not value:
+        hint = " (regenerate it with bpo/generate_blind.py)" if key == "blind" else ""
+        raise _Bad(f"empty {key}{hint}")
+    return value
+
+
+def _check_image(where):
+    """None when the image decodes, otherwise the reason. verify() checks the structure, load() decodes the pixels
+    (verify alone misses truncated JPEGs); verify leaves the file object unusable, hence the second open."""
+    from PIL import Image
+
+    if not os.path.isfile(where):
+        return f"missing image: {where}"
+    try:
+        with Image.open(where) as im:
+            im.verify()
+        with Image.open(where) as im:
+            im.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        return f"undecodable image: {where} ({type(e).__name__}: {e})"
+    return None
+
+
+def _progress(items, enabled):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="checking records", unit="rec", disable=None)
