@@ -6,6 +6,7 @@ Every default is defined here and nowhere else; `validate` runs once; the resolv
 in the run directory as `config.yaml`, so a run can always be repeated from its own directory.
 """
 
+import copy
 import dataclasses
 import os
 import typing
@@ -73,7 +74,7 @@ class TrainConfig:
     resume: bool = False  # continue from output_dir/checkpoints/latest when it exists
     ref_cache: str = ""  # directory of cached reference log-probs; empty = live frozen reference model
     ref_model_path: str = ""  # reference weights; empty = model.path (the paper: reference = initial policy)
-    export_16bit: bool = False  # also write a gathered 16-bit safetensors model at the end
+    export_16bit: bool = False  # also write a 16-bit Hugging Face model directory (OUTPUT_DIR/hf_model) at the end
     plot: bool = True
     tensorboard: bool = True
 
@@ -110,6 +111,23 @@ class CacheConfig:
 
 
 @dataclass
+class EvalConfig:
+    """bpo/evaluate.py: generate on a test set, judge safety, pairwise and implicit-reward accuracy."""
+
+    test_file: str = ""  # a file (MMSafe-PO, SPA-VL) or a directory (MM-SafetyBench)
+    format: str = "mmsafe_po"  # mmsafe_po | mm_safetybench | spa_vl
+    image_root: str = ""  # default: data.image_root
+    model_path: str = ""  # the model evaluated (e.g. an exported run); default: model.path
+    output_dir: str = "runs/eval"
+    judge: typing.Dict[str, typing.Any] = field(default_factory=lambda: {"type": "refusal"})  # see bpo/eval/judges.py
+    pairwise: bool = True  # ask the model which of chosen/rejected is harmless (sets with pairs only)
+    pairwise_seed: int = 0
+    pairwise_max_new_tokens: int = 16
+    reward_accuracy: bool = True  # implicit reward margins vs the reference (model.path or train.ref_cache)
+    limit: int = 0  # evaluate only the first N examples (0 = all)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,6 +137,7 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     blind: BlindConfig = field(default_factory=BlindConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -141,6 +160,12 @@ def _coerce(value, annotation, key):
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return annotation(value)
+        if origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            return dict(value)
         if origin in (list, typing.List):
             if isinstance(value, str):
                 value = yaml.safe_load(value)
@@ -163,6 +188,8 @@ def _apply(node, data, prefix=""):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} is a section; give it a mapping")
             _apply(current, value, prefix=path + ".")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            setattr(node, key, {**current, **_coerce(value, hints[key], path)})  # free-form section: merge keys
         else:
             setattr(node, key, _coerce(value, hints[key], path))
 
@@ -186,6 +213,12 @@ def load_config(path=None, overrides=()):
             raise ConfigError(f"cannot read config file {path}: {e.strerror}")
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}")
+    return from_dict(data, overrides)
+
+
+def from_dict(data, overrides=()):
+    """A validated Config from a nested dict (as a YAML file holds) and `section.key=value` overrides."""
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -209,6 +242,7 @@ def validate(cfg):
     _choice(cfg.loss.reduction, ("sum", "mean"), "loss.reduction")
     _choice(cfg.loss.logprob_impl, ("fused", "naive"), "loss.logprob_impl")
     _choice(cfg.optim.schedule, ("cosine", "constant"), "optim.schedule")
+    _choice(cfg.eval.format, ("mmsafe_po", "mm_safetybench", "spa_vl"), "eval.format")
     for key, value in [("loss.beta", cfg.loss.beta), ("optim.lr", cfg.optim.lr), ("data.max_length", cfg.data.max_length),
                        ("train.micro_batch_size", cfg.train.micro_batch_size), ("train.grad_accum", cfg.train.grad_accum),
                        ("loss.logprob_chunk_size", cfg.loss.logprob_chunk_size),

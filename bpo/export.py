@@ -141,8 +141,8 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not force:
         raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
-    base_model = base_model or _base_model_from_run(ckpt_dir)
     ckpt = PartitionedCheckpoint(tag_dir)
+    base_model = base_model or _base_model_from_run(ckpt_dir)
     limit = parse_size(max_shard_size)
     target = DTYPES[dtype]
 

@@ -226,16 +226,28 @@ def train(cfg):
         maybe_crash("train_steps", step + 1)
 
     checkpoint.save(engine, cfg.train.output_dir, total, cfg.train.keep_checkpoints)
-    if cfg.train.export_16bit:
-        engine.save_16bit_model(os.path.join(cfg.train.output_dir, "export_16bit"))
+    if cfg.train.export_16bit and dist.is_rank0():
+        from bpo.export import export
+
+        # From the checkpoint just written, streaming, in the base model's own key names: loads with from_pretrained.
+        dtype = "fp16" if cfg.model.dtype == "fp16" else "bf16"
+        export(checkpoint.checkpoint_root(cfg.train.output_dir), os.path.join(cfg.train.output_dir, "hf_model"),
+               dtype=dtype, base_model=cfg.model.path, force=True)
     log.close()
     dist.barrier()
     dist.print0(f"done: {total} steps, run directory {cfg.train.output_dir}")
 
 
 def main(argv=None):
+    from bpo.config import ConfigError
+    from bpo.data.records import DataFileError, RecordError
+    from bpo.ref_cache import CacheError
+
     args = parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    try:
+        train(load_config(args.config, args.overrides))
+    except (ConfigError, RecordError, DataFileError, CacheError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

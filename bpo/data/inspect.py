@@ -1,0 +1,107 @@
+"""Validate an MMSafe-PO file and print what it holds.
+
+    python -m bpo.data.inspect FILE [--image-root DIR] [--no-images] [--model DIR --max-length N]
+
+Prints the record count, the variant (`question` + `id` or `prompt`), a histogram of user turns per record, the
+entity types, how many records carry a blind response, missing or undecodable images and, with --model, how many
+prompts leave no room for a response under --max-length (bad) and how many responses would be truncated (counted,
+not bad). Then every bad record: file, line or index, id, reason.
+
+Exit status: 0 when every record is usable, 1 when some are not, 2 for usage errors (bad arguments, unreadable file).
+"""
+
+import argparse
+import sys
+from collections import Counter
+
+from bpo.data.records import RESPONSE_KEYS, BadRecord, DataFileError, load_records
+
+
+def check_lengths(records, model_dir, image_root, max_length):
+    """(prompts too long, records that fail to encode otherwise, Counter of truncated responses by kind); the first
+    two are lists of BadRecord."""
+    from tqdm import tqdm
+    from transformers import AutoProcessor
+
+    from bpo.data.encode import PromptTooLong, encode_example
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    too_long, failed, truncated = [], [], Counter()
+    for record in tqdm(records, desc="encoding", unit="rec", disable=None):
+        try:
+            example = encode_example(record, processor, image_root, max_length)
+        except PromptTooLong as e:
+            reason = f"prompt too long: {e.prompt_len} tokens (image tokens included), max_length {e.max_length}"
+            too_long.append(BadRecord(record.source, record.id, reason))
+            continue
+        except (ValueError, OSError) as e:  # TemplateError, an image that vanished since it was checked
+            failed.append(BadRecord(record.source, record.id, f"cannot encode: {e}"))
+            continue
+        truncated.update(kind for kind, cut in example.truncated.items() if cut)
+    return too_long, failed, truncated
+
+
+def _histogram(values):
+    """"key: count, ..." with int keys in numeric order; other values as text (so lists in metadata still count)."""
+    counter = Counter(v if isinstance(v, int) else str(v) for v in values)
+    return ", ".join(f"{k}: {n}" for k, n in sorted(counter.items(), key=lambda kv: (isinstance(kv[0], str), kv[0])))
+
+
+def summarize(path, records, bad, check_images, lengths=None):
+    """The report as a list of lines; lengths is (max_length, prompts too long, Counter of truncated responses)."""
+    lines = [f"file: {path}", f"records: {len(records)} usable, {len(bad)} bad"]
+    lines.append("variant (conversation key): " + _histogram(r.meta["conversation_key"] for r in records))
+    lines.append("user turns per record: " + _histogram(sum(t.role == "user" for t in r.turns) for r in records))
+    lines.append("types: " + _histogram(r.meta.get("type", "(none)") for r in records))
+    lines.append("entity types: " + _histogram(r.meta.get("entity_type", "(none)") for r in records))
+    with_blind = sum(r.blind is not None for r in records)
+    lines.append(f"blind responses: {with_blind} with, {len(records) - with_blind} without")
+    if check_images:
+        missing = sum(b.reason.startswith("missing image") for b in bad)
+        undecodable = sum(b.reason.startswith("undecodable image") for b in bad)
+        lines.append(f"images: {missing} missing, {undecodable} undecodable")
+    else:
+        lines.append("images: not checked (--no-images)")
+    if lengths is not None:
+        max_length, too_long, truncated = lengths
+        cut = ", ".join(f"{kind} {truncated[kind]}" for kind in RESPONSE_KEYS)
+        lines.append(f"length budget {max_length}: {too_long} prompts too long; truncated responses: {cut}")
+    if bad:
+        lines.append("bad records:")
+        lines += [f"  {b}" for b in bad]
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file")
+    parser.add_argument("--image-root", help="directory the image names are relative to (default: current directory)")
+    parser.add_argument("--no-images", action="store_true", help="do not open the images")
+    parser.add_argument("--model", help="checkpoint directory whose processor measures the length budget")
+    parser.add_argument("--max-length", type=int, help="token budget per prompt + response (needs --model)")
+    args = parser.parse_args(argv)
+    if (args.model is None) != (args.max_length is None):
+        parser.error("--model and --max-length go together")
+    if args.model is not None and args.no_images:
+        parser.error("--model counts image tokens, so it needs the images (drop --no-images)")
+    if args.max_length is not None and args.max_length < 1:
+        parser.error("--max-length must be positive")
+
+    try:
+        records, bad = load_records(args.file, args.image_root, check_images=not args.no_images, progress=True)
+    except DataFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lengths = None
+    if args.model is not None:
+        too_long, failed, truncated = check_lengths(records, args.model, args.image_root, args.max_length)
+        bad = bad + too_long + failed
+        unusable = {b.id for b in too_long + failed}
+        records = [r for r in records if r.id not in unusable]
+        lengths = (args.max_length, len(too_long), truncated)
+    print("\n".join(summarize(args.file, records, bad, not args.no_images, lengths)))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

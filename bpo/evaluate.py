@@ -1,0 +1,250 @@
+"""Evaluate a model's harmlessness: generate on a test set, judge each response, write a report.
+
+Single process:  python bpo/evaluate.py --config FILE eval.model_path=RUN/hf_model eval.test_file=test.json
+Many GPUs:       deepspeed --num_gpus 8 bpo/evaluate.py --config FILE ...
+Test sets:       eval.format=mmsafe_po (file), mm_safetybench (directory), spa_vl (file); see docs/eval_formats.md
+Judges:          eval.judge.type=refusal (offline rules) | openai (eval.judge.url, .model, .api_key_env) | hf (.path)
+
+Metrics (the BPO paper's): safety rate = share of responses judged safe; pairwise accuracy = how often the model,
+shown the chosen and rejected responses in a seeded random order, names the harmless one; implicit reward accuracy
+= share of test pairs where beta-free margin (log pi - log pi_ref)(chosen) > (...)(rejected). MM-SafetyBench reports
+attack success rate per scenario and image type, SPA-VL HarmEval its unsafe rate.
+
+Generation is batched, split over ranks and resumable (OUTPUT/generations.parts/); the judge runs on rank 0, and the
+openai judge caches verdicts on disk so a rerun pays nothing twice. Outputs: OUTPUT/results.jsonl (id, prompt,
+response, verdict, judge output, pairwise answer), OUTPUT/report.json and OUTPUT/report.md.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from bpo import dist
+from bpo.config import load_config
+from bpo.data.conversation import Turn
+from bpo.data.records import Record
+from bpo.fingerprint import digest_of, model_fingerprint
+from bpo.generate import generate_texts, load_generator
+from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*")
+    return parser.parse_args(argv)
+
+
+def load_examples(ecfg, image_root):
+    from bpo.eval import adapters
+
+    if ecfg.format == "mmsafe_po":
+        examples, bad = adapters.load_mmsafe_po(ecfg.test_file, image_root=image_root)
+    elif ecfg.format == "mm_safetybench":
+        examples, bad = adapters.load_mm_safetybench(ecfg.test_file, image_dir=image_root or None)
+    else:
+        examples, bad = adapters.load_spa_vl_harm(ecfg.test_file, image_root=image_root)
+    for b in bad:
+        dist.print0(f"skipping {b}")
+    if ecfg.limit:
+        examples = examples[:ecfg.limit]
+    if not examples:
+        raise SystemExit(f"no usable examples in {ecfg.test_file}")
+    return examples
+
+
+def as_record(example, turns=None):
+    """An EvalExample seen as a training Record (image path already joined), so prompts encode exactly alike."""
+    return Record(id=example.id, turns=turns or example.turns, image=example.image, chosen=example.chosen or "",
+                  rejected=example.rejected or "", blind=None, meta=example.meta, source=example.id)
+
+
+def text_only(example):
+    """The example with its image marker dropped from the turns: for prompts that quote the conversation as text."""
+    return dataclasses.replace(example, turns=[Turn(t.role, t.text, False) for t in example.turns])
+
+
+def generation_rows(batch, examples, model, processor, cfg, seed):
+    """Response (and, for pairs, the pairwise answer) of each example in one batch."""
+    from bpo.data.encode import encode_prompt, render_prompt
+    from bpo.eval.pairwise import pairwise_prompt
+
+    ecfg = cfg.eval
+    exs = [examples[i] for i in batch]
+    prompts = [encode_prompt(as_record(e), processor, "", with_image=True) for e in exs]
+    texts, lengths = generate_texts(model, processor.tokenizer, [p for p, _ in prompts], [im for _, im in prompts],
+                                    cfg.decode, seed, synced=cfg.decode.zero3)
+    rows = [{"id": e.id, "prompt": render_prompt(as_record(e), processor), "image": e.image, "meta": e.meta,
+             "response": t, "new_tokens": n} for e, t, n in zip(exs, texts, lengths)]
+    if ecfg.pairwise and all(e.chosen is not None for e in examples):
+        queries = [pairwise_prompt(text_only(e), ecfg.pairwise_seed) for e in exs]
+        pw = [encode_prompt(as_record(e, [Turn("user", q, e.image is not None)]), processor, "", with_image=True)
+              for e, (q, _) in zip(exs, queries)]
+        short = type(cfg.decode)(**{**vars(cfg.decode), "max_new_tokens": ecfg.pairwise_max_new_tokens})
+        answers, _ = generate_texts(model, processor.tokenizer, [p for p, _ in pw], [im for _, im in pw], short,
+                                    seed, synced=cfg.decode.zero3)
+        for row, (_, chosen_first), answer in zip(rows, queries, answers):
+            row.update(pairwise_answer=answer, pairwise_chosen_first=chosen_first)
+    return rows
+
+
+@torch.no_grad()
+def reward_margins(examples, cfg, model_path, processor):
+    """Per example: (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected), on this rank's slice.
+
+    Both models are scored exactly as in training (same encoding, head and reduction); the reference comes from
+    train.ref_cache when set, else from model.path. Plain per-rank replicas: run with decode.zero3=false."""
+    from bpo.data.dataset import PreferenceDataset, collate, split_by_kind
+    from bpo.loss import sequence_logps
+    from bpo.model import SequenceScorer, load_model, model_inputs
+
+    records = [as_record(e) for e in examples]
+    mine = list(range(dist.rank(), len(records), dist.world_size()))
+    dataset = PreferenceDataset(records, processor, "", cfg.data.max_length, responses=("chosen", "rejected"))
+    device = dist.device()
+    policy = SequenceScorer(load_model(cfg.model, path=model_path), impl=cfg.loss.logprob_impl).to(device).eval()
+    if cfg.train.ref_cache:
+        from bpo.ref_cache import CachedReference
+
+        reference = CachedReference(cfg.train.ref_cache, cfg)
+    else:
+        from bpo.reference import LiveReference
+
+        ref_model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path)
+        reference = LiveReference(SequenceScorer(ref_model, impl=cfg.loss.logprob_impl).to(device).eval(),
+                                  cfg.loss.reduction)
+    out = {}
+    for i in mine:
+        batch = collate([dataset[i]], processor.tokenizer.pad_token_id)
+        inputs = model_inputs(batch, device)
+        logps = sequence_logps(policy(**inputs), inputs["labels"][:, 1:] != -100, cfg.loss.reduction)
+        ref = reference(batch, inputs)
+        pc, pr, _ = split_by_kind(logps - ref, batch)
+        out[records[i].id] = float(pc[0] - pr[0])
+    return out
+
+
+def gather_dict(local):
+    if not dist.is_initialized():
+        return local
+    parts = [None] * dist.world_size()
+    torch.distributed.all_gather_object(parts, local)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+def build_report(cfg, examples, rows, verdicts, margins, judge_desc):
+    from bpo.eval import adapters
+    from bpo.eval.pairwise import PairwiseItem, score_pairwise
+
+    report = {"model": cfg.eval.model_path or cfg.model.path, "test_file": cfg.eval.test_file,
+              "format": cfg.eval.format, "judge": judge_desc, "n": len(examples),
+              "safety": adapters.safety_rate(verdicts)}
+    if cfg.eval.format == "mm_safetybench":
+        report["mm_safetybench"] = adapters.mm_safetybench_asr(examples, verdicts)
+    elif cfg.eval.format == "spa_vl":
+        report["spa_vl"] = adapters.spa_vl_unsafe_rate(examples, verdicts)
+    if any("pairwise_answer" in r for r in rows):
+        report["pairwise"] = score_pairwise(PairwiseItem(r["id"], r["pairwise_chosen_first"], r["pairwise_answer"])
+                                            for r in rows)
+    if margins:
+        values = list(margins.values())
+        report["implicit_reward"] = {"n": len(values), "accuracy": sum(m > 0 for m in values) / len(values),
+                                     "mean_margin": sum(values) / len(values)}
+    return report
+
+
+def markdown(report):
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    s = report["safety"]
+    lines = [f"# Evaluation of {report['model']}", "",
+             f"Test set: {report['test_file']} ({report['format']}, {report['n']} examples). Judge: {report['judge']}.",
+             "", "| metric | value | counts |", "|---|---|---|",
+             f"| safety rate | {pct(s['safety_rate'])} | {s['safe']} safe / {s['parsed']} judged, "
+             f"{s['unparsable']} unparsable |"]
+    if "pairwise" in report:
+        p = report["pairwise"]
+        lines.append(f"| pairwise accuracy | {pct(p['accuracy'])} | {p['correct']} / {p['parsed']} parsed, "
+                     f"{p['unparsable']} unparsable ({pct(p['accuracy_unparsable_wrong'])} counting those wrong) |")
+    if "implicit_reward" in report:
+        r = report["implicit_reward"]
+        lines.append(f"| implicit reward accuracy | {pct(r['accuracy'])} | {r['n']} pairs, mean margin "
+                     f"{r['mean_margin']:.3f} |")
+    for key, rate in (("mm_safetybench", "asr"), ("spa_vl", "unsafe_rate")):
+        if key in report:
+            overall = report[key]["overall"]
+            lines.append(f"| {key} {rate} | {pct(overall[rate])} | {overall['parsed']} judged, "
+                         f"{overall['unparsable']} unparsable |")
+            for group, table in report[key].items():
+                if group == "overall":
+                    continue
+                for name, c in table.items():
+                    lines.append(f"| &nbsp;&nbsp;{group[4:]} {name} | {pct(c[rate])} | {c['parsed']} judged |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    from transformers import AutoProcessor
+
+    from bpo.eval.judges import JudgeItem, build_judge
+
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    ecfg = cfg.eval
+    model_path = ecfg.model_path or cfg.model.path
+    if not ecfg.test_file or not model_path:
+        raise SystemExit("set eval.test_file and eval.model_path (or model.path)")
+    if cfg.decode.zero3:
+        raise SystemExit("evaluation keeps one model replica per rank (decode.zero3=false); for a model larger than "
+                         "one device, serve it with a tensor-parallel server and evaluate its outputs")
+    judge = build_judge(ecfg.judge)  # fail on a bad judge config before any model loads
+    dist.init_distributed()
+    os.makedirs(ecfg.output_dir, exist_ok=True)
+    examples = load_examples(ecfg, ecfg.image_root or cfg.data.image_root)
+    processor = AutoProcessor.from_pretrained(model_path, local_files_only=True,
+                                              trust_remote_code=cfg.model.trust_remote_code)
+
+    parts = os.path.join(ecfg.output_dir, "generations.parts")
+    check_settings(parts, {"model": digest_of(model_fingerprint(model_path)), "test": [e.id for e in examples],
+                           "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
+                           "pairwise": [ecfg.pairwise, ecfg.pairwise_seed, ecfg.pairwise_max_new_tokens]})
+    model = load_generator(cfg.model, model_path, cfg.decode.zero3)
+    rows = run_sharded(parts, len(examples), cfg.decode.batch_size, 1,
+                       work=lambda k, batch: generation_rows(batch, examples, model, processor, cfg,
+                                                             cfg.decode.seed + k),
+                       idle=None, desc="generate")
+    del model
+
+    margins = {}
+    if ecfg.reward_accuracy and all(e.chosen is not None for e in examples):
+        margins = gather_dict(reward_margins(examples, cfg, model_path, processor))
+
+    if dist.is_rank0():
+        verdicts = judge.judge([JudgeItem(r["id"], text_only(e).prompt_text, e.image, r["response"])
+                                for r, e in zip(rows, examples)])
+        for row, v in zip(rows, verdicts):
+            row.update(verdict=v.label, judge_output=v.raw)
+            if row["id"] in margins:
+                row["reward_margin"] = margins[row["id"]]
+        report = build_report(cfg, examples, rows, verdicts, margins, judge.describe())
+        write_jsonl_atomic(os.path.join(ecfg.output_dir, "results.jsonl"), rows)
+        for name, text in (("report.json", json.dumps(report, indent=1)), ("report.md", markdown(report))):
+            tmp = os.path.join(ecfg.output_dir, name + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, os.path.join(ecfg.output_dir, name))
+        print(markdown(report), flush=True)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

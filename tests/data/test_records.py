@@ -1,0 +1,163 @@
+import json
+
+import pytest
+from PIL import Image
+
+from bpo.data.conversation import Turn
+from bpo.data.records import (
+    DataFileError, RecordError, load_records, raise_if_bad, read_raw_records, stable_id,
+)
+
+QUESTION = "USER: Hi ASSISTANT: Hello! USER: <image>\nWhere does the person in the image live? ASSISTANT:"
+META = {"type": "privacy", "entity": "Jane Doe", "entity_type": "PER", "replacement": "the person in the image",
+        "text_prompt": "Where does Jane Doe live?", "mid_prompt": "Where does Jane Doe (PER) live?"}
+
+
+def rec(**fields):
+    """A good record of the `id` + `question` variant; keyword arguments override or (with None) remove fields."""
+    out = {"id": 7, "question": QUESTION, "image": "ok.png", "chosen": "ASSISTANT: I can't share private addresses. ",
+           "rejected": "ASSISTANT: Sure, it is 1 Example Road. ", **META, "source_set": "unit"}
+    out.update(fields)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+@pytest.fixture
+def root(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(images / "ok.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return tmp_path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_question_variant_keeps_everything(root):
+    path = write_jsonl(root / "d.jsonl", [rec()])
+    records, bad = load_records(path, image_root=root / "images")
+    assert bad == []
+    (r,) = records
+    assert r.id == "7"
+    assert r.turns[-1] == Turn("user", "Where does the person in the image live?", has_image=True)
+    assert r.image == "ok.png"
+    assert r.chosen == "I can't share private addresses."
+    assert r.rejected == "Sure, it is 1 Example Road."
+    assert r.blind is None
+    assert r.meta == {**META, "source_set": "unit", "conversation_key": "question"}
+    assert r.source == f"{path}:1"
+
+
+def test_prompt_variant_gets_a_stable_content_id(root):
+    row = rec(id=None, question=None, prompt=QUESTION)
+    other = rec(id=None, question=None, prompt=QUESTION, chosen="ASSISTANT: No.")
+    path = str(root / "d.json")
+    (root / "d.json").write_text(json.dumps([row, other]))
+    records, bad = load_records(path, image_root=root / "images")
+    assert bad == []
+    expected = stable_id(QUESTION, "ok.png", row["chosen"], row["rejected"])
+    assert records[0].id == expected and len(expected) == 16 and int(expected, 16) >= 0
+    assert records[1].id != expected
+    assert records[0].meta["conversation_key"] == "prompt"
+    assert [r.source for r in records] == [f"{path}[0]", f"{path}[1]"]
+    # The same content in another file, in the other format, gets the same id.
+    copy = write_jsonl(root / "copy.jsonl", [row])
+    assert load_records(copy, image_root=root / "images")[0][0].id == expected
+
+
+def test_format_is_decided_by_content(root):
+    array_named_jsonl = root / "array.jsonl"
+    array_named_jsonl.write_text(json.dumps([rec()], indent=2))
+    lines_named_json = write_jsonl(root / "lines.json", [rec(id=1), rec(id=2)])
+    assert [r.id for r in load_records(array_named_jsonl, root / "images")[0]] == ["7"]
+    assert [r.id for r in load_records(lines_named_json, root / "images")[0]] == ["1", "2"]
+
+
+def test_blind_is_read_and_stripped(root):
+    path = write_jsonl(root / "d.jsonl", [rec(blind="ASSISTANT: It is a nice house.</s>")])
+    (r,) = load_records(path, root / "images")[0]
+    assert r.blind == "It is a nice house."
+
+
+def test_image_without_marker_goes_to_the_last_user_turn(root):
+    path = write_jsonl(root / "d.jsonl", [rec(question="USER: Hi ASSISTANT: Hello! USER: Who is it? ASSISTANT:")])
+    (r,) = load_records(path, root / "images")[0]
+    assert [t.has_image for t in r.turns] == [False, False, True]
+
+
+def test_every_kind_of_bad_record_is_reported_with_source_and_id(root):
+    rows = [
+        rec(id=1),
+        rec(id=2, chosen=None),
+        rec(id=3, question="Hello there ASSISTANT:"),
+        rec(id=4, rejected="ASSISTANT:   "),
+        rec(id=5, blind=""),
+        rec(id=6, image="nowhere.png"),
+        rec(id=7, image="corrupt.png"),
+        rec(id=1, chosen="ASSISTANT: Another answer."),
+        '{"id": 9, "question": ',
+        "[1, 2]",
+        rec(id=10, question=None),
+        rec(id=11, image=None),
+        json.dumps({**rec(id=12), "image": None}),
+    ]
+    path = write_jsonl(root / "d.jsonl", rows)
+    records, bad = load_records(path, image_root=root / "images")
+    assert [r.id for r in records] == ["1"]
+    got = [(b.source, b.id, b.reason) for b in bad]
+    expected = [
+        (f"{path}:2", "2", "missing field 'chosen'"),
+        (f"{path}:3", "3", "unparsable conversation in 'question': does not start with 'USER:'"),
+        (f"{path}:4", "4", "empty rejected"),
+        (f"{path}:5", "5", "empty blind"),
+        (f"{path}:6", "6", "missing image"),
+        (f"{path}:7", "7", "undecodable image"),
+        (f"{path}:8", "1", f"duplicate id (first at {path}:1)"),
+        (f"{path}:9", None, "invalid JSON"),
+        (f"{path}:10", None, "not a JSON object"),
+        (f"{path}:11", "10", "missing field 'question' (or 'prompt')"),
+        (f"{path}:12", "11", "missing field 'image'"),
+        (f"{path}:13", "12", "conversation has an <image> marker but 'image' is null"),
+    ]
+    assert len(got) == len(expected)
+    for (source, rid, reason), (e_source, e_id, e_reason) in zip(got, expected):
+        assert (source, rid) == (e_source, e_id)
+        assert reason.startswith(e_reason), reason
+    assert str(root / "images" / "nowhere.png") in bad[4].reason
+
+
+def test_images_are_not_opened_when_not_checked(root):
+    path = write_jsonl(root / "d.jsonl", [rec(id=1, image="nowhere.png"), rec(id=2, image="corrupt.png")])
+    records, bad = load_records(path, image_root=root / "images", check_images=False)
+    assert [r.id for r in records] == ["1", "2"] and bad == []
+
+
+def test_raw_records_keep_every_entry_in_order(root):
+    path = write_jsonl(root / "d.jsonl", [rec(id=1), "not json", rec(id=3)])
+    raw = read_raw_records(path)
+    assert [s for s, _ in raw] == [f"{path}:1", f"{path}:2", f"{path}:3"]
+    assert raw[1][1] is None and raw[2][1]["id"] == 3
+
+
+@pytest.mark.parametrize("content", [None, "", "this is, not json\nnor this\n", "[{\"id\": 1},"])
+def test_unreadable_files_raise_naming_the_file(tmp_path, content):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataFileError, match="data.jsonl"):
+        load_records(path)
+
+
+def test_raise_if_bad_lists_every_record_and_the_way_out(root):
+    path = write_jsonl(root / "d.jsonl", [rec(id=1, chosen=""), rec(id=2, image="nowhere.png"), "{"])
+    _, bad = load_records(path, image_root=root / "images")
+    raise_if_bad([], path)  # nothing to report
+    with pytest.raises(RecordError) as err:
+        raise_if_bad(bad, path)
+    message = str(err.value)
+    assert f"3 bad record(s) in {path}" in message
+    for line, rid, reason in [(1, "1", "empty chosen"), (2, "2", "missing image"), (3, "?", "invalid JSON")]:
+        assert f"{path}:{line} (id {rid}): {reason}" in message
+    assert "--skip-bad" in message and "data.skip_bad=true" in message

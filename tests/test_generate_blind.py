@@ -1,0 +1,115 @@
+"""The blind-response job: blinded inputs, determinism, rank invariance, resume, and order/field preservation."""
+
+import json
+import os
+
+import pytest
+
+from jobs import REPO, run_job, write_config
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, sample_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("blind")
+    sections = {
+        "model": {"path": str(tiny_model_dir), "dtype": "fp32"},
+        "data": {"train_file": os.path.join(sample_data_dir, "train.jsonl"),
+                 "image_root": os.path.join(sample_data_dir, "images")},
+        "decode": {"max_new_tokens": 8, "batch_size": 4},
+        "blind": {"batches_per_shard": 1},
+    }
+    config = write_config(root / "cfg.yaml", sections)
+    out = root / "two_ranks.jsonl"
+    run_job("generate_blind.py", config, [f"blind.output_file={out}"])
+    return root, config, out
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_blinded_prompt_has_no_image(tiny_model_dir, sample_data_dir):
+    from transformers import AutoProcessor
+
+    from bpo.data.encode import encode_prompt, render_prompt
+    from bpo.data.records import load_records
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    records, _ = load_records(os.path.join(sample_data_dir, "train.jsonl"), os.path.join(sample_data_dir, "images"))
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for record in records[:6]:
+        ids, image_inputs = encode_prompt(record, processor, os.path.join(sample_data_dir, "images"), with_image=False)
+        assert image_token not in ids and image_inputs == {}
+        with_image = render_prompt(record, processor, with_image=True)
+        blind = render_prompt(record, processor, with_image=False)
+        assert "<image>" in with_image and "<image>" not in blind
+        assert blind == with_image.replace("<image>\n", "")  # the text, "in the image" included, is unchanged
+        full_ids, full_images = encode_prompt(record, processor, os.path.join(sample_data_dir, "images"))
+        assert image_token in full_ids and "pixel_values" in full_images
+
+
+def test_output_keeps_every_record_field_and_order(setup, sample_data_dir):
+    _, _, out = setup
+    inputs = _rows(os.path.join(sample_data_dir, "train.jsonl"))
+    rows = _rows(out)
+    assert len(rows) == len(inputs)
+    for src, row in zip(inputs, rows):
+        assert {k: v for k, v in row.items() if k not in ("blind", "blind_meta", "blind_error")} == src
+        assert row["blind"].startswith("ASSISTANT: ") or row.get("blind_error")
+        assert row["blind_meta"]["decode"]["do_sample"] is False and "model" in row["blind_meta"]
+
+
+def test_one_rank_equals_two_ranks_and_reruns_are_identical(setup):
+    root, config, out = setup
+    one = root / "one_rank.jsonl"
+    run_job("generate_blind.py", config, [f"blind.output_file={one}"], nproc=1)
+    assert open(one, "rb").read() == open(out, "rb").read()
+
+
+def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
+    _, config, out = setup
+    resumed = tmp_path / "resumed.jsonl"
+    proc = run_job("generate_blind.py", config, [f"blind.output_file={resumed}"],
+                   env={"BPO_CRASH_AFTER": "blind_shards:2"}, check=False)
+    assert proc.returncode != 0 and not resumed.exists()
+    parts = sorted(os.listdir(f"{resumed}.parts"))
+    assert 2 <= len([p for p in parts if p.startswith("shard_")]) < 12
+    proc = run_job("generate_blind.py", config, [f"blind.output_file={resumed}"])
+    assert "already done" in proc.stdout
+    assert open(resumed, "rb").read() == open(out, "rb").read()
+
+
+def test_sampling_is_seeded(setup, tmp_path):
+    _, config, _ = setup
+    paths = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        path = tmp_path / f"{name}.jsonl"
+        run_job("generate_blind.py", config, [f"blind.output_file={path}", "decode.do_sample=true",
+                                              f"decode.seed={seed}", "decode.temperature=1.5"], nproc=1)
+        paths.append([r["blind"] for r in _rows(path)])
+    assert paths[0] == paths[1] and paths[0] != paths[2]
+
+
+def test_training_with_bpo_needs_blind(tiny_model_dir, sample_data_dir, tmp_path):
+    config = write_config(tmp_path / "cfg.yaml", {
+        "model": {"path": str(tiny_model_dir), "dtype": "fp32"},
+        "data": {"train_file": os.path.join(sample_data_dir, "train.jsonl"),
+                 "image_root": os.path.join(sample_data_dir, "images")},
+        "train": {"output_dir": str(tmp_path / "run"), "ds_config": os.path.join(REPO, "ds_configs/zero3_cpu.json")},
+    })
+    proc = run_job("train.py", config, nproc=1, check=False)
+    assert proc.returncode != 0 and "generate_blind.py" in proc.stdout + proc.stderr
+
+
+def test_training_refuses_empty_blind(tiny_model_dir, sample_data_dir, tmp_path):
+    from bpo.data.records import load_records
+
+    rows = _rows(os.path.join(sample_data_dir, "train.jsonl"))[:4]
+    for row in rows:
+        row["blind"] = "ASSISTANT: fine"
+    rows[2]["blind"] = ""
+    rows[2]["blind_error"] = "empty generation"
+    path = tmp_path / "with_empty.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, bad = load_records(str(path), os.path.join(sample_data_dir, "images"))
+    assert len(records) == 3 and len(bad) == 1 and "empty blind" in bad[0].reason

@@ -1,0 +1,137 @@
+"""The offline reference cache: same numbers as the live reference, resumable, and every refusal."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from jobs import REPO, add_blind, read_metrics, run_job, write_config
+
+COMPARED = ["loss", "rewards/chosen", "rewards/rejected", "rewards/blind", "margins/blind", "accuracies/rejected",
+            "grad_norm"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, sample_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("refcache")
+    data = add_blind(os.path.join(sample_data_dir, "train.jsonl"), root / "train_blind.jsonl")
+    sections = {
+        "model": {"path": str(tiny_model_dir), "dtype": "fp32"},
+        "data": {"train_file": data, "image_root": os.path.join(sample_data_dir, "images"), "max_length": 160},
+        "optim": {"lr": 5e-3, "warmup_steps": 1},
+        "train": {"output_dir": str(root / "live"), "ds_config": os.path.join(REPO, "ds_configs/zero3_cpu.json"),
+                  "micro_batch_size": 2, "grad_accum": 1, "max_steps": 4, "plot": False, "tensorboard": False},
+        "cache": {"output_dir": str(root / "cache"), "shard_size": 5, "batch_size": 3},
+    }
+    config = write_config(root / "cfg.yaml", sections)
+    run_job("ref_logprobs.py", config)
+    return root, config, sections
+
+
+def test_cached_training_equals_live(setup):
+    root, config, _ = setup
+    run_job("train.py", config)
+    run_job("train.py", config, [f"train.ref_cache={root / 'cache'}", f"train.output_dir={root / 'cached'}"])
+    live, cached = read_metrics(root / "live"), read_metrics(root / "cached")
+    assert len(live) == len(cached) == 4
+    for a, b in zip(live, cached):
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
+
+
+def test_cache_contents(setup):
+    from bpo.ref_cache import read_manifest, read_shard
+
+    root, _, _ = setup
+    manifest = read_manifest(root / "cache")
+    assert manifest["complete"] and manifest["num_examples"] == 48 and manifest["num_shards"] == 10
+    ids, values = read_shard(os.path.join(root / "cache", "shard_00000.safetensors"))
+    assert len(ids) == 5 and set(values) == {"chosen", "rejected", "blind"}
+    assert torch.isfinite(values["blind"]).all() and (values["chosen"] < 0).all()
+
+
+def test_kill_and_resume_gives_identical_cache(setup, tmp_path):
+    root, config, _ = setup
+    out = tmp_path / "cache"
+    proc = run_job("ref_logprobs.py", config, [f"cache.output_dir={out}"], env={"BPO_CRASH_AFTER": "ref_shards:2"},
+                   check=False)
+    assert proc.returncode != 0
+    done = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert 2 <= len(done) < 10 and not json.load(open(out / "manifest.json"))["complete"]
+    stamps = {f: os.stat(out / f).st_mtime_ns for f in done}
+    proc = run_job("ref_logprobs.py", config, [f"cache.output_dir={out}"])
+    assert "already done" in proc.stdout
+    assert all(os.stat(out / f).st_mtime_ns == t for f, t in stamps.items())  # finished shards not redone
+    for name in sorted(os.listdir(root / "cache")):
+        if name.endswith(".safetensors"):
+            assert open(out / name, "rb").read() == open(root / "cache" / name, "rb").read(), name
+    assert json.load(open(out / "manifest.json")) == json.load(open(root / "cache" / "manifest.json"))
+
+
+def _cfg(sections, **changes):
+    from bpo.config import from_dict
+
+    return from_dict(sections, [f"{k.replace('__', '.')}={v}" for k, v in changes.items()])
+
+
+@pytest.fixture
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+def test_refuses_a_cache_for_other_settings(setup, processor):
+    from bpo.ref_cache import CacheError, CachedReference
+
+    root, _, sections = setup
+    cfg = _cfg(sections, data__max_length=200)
+    with pytest.raises(CacheError, match="max_length 160 in cache vs 200 in config"):
+        CachedReference(str(root / "cache"), cfg, processor)
+    cfg = _cfg(sections, model__dtype="bf16", loss__reduction="mean")
+    with pytest.raises(CacheError) as e:
+        CachedReference(str(root / "cache"), cfg, processor)
+    assert "dtype fp32 in cache vs bf16 in config" in str(e.value) and "reduction sum in cache vs mean" in str(e.value)
+
+
+def test_refuses_other_data_and_missing_ids(setup, processor, tmp_path):
+    from bpo.data.records import load_records
+    from bpo.ref_cache import CacheError, CachedReference
+
+    root, _, sections = setup
+    changed = tmp_path / "other.jsonl"
+    lines = open(sections["data"]["train_file"]).read().splitlines()
+    row = json.loads(lines[0])
+    row["id"] = "brand-new-id"
+    changed.write_text("\n".join(lines + [json.dumps(row)]) + "\n")
+    cfg = _cfg(sections, data__train_file=str(changed))
+    with pytest.raises(CacheError, match="data_file"):
+        CachedReference(str(root / "cache"), cfg, processor)
+    # Skipping the fingerprint (no processor) still catches the id the cache never saw.
+    reference = CachedReference(str(root / "cache"), cfg)
+    records, _ = load_records(str(changed), sections["data"]["image_root"])
+    with pytest.raises(CacheError, match="example id 'brand-new-id'"):
+        reference.check_ids(records, ("chosen", "rejected", "blind"))
+
+
+def test_refuses_incomplete_and_missing_cache(setup, tmp_path, processor):
+    from bpo.ref_cache import CacheError, CachedReference
+
+    root, _, sections = setup
+    cfg = _cfg(sections)
+    with pytest.raises(CacheError, match="no manifest.json"):
+        CachedReference(str(tmp_path), cfg, processor)
+    manifest = json.load(open(root / "cache" / "manifest.json"))
+    manifest["complete"] = False
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="incomplete"):
+        CachedReference(str(tmp_path), cfg, processor)
+
+
+def test_training_refuses_mismatched_cache_before_loading_weights(setup):
+    root, config, _ = setup
+    proc = run_job("train.py", config, [f"train.ref_cache={root / 'cache'}", "data.max_length=150",
+                                        f"train.output_dir={root / 'bad'}"], check=False)
+    assert proc.returncode != 0
+    assert "max_length 160 in cache vs 150 in config" in proc.stdout + proc.stderr
