@@ -74,7 +74,7 @@ class TrainConfig:
     resume: bool = False  # continue from output_dir/checkpoints/latest when it exists
     ref_cache: str = ""  # directory of cached reference log-probs; empty = live frozen reference model
     ref_model_path: str = ""  # reference weights; empty = model.path (the paper: reference = initial policy)
-    export_16bit: bool = False  # also write a 16-bit Hugging Face model directory (OUTPUT_DIR/hf_model) at the end
+    export_16bit: bool = False  # also write a Hugging Face model directory (OUTPUT_DIR/hf_model, model.dtype) at the end
     plot: bool = True
     tensorboard: bool = True
 

@@ -141,6 +141,15 @@ def build_reference(cfg, ds_config, processor, dataset):
     return LiveReference(engine, cfg.loss.reduction)
 
 
+def peak_memory_mb():
+    """This rank's peak memory so far: allocated GPU memory on CUDA, else the process's max resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def preference_loss(policy_logps, ref_logps, batch, loss_cfg):
     """Rows (R,) -> per-example chosen/rejected/blind -> the BPO (or DPO) loss and its metric sums."""
     from bpo.data.dataset import split_by_kind
@@ -218,7 +227,7 @@ def train(cfg):
         metrics = finalize_metrics({k: v for k, v in totals.items() if k != "tokens"})
         now = time.time()
         metrics.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0), epoch=epoch,
-                       tokens=float(totals["tokens"]), step_time=now - t_last)
+                       tokens=float(totals["tokens"]), step_time=now - t_last, peak_mem_mb=peak_memory_mb())
         t_last = now
         log.log(step + 1, metrics)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
@@ -229,8 +238,8 @@ def train(cfg):
     if cfg.train.export_16bit and dist.is_rank0():
         from bpo.export import export
 
-        # From the checkpoint just written, streaming, in the base model's own key names: loads with from_pretrained.
-        dtype = "fp16" if cfg.model.dtype == "fp16" else "bf16"
+        # From the checkpoint just written, streaming, in the model class's key names: loads with from_pretrained.
+        dtype = cfg.model.dtype
         export(checkpoint.checkpoint_root(cfg.train.output_dir), os.path.join(cfg.train.output_dir, "hf_model"),
                dtype=dtype, base_model=cfg.model.path, force=True)
     log.close()
