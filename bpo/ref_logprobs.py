@@ -130,7 +130,8 @@ def main(argv=None):
     def shard_path(i):
         return os.path.join(out_dir, ref_cache.SHARD_FORMAT.format(i))
 
-    pending = [i for i in range(len(shards)) if not os.path.exists(shard_path(i))]
+    # Decided once by rank 0: a rank looking on its own could count shards written moments ago in this same run.
+    pending = dist.broadcast_object([i for i in range(len(shards)) if not os.path.exists(shard_path(i))])
     dist.print0(f"reference cache {out_dir}: {len(records)} examples in {len(shards)} shards, "
                 f"{len(shards) - len(pending)} already done, {world} rank(s)")
     engine = build_scorer(cfg) if pending else None

@@ -66,7 +66,9 @@ def run_sharded(parts_dir, num_items, batch_size, batches_per_shard, work, idle=
     def n_batches(i):
         return -(-len(shards[i]) // batch_size)
 
-    pending = [i for i in range(len(shards)) if not os.path.exists(path(i))]
+    # Rank 0 decides what is left, once: a rank that looked on its own could see shards another rank has just
+    # written in this very run and split the remaining work differently.
+    pending = dist.broadcast_object([i for i in range(len(shards)) if not os.path.exists(path(i))])
     dist.print0(f"{desc}: {num_items} items in {len(shards)} shards, {len(shards) - len(pending)} already done, "
                 f"{world} rank(s)")
     bar = tqdm(total=num_items, initial=num_items - sum(len(shards[i]) for i in pending), unit="item", desc=desc,

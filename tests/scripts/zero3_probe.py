@@ -13,7 +13,9 @@ from bpo.config import load_config  # noqa: E402
 from bpo.model import load_model  # noqa: E402
 from bpo.train import build_ds_config  # noqa: E402
 
-cfg = load_config(None, sys.argv[2:])
+args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
+out, overrides = args[0], args[1:]
+cfg = load_config(None, overrides)
 dist.init_distributed()
 model = load_model(cfg.model, ds_config=build_ds_config(cfg, dist.world_size()))
 report = {}
@@ -21,6 +23,6 @@ for name, p in model.named_parameters():
     part = p.ds_tensor
     report[name] = {"local_numel": p.numel(), "full_numel": p.ds_numel, "shard_numel": part.numel(),
                     "shard_sum": float(part.float().sum())}
-with open(f"{sys.argv[1]}.rank{dist.rank()}.json", "w") as f:
+with open(f"{out}.rank{dist.rank()}.json", "w") as f:
     json.dump(report, f)
 dist.barrier()
