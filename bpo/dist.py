@@ -65,11 +65,9 @@ def device():
 def sum_across_ranks(values):
     """Sum a dict of scalar tensors over all ranks in one collective (call once per optimizer step, not per micro)."""
     keys = sorted(values)
-    flat = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).reshape(()) for k in keys])
+    flat = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device()).reshape(()) for k in keys])
     if is_initialized():
-        # gloo and nccl both reduce float64; the device must match the backend.
-        flat = flat.to(device())
-        dist.all_reduce(flat)
+        dist.all_reduce(flat)  # gloo and nccl both reduce float64
     flat = flat.cpu()
     return {k: flat[i] for i, k in enumerate(keys)}
 

@@ -201,6 +201,10 @@ def train(cfg):
             start = restored
             dist.print0(f"resumed from step {start}")
 
+    if start >= total:
+        dist.print0(f"run in {cfg.train.output_dir} is already complete ({total} steps); nothing to do")
+        log.close()
+        return
     log.start(total, initial_step=start)
     engine.train()
     t_last = time.time()
@@ -219,8 +223,8 @@ def train(cfg):
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only on the last micro-step of the accumulation
             metrics["tokens"] = inputs["attention_mask"].sum()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().double().cpu()
+            for k, v in metrics.items():  # stays on the device: no sync per micro-step
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
 
         # One all-reduce per optimizer step: the only CPU-GPU sync in the loop.
         totals = dist.sum_across_ranks(sums)
@@ -239,9 +243,8 @@ def train(cfg):
         from bpo.export import export
 
         # From the checkpoint just written, streaming, in the model class's key names: loads with from_pretrained.
-        dtype = cfg.model.dtype
         export(checkpoint.checkpoint_root(cfg.train.output_dir), os.path.join(cfg.train.output_dir, "hf_model"),
-               dtype=dtype, base_model=cfg.model.path, force=True)
+               dtype=cfg.model.dtype, base_model=cfg.model.path, force=True)
     log.close()
     dist.barrier()
     dist.print0(f"done: {total} steps, run directory {cfg.train.output_dir}")

@@ -145,4 +145,6 @@ def test_fused_head_equals_naive_head(short_run, train_setup):
     _assert_close_runs(rows, read_metrics(naive_dir), 1e-5)
     a, b = _final_weights(run_dir), _final_weights(naive_dir)
     for name in a:  # the same parameter updates, lm_head included
-        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6)
+        # Adam divides by sqrt(v): a 1e-7 gradient difference on a near-zero gradient moves a weight by ~1e-6.
+        # 1e-5 is still 1/500 of one step's update at lr 5e-3, so a wrong gradient anywhere would fail.
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
