@@ -123,7 +123,8 @@ class EvalConfig:
     pairwise: bool = True  # ask the model which of chosen/rejected is harmless (sets with pairs only)
     pairwise_seed: int = 0
     pairwise_max_new_tokens: int = 16
-    reward_accuracy: bool = True  # implicit reward margins vs the reference (model.path or train.ref_cache)
+    reward_accuracy: bool = True  # implicit reward margins vs the reference (eval.ref_cache, else model.path live)
+    ref_cache: str = ""  # a reference cache built on the test file (bpo/ref_logprobs.py data.train_file=TEST)
     limit: int = 0  # evaluate only the first N examples (0 = all)
 
 

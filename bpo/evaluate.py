@@ -101,7 +101,7 @@ def reward_margins(examples, cfg, model_path, processor):
     """Per example: (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected), on this rank's slice.
 
     Both models are scored exactly as in training (same encoding, head and reduction); the reference comes from
-    train.ref_cache when set, else from model.path. Plain per-rank replicas: run with decode.zero3=false."""
+    eval.ref_cache when set (checked against the test file), else from model.path. One replica per rank."""
     from bpo.data.dataset import PreferenceDataset, collate, split_by_kind
     from bpo.loss import sequence_logps
     from bpo.model import SequenceScorer, load_model, model_inputs
@@ -111,10 +111,11 @@ def reward_margins(examples, cfg, model_path, processor):
     dataset = PreferenceDataset(records, processor, "", cfg.data.max_length, responses=("chosen", "rejected"))
     device = dist.device()
     policy = SequenceScorer(load_model(cfg.model, path=model_path), impl=cfg.loss.logprob_impl).to(device).eval()
-    if cfg.train.ref_cache:
+    if cfg.eval.ref_cache:
         from bpo.ref_cache import CachedReference
 
-        reference = CachedReference(cfg.train.ref_cache, cfg)
+        reference = CachedReference(cfg.eval.ref_cache, cfg, processor, data_file=cfg.eval.test_file)
+        reference.check_ids(records, ("chosen", "rejected"))
     else:
         from bpo.reference import LiveReference
 
