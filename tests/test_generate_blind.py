@@ -113,3 +113,25 @@ def test_training_refuses_empty_blind(tiny_model_dir, sample_data_dir, tmp_path)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     records, bad = load_records(str(path), os.path.join(sample_data_dir, "images"))
     assert len(records) == 3 and len(bad) == 1 and "empty blind" in bad[0].reason
+
+
+def test_unusable_lines_are_kept_with_an_error(tiny_model_dir, sample_data_dir, tmp_path):
+    lines = open(os.path.join(sample_data_dir, "train.jsonl")).read().splitlines()[:3]
+    broken = json.loads(lines[1])
+    broken["question"] = "no role markers at all"
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([lines[0], json.dumps(broken), "{not json", lines[2]]) + "\n")
+    out = tmp_path / "out.jsonl"
+    config = write_config(tmp_path / "cfg.yaml", {
+        "model": {"path": str(tiny_model_dir), "dtype": "fp32"},
+        "data": {"image_root": os.path.join(sample_data_dir, "images")},
+        "decode": {"max_new_tokens": 4},
+        "blind": {"input_file": str(src), "output_file": str(out)},
+    })
+    proc = run_job("generate_blind.py", config, nproc=1)
+    rows = _rows(out)
+    assert len(rows) == 4
+    assert rows[0]["blind"].startswith("ASSISTANT: ") and rows[3]["blind"].startswith("ASSISTANT: ")
+    assert rows[1]["blind"] == "" and "unparsable conversation" in rows[1]["blind_error"]
+    assert rows[2]["blind"] == "" and "invalid JSON" in rows[2]["blind_error"] and rows[2]["source"].endswith(":3")
+    assert "2 without a blind response" in proc.stdout
