@@ -79,15 +79,19 @@ def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
     assert open(resumed, "rb").read() == open(out, "rb").read()
 
 
-def test_sampling_is_seeded(setup, tmp_path):
-    _, config, _ = setup
-    paths = []
-    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        path = tmp_path / f"{name}.jsonl"
-        run_job("generate_blind.py", config, [f"blind.output_file={path}", "decode.do_sample=true",
-                                              f"decode.seed={seed}", "decode.temperature=1.5"], nproc=1)
-        paths.append([r["blind"] for r in _rows(path)])
-    assert paths[0] == paths[1] and paths[0] != paths[2]
+def test_sampling_is_seeded(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bpo.config import DecodeConfig
+    from bpo.generate import generate_texts
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    prompts = [processor.tokenizer("USER: Hi there ASSISTANT:").input_ids, processor.tokenizer("USER: Yo ASSISTANT:").input_ids]
+    decode = DecodeConfig(max_new_tokens=12, do_sample=True, temperature=1.5)
+    runs = [generate_texts(model, processor.tokenizer, prompts, [{}, {}], decode, seed, synced=False)[0]
+            for seed in (3, 3, 4)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
 
 
 def test_training_with_bpo_needs_blind(tiny_model_dir, sample_data_dir, tmp_path):
