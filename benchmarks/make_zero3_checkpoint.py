@@ -18,7 +18,7 @@ from bpo.config import from_dict  # noqa: E402
 from bpo.model import SequenceScorer, load_model, set_trainable  # noqa: E402
 from bpo.train import build_ds_config  # noqa: E402
 
-model_dir, ckpt_dir = sys.argv[1], sys.argv[2]
+model_dir, ckpt_dir = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
 cfg = from_dict({"model": {"path": model_dir, "dtype": "fp32"},
                  "train": {"ds_config": os.path.join(os.path.dirname(__file__), "..", "ds_configs/zero3_cpu.json")}})
 dist.init_distributed()

@@ -25,8 +25,13 @@ def machine():
 
 def update_section(name, title, command, table):
     """Replace (or append) the section between <!-- bench:NAME --> markers."""
-    body = (f"<!-- bench:{name} -->\n## {title}\n\n`{command}`\n\nMachine: {machine()}; "
-            f"{datetime.date.today().isoformat()}.\n\n{table.strip()}\n<!-- /bench:{name} -->")
+    replace_section(name, f"## {title}\n\n`{command}`\n\nMachine: {machine()}; "
+                          f"{datetime.date.today().isoformat()}.\n\n{table.strip()}")
+
+
+def replace_section(name, markdown):
+    """Put `markdown` (a whole section, heading included) between the NAME markers of BENCHMARKS.md."""
+    body = f"<!-- bench:{name} -->\n{markdown.strip()}\n<!-- /bench:{name} -->"
     text = open(PATH).read() if os.path.exists(PATH) else "# Benchmarks\n\nEach section is written by its script.\n"
     pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
     text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body + "\n"

@@ -1,5 +1,6 @@
 """Distributed helpers, kept in one place so the math and the loop never say `if rank == 0`."""
 
+import datetime
 import os
 
 import torch
@@ -45,7 +46,9 @@ def init_distributed():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    # A rank that dies mid-collective should fail the job in minutes, not hang it for NCCL's default hour.
+    timeout = datetime.timedelta(seconds=float(os.environ.get("BPO_DIST_TIMEOUT_S", "1800")))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
 

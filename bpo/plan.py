@@ -1,0 +1,392 @@
+"""Will a BPO run fit? Per-GPU memory of ZeRO training of a vision-language model, from its config alone.
+
+    python -m bpo.plan --model llava-1.5-7b --nodes 1 --gpus-per-node 8
+    python -m bpo.plan --model /models/Qwen2-VL-72B-Instruct --nodes 8 --gpus-per-node 8 --seq-len 4096 [--markdown]
+
+--model is a Hugging Face config.json, a directory holding one (no weights are read), or a built-in name with the
+published dimensions: llava-1.5-7b, llava-next-72b, qwen2-vl-72b. Every figure is bytes per GPU unless it says
+otherwise; N = nodes x GPUs per node; P = all parameters, Pt = trained ones (LLM + projector; the vision tower is
+frozen, as in the paper, unless --train-vision-tower). S = micro_batch x responses sequences (chosen, rejected, blind)
+of T = --seq-len tokens (image tokens included) go through the model in one forward.
+
+  parameters     2 P / N      bf16, partitioned by ZeRO-3 (stages 1-2 keep a full copy: 2 P)
+  gradients      2 Pt / N     bf16 (stage 1 keeps them whole: 2 Pt)
+  optimizer      12 Pt / N    fp32 master weights + Adam m and v, partitioned at every stage
+  ZeRO-3 gather  2 x 2 x max(largest decoder layer, embedding)   the layer in use plus one prefetched, whole
+  checkpoints    2 x L x S x T x H         each decoder layer's bf16 input, kept for the backward pass
+  one layer      2 x S x T x (18 H + 4 H_kv + 8 I)   the layer recomputed in backward: its activations (bf16 norm
+                 outputs, q, attention output, k, v, SwiGLU gate/up/act/product, and the two RMSNorms' fp32 copies of
+                 their input, in all S·T·(9H + 2H_kv + 4I) x 2 B), doubled for their gradients while it runs
+  log-prob head  naive: S x T x V x 10 B (bf16 logits 2 + fp32 log-softmax 4 + fp32 gradient 4)
+                 fused: min(chunk, S x T) x V x 10 B (one chunk of the same, the only one alive)
+  reference      live: 2 P / N (a second, frozen ZeRO-3 copy in bf16); cached (train.ref_cache): 0
+  allowance      a fixed 4 GiB for the CUDA context, NCCL buffers and allocator fragmentation
+
+--offload optimizer moves optimizer states and the fp32 gradient partition the CPU Adam step reads (16 Pt / N per
+rank) to host memory; --offload param also moves the bf16 parameters (2 P / N) there (ZeRO-3 only). Host memory is
+reported per node. The frozen vision tower keeps no activations for backward; its forward is transient and small.
+Without gradient checkpointing (--no-grad-ckpt) every layer keeps its activations: L x S x T x (9H + 2H_kv + 4I +
+H) x 2 B. The estimate is meant to be a little pessimistic; measure before trusting a margin under a few GiB.
+"""
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, replace
+
+GiB = 2**30
+ALLOWANCE_BYTES = 4 * GiB
+HEAD_BYTES_PER_LOGIT = 2 + 4 + 4  # bf16 logits + fp32 log-softmax + fp32 gradient
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the estimate needs of a model: the decoder's shape, and the vision side as parameter counts."""
+
+    name: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied_embeddings: bool = False
+    qkv_bias: bool = False
+    vision_params: int = 0  # the vision tower (frozen by default)
+    projector_params: int = 0  # vision -> text connector (trained)
+
+    @property
+    def q_dim(self):
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self):
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_params(self):
+        """One decoder layer: q/k/v/o projections (+ q/k/v bias), SwiGLU MLP, two RMSNorms."""
+        h = self.hidden
+        attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+        bias = self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0
+        return attn + bias + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def embedding_params(self):
+        return self.vocab * self.hidden
+
+    @property
+    def llm_params(self):
+        head = 0 if self.tied_embeddings else self.embedding_params
+        return self.embedding_params + self.layers * self.layer_params + self.hidden + head
+
+    @property
+    def total_params(self):
+        return self.llm_params + self.vision_params + self.projector_params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a Hugging Face config (through transformers, which fills in the model type's defaults for absent keys)
+
+
+def _clip_vision_params(vc):
+    """CLIP vision transformer: class + patch (Conv2d, no bias) + position embeddings, pre/post LayerNorms, layers
+    of attention (q, k, v, o with bias) and a 2-layer MLP, each with two LayerNorms."""
+    h, i, c, p = vc.hidden_size, vc.intermediate_size, vc.num_channels, vc.patch_size
+    patches = (vc.image_size // p) ** 2
+    embeddings = h + c * p * p * h + (patches + 1) * h
+    layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 2 * 2 * h
+    return embeddings + 2 * 2 * h + vc.num_hidden_layers * layer
+
+
+def _qwen2_vl_vision_params(vc):
+    """(vision tower, merger) of Qwen2-VL: Conv3d patch embedding, LayerNorm blocks with GELU MLPs; the merger
+    (LayerNorm + 2-layer MLP from merge^2 patches to the LLM width) is the projector and is trained."""
+    e = vc.embed_dim
+    m = e * vc.mlp_ratio
+    patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2 * e
+    block = 2 * 2 * e + (3 * e * e + 3 * e) + (e * e + e) + (e * m + m) + (m * e + e)
+    merged = e * vc.spatial_merge_size ** 2
+    merger = 2 * e + (merged * merged + merged) + (merged * vc.hidden_size + vc.hidden_size)
+    return patch + vc.depth * block, merger
+
+
+def dims_from_hf_config(config, name=""):
+    """ModelDims of a transformers config object: LLaVA style (text_config + vision_config) or Qwen2-VL style
+    (decoder fields at the top level in older files, text_config in newer; both arrive as text_config here)."""
+    text = getattr(config, "text_config", None) or config
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    tied = getattr(text, "tie_word_embeddings", None)
+    if tied is None:
+        tied = getattr(config, "tie_word_embeddings", False)
+    text_type = getattr(text, "model_type", "")
+    qkv_bias = bool(getattr(text, "attention_bias", False)) or text_type.startswith("qwen2")
+    dims = ModelDims(name=name or getattr(config, "_name_or_path", "") or config.model_type, vocab=text.vocab_size,
+                     hidden=h, layers=text.num_hidden_layers, heads=heads,
+                     kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                     intermediate=text.intermediate_size, tied_embeddings=bool(tied), qkv_bias=qkv_bias)
+    vc = getattr(config, "vision_config", None)
+    if vc is None:
+        return dims
+    if config.model_type in ("qwen2_vl",):
+        vision, projector = _qwen2_vl_vision_params(vc)
+    elif vc.model_type == "clip_vision_model":
+        vision = _clip_vision_params(vc)
+        layers = config.vision_feature_layer
+        n_features = len(layers) if isinstance(layers, (list, tuple)) else 1
+        bias = getattr(config, "multimodal_projector_bias", True)
+        vin = vc.hidden_size * n_features
+        projector = vin * h + h * h + (2 * h if bias else 0)
+        if config.model_type == "llava_next":
+            projector += h  # image_newline
+    else:
+        raise ValueError(f"bpo.plan knows CLIP (LLaVA-1.5/NeXT) and Qwen2-VL vision towers, not "
+                         f"{config.model_type} with a {vc.model_type} vision config")
+    return replace(dims, vision_params=vision, projector_params=projector)
+
+
+_CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+               "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14,
+               "projection_dim": 768}
+
+# The published config.json files' dimensions (llava-hf/llava-1.5-7b-hf, llava-hf/llava-next-72b-hf,
+# Qwen/Qwen2-VL-72B-Instruct), so plans for the README need no download.
+BUILTIN = {
+    "llava-1.5-7b": {
+        "model_type": "llava", "vision_config": _CLIP_L_336,
+        "text_config": {"model_type": "llama", "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 11008,
+                        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32},
+    },
+    "llava-next-72b": {
+        "model_type": "llava_next", "vision_config": _CLIP_L_336,
+        "text_config": {"model_type": "qwen2", "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 24576,
+                        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 64,
+                        "tie_word_embeddings": False},
+    },
+    "qwen2-vl-72b": {
+        "model_type": "qwen2_vl", "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "tie_word_embeddings": False,
+        "vision_config": {"depth": 32, "embed_dim": 1280, "hidden_size": 8192, "mlp_ratio": 4, "num_heads": 16,
+                          "in_chans": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    },
+}
+
+
+def load_dims(model):
+    """ModelDims of a built-in name, a config.json path or a directory holding config.json."""
+    from transformers import AutoConfig
+
+    if model in BUILTIN:
+        raw, name = BUILTIN[model], model
+    else:
+        path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+        if not os.path.isfile(path):
+            raise SystemExit(f"--model {model}: no such config.json, directory or built-in name "
+                             f"(built-ins: {', '.join(BUILTIN)})")
+        with open(path) as f:
+            raw = json.load(f)
+        name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    raw = dict(raw)
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    return dims_from_hf_config(config, name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass(frozen=True)
+class Setup:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    zero: int = 3
+    offload: str = "none"  # none | optimizer | param
+    seq_len: int = 2048
+    micro_batch: int = 1
+    responses: int = 3
+    chunk_size: int = 1024
+    head: str = "fused"  # fused | naive
+    reference: str = "cached"  # cached | live
+    grad_ckpt: bool = True
+    train_vision_tower: bool = False
+    gpu_mem_gib: float = 80.0
+
+    @property
+    def ranks(self):
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def sequences(self):
+        return self.micro_batch * self.responses
+
+
+def trainable_params(dims, setup):
+    return dims.llm_params + dims.projector_params + (dims.vision_params if setup.train_vision_tower else 0)
+
+
+def checkpoint_bytes(dims, train_vision_tower=False):
+    """Disk for one ZeRO checkpoint: fp32 master + Adam m, v of the trained parameters (12 B each) and the bf16
+    fragments of the frozen ones (2 B each); DeepSpeed's module-state files add little to this."""
+    pt = dims.llm_params + dims.projector_params + (dims.vision_params if train_vision_tower else 0)
+    return 12 * pt + 2 * (dims.total_params - pt)
+
+
+def estimate(dims, setup):
+    """Rows (key, label, bytes per GPU, formula) and host bytes per node. Alternatives (the other head, the other
+    reference) are rows too; `total` sums the ones `setup` chooses."""
+    if setup.zero not in (1, 2, 3):
+        raise ValueError("--zero must be 1, 2 or 3")
+    if setup.offload not in ("none", "optimizer", "param"):
+        raise ValueError("--offload must be none, optimizer or param")
+    if setup.offload == "param" and setup.zero != 3:
+        raise ValueError("--offload param needs ZeRO-3")
+    n, p, pt = setup.ranks, dims.total_params, trainable_params(dims, setup)
+    s, t, h = setup.sequences, setup.seq_len, dims.hidden
+    z3 = setup.zero == 3
+    rows = []
+
+    def row(key, label, value, formula):
+        rows.append((key, label, value, formula))
+
+    params_gpu = 0 if setup.offload == "param" else (2 * p / n if z3 else 2 * p)
+    row("params", "parameters (bf16)", params_gpu,
+        "on CPU" if setup.offload == "param" else ("2 P / N" if z3 else "2 P"))
+    if setup.offload == "none":
+        row("grads", "gradients (bf16)", 2 * pt / n if setup.zero >= 2 else 2 * pt,
+            "2 Pt / N" if setup.zero >= 2 else "2 Pt")
+        row("optim", "optimizer (fp32 master + Adam m, v)", 12 * pt / n, "12 Pt / N")
+    else:
+        row("grads", "gradients", 0, "on CPU")
+        row("optim", "optimizer (fp32 master + Adam m, v)", 0, "on CPU")
+    if z3:
+        row("gather", "ZeRO-3 gathered layers", 2 * 2 * max(dims.layer_params, dims.embedding_params),
+            "2 x 2 x max(layer, embedding)")
+    per_layer = s * t * (9 * h + 2 * dims.kv_dim + 4 * dims.intermediate) * 2
+    if setup.grad_ckpt:
+        row("ckpt", "activations: layer-input checkpoints", 2 * dims.layers * s * t * h, "2 L S T H")
+        row("layer", "activations: one layer + its gradients", 2 * per_layer, "2 S T (18H + 4Hkv + 8I)")
+    else:
+        row("acts", "activations: every layer (no checkpointing)", dims.layers * (per_layer + 2 * s * t * h),
+            "L S T (18H + 4Hkv + 8I + 2H)")
+    chunk = min(setup.chunk_size, s * t)
+    row("head:fused", f"log-prob head: fused (chunk {chunk})", chunk * dims.vocab * HEAD_BYTES_PER_LOGIT,
+        "chunk V x 10")
+    row("head:naive", "log-prob head: naive", s * t * dims.vocab * HEAD_BYTES_PER_LOGIT, "S T V x 10")
+    row("ref:cached", "reference: cached", 0, "0")
+    ref_live = 0 if setup.offload == "param" else (2 * p / n if z3 else 2 * p)
+    row("ref:live", "reference: live (frozen bf16 copy)", ref_live,
+        "on CPU" if setup.offload == "param" else ("2 P / N" if z3 else "2 P"))
+    row("allowance", "CUDA context, NCCL, fragmentation", ALLOWANCE_BYTES, "fixed")
+
+    host_per_rank = 0
+    if setup.offload != "none":
+        host_per_rank += 16 * pt / n
+    if setup.offload == "param":
+        host_per_rank += 2 * p / n * (2 if setup.reference == "live" else 1)
+    return rows, host_per_rank * setup.gpus_per_node
+
+
+def chosen(rows, setup):
+    skip = {f"head:{'naive' if setup.head == 'fused' else 'fused'}",
+            f"ref:{'live' if setup.reference == 'cached' else 'cached'}"}
+    return [r for r in rows if r[0] not in skip]
+
+
+def total_bytes(dims, setup):
+    rows, _ = estimate(dims, setup)
+    return sum(r[2] for r in chosen(rows, setup))
+
+
+def _fmt_count(x):
+    return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.1f}M"
+
+
+def report(dims, setup, markdown=False):
+    """The table as text: one row per component, chosen rows marked, total, verdict, the other choices' totals."""
+    rows, host_node = estimate(dims, setup)
+    picked = {r[0] for r in chosen(rows, setup)}
+    total = sum(r[2] for r in rows if r[0] in picked)
+    pt = trainable_params(dims, setup)
+    lines = [
+        f"{dims.name}: {_fmt_count(dims.total_params)} parameters (LLM {_fmt_count(dims.llm_params)}, vision "
+        f"{_fmt_count(dims.vision_params)} {'trained' if setup.train_vision_tower else 'frozen'}, projector "
+        f"{_fmt_count(dims.projector_params)}); trained Pt = {_fmt_count(pt)}",
+        f"{setup.nodes} node(s) x {setup.gpus_per_node} GPUs = N {setup.ranks}; ZeRO-{setup.zero}, offload "
+        f"{setup.offload}; S = {setup.micro_batch} x {setup.responses} sequences of T = {setup.seq_len} tokens; "
+        f"gradient checkpointing {'on' if setup.grad_ckpt else 'off'}",
+        "",
+    ]
+    if markdown:
+        lines += ["| component | GiB per GPU | formula (bytes) |", "|---|---:|---|"]
+    else:
+        lines.append(f"  {'component':<52} {'GiB/GPU':>8}  formula (bytes)")
+    for key, label, value, formula in rows:
+        mark = "" if key in picked else " (alternative)"
+        if markdown:
+            lines.append(f"| {label}{mark} | {value / GiB:.2f} | {formula} |")
+        else:
+            lines.append(f"  {label + mark:<52} {value / GiB:>8.2f}  {formula}")
+    verdict = (f"fits in {setup.gpu_mem_gib:g} GiB ({setup.gpu_mem_gib - total / GiB:.1f} GiB spare)"
+               if total <= setup.gpu_mem_gib * GiB else
+               f"DOES NOT FIT in {setup.gpu_mem_gib:g} GiB (short by {total / GiB - setup.gpu_mem_gib:.1f} GiB)")
+    if markdown:
+        lines.append(f"| **total ({setup.head} head, {setup.reference} reference)** | **{total / GiB:.2f}** | "
+                     f"{verdict} |")
+    else:
+        lines.append(f"  {'total (' + setup.head + ' head, ' + setup.reference + ' reference)':<52} "
+                     f"{total / GiB:>8.2f}  {verdict}")
+    others = []
+    for head in ("fused", "naive"):
+        for ref in ("cached", "live"):
+            if (head, ref) != (setup.head, setup.reference):
+                other = total_bytes(dims, replace(setup, head=head, reference=ref)) / GiB
+                fits = "fits" if other <= setup.gpu_mem_gib else "does not fit"
+                others.append(f"{head} head + {ref} reference {other:.1f} GiB ({fits})")
+    lines += ["", "other choices: " + "; ".join(others)]
+    if setup.offload != "none":
+        lines.append(f"host memory for offloaded state: {host_node / GiB:.1f} GiB per node")
+    lines.append(f"one checkpoint on disk: {checkpoint_bytes(dims, setup.train_vision_tower) / GiB:.0f} GiB")
+    return "\n".join(lines), total <= setup.gpu_mem_gib * GiB
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="config.json, a directory with one, or " + ", ".join(BUILTIN))
+    parser.add_argument("--nodes", type=int, default=Setup.nodes)
+    parser.add_argument("--gpus-per-node", type=int, default=Setup.gpus_per_node)
+    parser.add_argument("--zero", type=int, default=Setup.zero, choices=(1, 2, 3))
+    parser.add_argument("--offload", default=Setup.offload, choices=("none", "optimizer", "param"))
+    parser.add_argument("--seq-len", type=int, default=Setup.seq_len, help="tokens per sequence, image tokens included")
+    parser.add_argument("--micro-batch", type=int, default=Setup.micro_batch, help="examples per GPU per forward")
+    parser.add_argument("--responses", type=int, default=Setup.responses, help="3 for BPO, 2 for DPO")
+    parser.add_argument("--chunk-size", type=int, default=Setup.chunk_size, help="loss.logprob_chunk_size")
+    parser.add_argument("--head", default=Setup.head, choices=("fused", "naive"), help="loss.logprob_impl")
+    parser.add_argument("--reference", default=Setup.reference, choices=("cached", "live"),
+                        help="cached = train.ref_cache set")
+    parser.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
+    parser.add_argument("--train-vision-tower", action="store_true")
+    parser.add_argument("--gpu-mem-gb", type=float, default=Setup.gpu_mem_gib,
+                        help="usable memory per GPU in GiB (an H100 80GB reports 79.6 GiB)")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, zero=args.zero, offload=args.offload,
+                  seq_len=args.seq_len, micro_batch=args.micro_batch, responses=args.responses,
+                  chunk_size=args.chunk_size, head=args.head, reference=args.reference, grad_ckpt=args.grad_ckpt,
+                  train_vision_tower=args.train_vision_tower, gpu_mem_gib=args.gpu_mem_gb)
+    try:
+        text, fits = report(load_dims(args.model), setup, markdown=args.markdown)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    print(text)
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

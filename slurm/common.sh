@@ -1,0 +1,161 @@
+# Sourced by every slurm/*.sh (not run on its own). It defines, once:
+#   - the profile: BPO_PROFILE=gpu (default) | cpu-tiny (CPU ranks over gloo, configs/cpu_tiny.yaml, one rank a node)
+#   - the paths one pipeline run shares, each overridable by an environment variable of the same name:
+#       CONFIG      the template's DEFAULT_CONFIG (configs/cpu_tiny.yaml on cpu-tiny)
+#       RUN_ROOT    runs/<config name>             everything the pipeline writes lands below it
+#       MODEL_PATH  the config's model.path        base model = reference model (cpu-tiny: $RUN_ROOT/tiny)
+#       DATA_DIR    data                           (cpu-tiny: $RUN_ROOT/data)
+#       TRAIN_FILE  $DATA_DIR/train.jsonl          preference records, the input of blind_gen
+#       IMAGE_ROOT  $DATA_DIR/images
+#       TEST_FILE   $DATA_DIR/test.json            evaluation prompts
+#       BLIND_FILE  $RUN_ROOT/train_blind.jsonl    blind_gen's output: what ref_logprobs and training read
+#       REF_CACHE   $RUN_ROOT/ref_cache            reference log-probs (train.ref_cache)
+#       RUN_DIR     $RUN_ROOT/train                training output: checkpoints/, metrics.jsonl, ranks/
+#       EXPORT_DIR  $RUN_ROOT/hf_model             exported safetensors
+#       EVAL_DIR    $RUN_ROOT/eval                 report.json, report.md
+#       EXTRA_OVERRIDES  more `section.key=value` for every job (space-separated)
+#   - inside a job (bpo_job_start): the Slurm -> torch.distributed environment (launch/slurm_env.py), requeue on
+#     USR1, and the functions bpo_preflight and bpo_launch, which run one job step across all nodes.
+# Launch path: BPO_LAUNCHER=torchrun (default, recommended) | deepspeed (its launcher with --no_ssh, one per node) |
+# srun (one task per GPU). GPUS_PER_NODE: what Slurm granted, else 8; 1 on cpu-tiny.
+
+set -euo pipefail
+
+REPO=$(cd "${REPO:-.}" && pwd)
+cd "$REPO"
+if [ -z "${PY:-}" ]; then
+    if [ -x "$REPO/.venv/bin/python" ]; then PY=$REPO/.venv/bin/python; else PY=$(command -v python3); fi
+fi
+export PY
+BPO_PROFILE=${BPO_PROFILE:-gpu}
+BPO_LAUNCHER=${BPO_LAUNCHER:-torchrun}
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+
+case "$BPO_PROFILE" in
+    gpu)
+        CONFIG=${CONFIG:-${DEFAULT_CONFIG:?the template sets DEFAULT_CONFIG}}
+        GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+        PREFLIGHT_GPUS=$GPUS_PER_NODE
+        ;;
+    cpu-tiny)
+        CONFIG=${CONFIG:-configs/cpu_tiny.yaml}
+        GPUS_PER_NODE=1
+        PREFLIGHT_GPUS=0
+        export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+        export BPO_DIST_TIMEOUT_S=${BPO_DIST_TIMEOUT_S:-300}
+        ;;
+    *)
+        echo "BPO_PROFILE must be gpu or cpu-tiny, got '$BPO_PROFILE'" >&2
+        exit 2
+        ;;
+esac
+
+bpo_config_value() {  # bpo_config_value section.key: the value CONFIG gives it (defaults included)
+    "$PY" -c 'import sys; from bpo.config import load_config; c = load_config(sys.argv[1])
+for part in sys.argv[2].split("."): c = getattr(c, part)
+print(c)' "$CONFIG" "$1"
+}
+
+RUN_ROOT=${RUN_ROOT:-runs/$(basename "$CONFIG" .yaml)}
+if [ "$BPO_PROFILE" = cpu-tiny ]; then
+    MODEL_PATH=${MODEL_PATH:-$RUN_ROOT/tiny}
+    DATA_DIR=${DATA_DIR:-$RUN_ROOT/data}
+else
+    MODEL_PATH=${MODEL_PATH:-$(bpo_config_value model.path)}
+    DATA_DIR=${DATA_DIR:-data}
+fi
+TRAIN_FILE=${TRAIN_FILE:-$DATA_DIR/train.jsonl}
+IMAGE_ROOT=${IMAGE_ROOT:-$DATA_DIR/images}
+TEST_FILE=${TEST_FILE:-$DATA_DIR/test.json}
+BLIND_FILE=${BLIND_FILE:-$RUN_ROOT/train_blind.jsonl}
+REF_CACHE=${REF_CACHE:-$RUN_ROOT/ref_cache}
+RUN_DIR=${RUN_DIR:-$RUN_ROOT/train}
+EXPORT_DIR=${EXPORT_DIR:-$RUN_ROOT/hf_model}
+EVAL_DIR=${EVAL_DIR:-$RUN_ROOT/eval}
+export BPO_PROFILE BPO_LAUNCHER CONFIG RUN_ROOT MODEL_PATH DATA_DIR TRAIN_FILE IMAGE_ROOT TEST_FILE BLIND_FILE \
+    REF_CACHE RUN_DIR EXPORT_DIR EVAL_DIR
+# Every job reads the same model and images; EXTRA_OVERRIDES is split on spaces on purpose.
+# shellcheck disable=SC2206
+BPO_OVERRIDES=(model.path="$MODEL_PATH" data.image_root="$IMAGE_ROOT" ${EXTRA_OVERRIDES:-})
+
+bpo_step() {  # run a command in the background and wait, so the USR1 trap can act while it runs
+    "$@" &
+    BPO_STEP_PID=$!
+    wait "$BPO_STEP_PID"
+}
+
+_bpo_requeue() {
+    echo "bpo: USR1 (time limit near, or preemption): requeueing job $SLURM_JOB_ID; training resumes from its" \
+         "last checkpoint (train.resume=true), blind_gen and ref_logprobs from their finished shards"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        sleep 600 &  # slurmctld ends this shell and its steps as part of the requeue; exiting first could read as done
+        wait $! || true
+    fi
+    echo "bpo: scontrol requeue $SLURM_JOB_ID failed; stopping" >&2
+    exit 1
+}
+
+bpo_job_start() {  # bpo_job_start: call once at the top of a job, after the settings block
+    : "${SLURM_JOB_ID:?run this with sbatch (see the command at the top of the script)}"
+    trap _bpo_requeue USR1
+    local exports
+    exports=$("$PY" launch/slurm_env.py --gpus-per-node "$GPUS_PER_NODE")  # an assignment, so set -e sees a failure
+    eval "$exports"
+    BPO_RANK_DIR=${BPO_RANK_DIR:-$RUN_ROOT/ranks/$SLURM_JOB_NAME}
+    echo "bpo: job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart ${SLURM_RESTART_COUNT:-0}, profile $BPO_PROFILE," \
+         "$NNODES node(s) [$SLURM_JOB_NODELIST] x $GPUS_PER_NODE rank(s) = $WORLD_SIZE, launcher $BPO_LAUNCHER," \
+         "rendezvous $MASTER_ADDR:$MASTER_PORT, collective timeout ${BPO_DIST_TIMEOUT_S}s"
+    echo "bpo: config $CONFIG, model $MODEL_PATH, run root $RUN_ROOT"
+}
+
+bpo_preflight() {  # bpo_preflight ARGS...: launch/preflight.py once on every node; a failure ends the job
+    bpo_step srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PY" launch/preflight.py \
+        --gpus-per-node "$PREFLIGHT_GPUS" "$@"
+}
+
+bpo_launch() {  # bpo_launch SCRIPT ARGS...: SCRIPT on every node, GPUS_PER_NODE ranks each, one job step
+    local script=$1
+    shift
+    # Each rank first records host/rank/pid in $BPO_RANK_DIR, then becomes SCRIPT (exec: same pid).
+    local rank=(launch/slurm_env.py --rank-dir "$BPO_RANK_DIR" --exec -- "$PY" -u "$script" "$@")
+    case "$BPO_LAUNCHER" in
+        torchrun)
+            bpo_step srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PY" -m torch.distributed.run \
+                --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" --rdzv_backend c10d \
+                --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID" "${rank[@]}"
+            ;;
+        deepspeed)
+            # One launcher a node; each writes the hostfile to its own tmp dir and learns its NODE_RANK there.
+            # shellcheck disable=SC2016
+            bpo_step srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+                exports=$("$PY" launch/slurm_env.py --write-hostfile --gpus-per-node "$GPUS_PER_NODE") || exit 1
+                eval "$exports"
+                exec "$PY" -m deepspeed.launcher.runner --hostfile "$BPO_HOSTFILE" --no_ssh \
+                    --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@"' \
+                bpo-deepspeed "${rank[@]}"
+            ;;
+        srun)
+            bpo_step srun --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 "$PY" -u launch/slurm_env.py \
+                --srun-ranks --gpus-per-node "$GPUS_PER_NODE" "${rank[@]:1}"
+            ;;
+        *)
+            echo "BPO_LAUNCHER must be torchrun, deepspeed or srun, got '$BPO_LAUNCHER'" >&2
+            exit 2
+            ;;
+    esac
+}
+
+bpo_train() {  # the body of bpo_7b.sh and bpo_70b.sh (settings: KEEP_CHECKPOINTS, USE_REF_CACHE)
+    BPO_RANK_DIR=${BPO_RANK_DIR:-$RUN_DIR/ranks}
+    bpo_job_start
+    local ref=() need=()
+    if [ "${USE_REF_CACHE:-1}" = 1 ]; then
+        ref=(train.ref_cache="$REF_CACHE")
+        need=("$REF_CACHE/manifest.json")
+    fi
+    bpo_preflight --readable "$MODEL_PATH" "$BLIND_FILE" "$IMAGE_ROOT" "${need[@]}" --writable "$RUN_DIR" \
+        --checkpoint-model "$MODEL_PATH" --keep-checkpoints "$KEEP_CHECKPOINTS"
+    # train.resume=true always: a requeued or resubmitted job continues from RUN_DIR/checkpoints/latest.
+    bpo_launch bpo/train.py --config "$CONFIG" "${BPO_OVERRIDES[@]}" data.train_file="$BLIND_FILE" \
+        train.output_dir="$RUN_DIR" train.keep_checkpoints="$KEEP_CHECKPOINTS" "${ref[@]}" train.resume=true
+}

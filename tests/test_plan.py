@@ -1,0 +1,137 @@
+"""bpo.plan: parameter counts against real transformers models, and memory rows small enough to check by hand."""
+
+import json
+
+import pytest
+
+from bpo import plan
+from bpo.plan import GiB, ModelDims, Setup, estimate, total_bytes
+
+# A model with round numbers: H = 100, 2 layers, 4 heads of 25 (2 kv heads: kv_dim 50), I = 300, V = 1000.
+#   layer = q 100*100 + k,v 2*100*50 + o 100*100 + MLP 3*100*300 + norms 2*100 = 120,200
+#   LLM   = embed 100,000 + 2 layers 240,400 + final norm 100 + head 100,000 = 440,500
+DIMS = ModelDims(name="round", vocab=1000, hidden=100, layers=2, heads=4, kv_heads=2, head_dim=25, intermediate=300,
+                 vision_params=10_000, projector_params=500)
+
+
+def rows_of(dims, setup):
+    rows, host = estimate(dims, setup)
+    return {key: value for key, _, value, _ in rows}, host
+
+
+def test_parameter_counts_by_hand():
+    assert DIMS.layer_params == 120_200
+    assert DIMS.llm_params == 440_500
+    assert DIMS.total_params == 451_000
+    assert plan.trainable_params(DIMS, Setup()) == 441_000  # vision tower frozen
+    assert plan.trainable_params(DIMS, Setup(train_vision_tower=True)) == 451_000
+    tied = ModelDims(**{**DIMS.__dict__, "tied_embeddings": True, "qkv_bias": True})
+    assert tied.llm_params == 440_500 - 100_000 + 2 * (100 + 2 * 50)  # no head; q, k, v biases in both layers
+
+
+def test_memory_rows_by_hand():
+    # N = 2 x 5 = 10 ranks; S = 2 x 3 = 6 sequences of T = 10 tokens.
+    setup = Setup(nodes=2, gpus_per_node=5, seq_len=10, micro_batch=2, chunk_size=16)
+    rows, host = rows_of(DIMS, setup)
+    assert rows["params"] == 2 * 451_000 / 10
+    assert rows["grads"] == 2 * 441_000 / 10
+    assert rows["optim"] == 12 * 441_000 / 10
+    assert rows["gather"] == 2 * 2 * 120_200  # a layer (120,200) is larger than the embedding (100,000)
+    assert rows["ckpt"] == 2 * 2 * 6 * 10 * 100  # 2 B x L x S x T x H
+    assert rows["layer"] == 2 * 6 * 10 * (18 * 100 + 4 * 50 + 8 * 300)
+    assert rows["head:naive"] == 6 * 10 * 1000 * 10  # S T V x (2 + 4 + 4)
+    assert rows["head:fused"] == 16 * 1000 * 10  # one chunk of 16 tokens
+    assert rows["ref:cached"] == 0
+    assert rows["ref:live"] == rows["params"]
+    assert rows["allowance"] == 4 * GiB
+    assert host == 0
+    chosen = sum(v for k, v in rows.items() if k not in ("head:naive", "ref:live"))
+    assert total_bytes(DIMS, setup) == chosen
+    live_naive = Setup(**{**setup.__dict__, "head": "naive", "reference": "live"})
+    assert total_bytes(DIMS, live_naive) == chosen - rows["head:fused"] + rows["head:naive"] + rows["ref:live"]
+
+
+def test_fused_chunk_never_exceeds_the_tokens():
+    rows, _ = rows_of(DIMS, Setup(seq_len=4, micro_batch=1, chunk_size=1024))
+    assert rows["head:fused"] == rows["head:naive"] == 3 * 4 * 1000 * 10
+
+
+def test_offload_moves_state_to_host_memory():
+    setup = Setup(nodes=1, gpus_per_node=4, offload="optimizer")
+    rows, host = rows_of(DIMS, setup)
+    assert rows["optim"] == rows["grads"] == 0 and rows["params"] == 2 * 451_000 / 4
+    assert host == 4 * 16 * 441_000 / 4  # per node: 4 ranks x (fp32 master, m, v, fp32 grad) of their partition
+    rows, host = rows_of(DIMS, Setup(nodes=1, gpus_per_node=4, offload="param"))
+    assert rows["params"] == 0 and "gather" in rows
+    assert host == 16 * 441_000 + 2 * 451_000
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        estimate(DIMS, Setup(zero=2, offload="param"))
+
+
+def test_lower_zero_stages_keep_whole_copies():
+    rows, _ = rows_of(DIMS, Setup(nodes=1, gpus_per_node=4, zero=2))
+    assert rows["params"] == 2 * 451_000 and rows["grads"] == 2 * 441_000 / 4 and "gather" not in rows
+    rows, _ = rows_of(DIMS, Setup(nodes=1, gpus_per_node=4, zero=1))
+    assert rows["grads"] == 2 * 441_000 and rows["optim"] == 12 * 441_000 / 4
+
+
+def test_without_checkpointing_every_layer_keeps_activations():
+    rows, _ = rows_of(DIMS, Setup(seq_len=10, micro_batch=1, grad_ckpt=False))
+    assert "ckpt" not in rows and rows["acts"] == 2 * 3 * 10 * (18 * 100 + 4 * 50 + 8 * 300 + 2 * 100)
+
+
+def test_checkpoint_bytes():
+    assert plan.checkpoint_bytes(DIMS) == 12 * 441_000 + 2 * 10_000
+
+
+@pytest.mark.parametrize("name, total, llm", [
+    ("llava-1.5-7b", 7_063_427_072, 6_738_939_904),  # llava-hf/llava-1.5-7b-hf's published parameter count
+    ("llava-next-72b", 72_666_949_632, 72_287_920_128),
+    ("qwen2-vl-72b", 73_405_560_320, 72_706_203_648),
+])
+def test_builtin_models(name, total, llm):
+    dims = plan.load_dims(name)
+    assert (dims.total_params, dims.llm_params) == (total, llm)
+
+
+def test_counts_match_instantiated_llava(tiny_model_dir):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    dims = plan.load_dims(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    named = dict(model.named_parameters())
+    assert dims.total_params == sum(p.numel() for p in named.values())
+    assert dims.vision_params == sum(p.numel() for n, p in named.items() if "vision_tower" in n)
+    assert dims.projector_params == sum(p.numel() for n, p in named.items() if "multi_modal_projector" in n)
+
+
+def test_counts_match_instantiated_qwen2_vl_from_a_top_level_config(tmp_path):
+    """Qwen2-VL's config.json keeps the decoder fields at the top level; a file path works as well as a directory."""
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+
+    raw = {"model_type": "qwen2_vl", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False,
+           "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 4,
+                             "in_chans": 3, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    dims = plan.load_dims(str(path))
+    model = Qwen2VLForConditionalGeneration(AutoConfig.for_model(**raw))
+    named = dict(model.named_parameters())
+    assert dims.total_params == sum(p.numel() for p in named.values())
+    assert dims.projector_params == sum(p.numel() for n, p in named.items() if "merger" in n)
+    assert dims.qkv_bias and dims.kv_heads == 2
+
+
+def test_cli_prints_a_table_and_exits_1_when_it_does_not_fit(capsys):
+    assert plan.main(["--model", "llava-1.5-7b", "--nodes", "1", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer (fp32 master + Adam m, v)" in out and "fits in 80 GiB" in out
+    assert plan.main(["--model", "llava-next-72b", "--nodes", "1", "--gpus-per-node", "8", "--markdown"]) == 1
+    out = capsys.readouterr().out
+    assert "| component | GiB per GPU | formula (bytes) |" in out and "DOES NOT FIT" in out
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(SystemExit, match="no such config.json"):
+        plan.load_dims("/nonexistent/model")
