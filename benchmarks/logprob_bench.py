@@ -255,7 +255,8 @@ def render_markdown(rows, machine, B, T, H, dtype, args, has_liger, load_before,
         "implementation.",
         "",
         f"- Machine: {machine}. Load average (1/5/15 min) {_fmt_load(load_before)} before, "
-        f"{_fmt_load(load_after)} after: the cores were shared with other work, so times carry that noise.",
+        f"{_fmt_load(load_after)} after (the benchmark's own processes count in the second): a 1-minute load above "
+        f"{os.cpu_count()} before the run means other work shared the cores and the times carry that noise.",
         f"- Peak memory: {mem_how}. It includes the gradients of hidden and weight; the inputs are excluded.",
         f"- Time: the implementations took turns, {args.rounds} rounds of one fresh process each with {args.steps} "
         "steps; \"fastest\" is the least disturbed wall-clock step, \"median\" the median of all steps. CPU time "
