@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bpo.ops import naive_sequence_logprobs, resolve_backend, sequence_logprobs
 from bpo.ops import logprobs as logprobs_mod
+from ops.reference import compare_to_naive, make_inputs, run
 
 # Per-dtype tolerances (atol, rtol) for fused vs naive. fp32: both sides accumulate in fp32 and differ only in
 # summation order. bf16: both round the logits GEMM to bf16, but BLAS may block a chunk and the full matrix
@@ -25,35 +26,8 @@ TOL = {
 }
 
 
-def make_inputs(shape, H, V, dtype=torch.float32, ignore_frac=0.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, H, generator=g).to(dtype).requires_grad_()  # (..., H)
-    weight = (torch.randn(V, H, generator=g) / math.sqrt(H)).to(dtype).requires_grad_()  # (V, H)
-    labels = torch.randint(0, V, shape, generator=g)  # (...)
-    if ignore_frac:
-        labels[torch.rand(shape, generator=g) < ignore_frac] = -100
-    upstream = torch.randn(shape, generator=g)  # (...) random dL/dlogp, nonzero at ignored rows too
-    return hidden, weight, labels, upstream
-
-
-def run(fn, hidden, weight, labels, upstream, **kw):
-    """Forward, then backward of sum(upstream * logp); returns (logp, grad_hidden, grad_weight)."""
-    logp = fn(hidden, weight, labels, **kw)
-    grads = torch.autograd.grad((logp * upstream).sum(), [hidden, weight])
-    return (logp.detach(), *grads)
-
-
 def assert_matches_naive(hidden, weight, labels, upstream, dtype=torch.float32, **kw):
-    ref_kw = {k: v for k, v in kw.items() if k in ("ignore_index", "temperature")}
-    out, gh, gw = run(sequence_logprobs, hidden, weight, labels, upstream, **kw)
-    ref, rgh, rgw = run(naive_sequence_logprobs, hidden, weight, labels, upstream, **ref_kw)
-    (fa, fr), (ga, gr) = TOL[dtype]["fwd"], TOL[dtype]["grad"]
-    assert out.dtype == torch.float32 and out.shape == labels.shape
-    assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
-    torch.testing.assert_close(out, ref, atol=fa, rtol=fr)
-    torch.testing.assert_close(gh.float(), rgh.float(), atol=ga, rtol=gr)
-    torch.testing.assert_close(gw.float(), rgw.float(), atol=ga, rtol=gr)
-    return out, gh, gw
+    return compare_to_naive(hidden, weight, labels, upstream, TOL[dtype], **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

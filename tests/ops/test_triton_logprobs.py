@@ -9,7 +9,6 @@ file again in a new process instead. The interpreter runs every program in Pytho
 
 import importlib
 import importlib.util
-import math
 import os
 import subprocess
 import sys
@@ -29,6 +28,8 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # only CPU processes get it; on CUDA the kernels are compiled
 
 from bpo.ops import naive_sequence_logprobs, sequence_logprobs  # noqa: E402
+from ops import reference  # noqa: E402
+from ops.reference import compare_to_naive, run  # noqa: E402
 
 # Per-dtype tolerances (atol, rtol) for triton vs naive. fp32: fp32 dots ("ieee" precision) and fp32 softmax on
 # both sides, only the summation order differs. bf16: the naive path rounds each logit to bf16 (2**-8 relative)
@@ -58,34 +59,12 @@ def test_in_fresh_process():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-def make_inputs(shape, H, V, dtype=torch.float32, ignore_frac=0.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, H, generator=g).to(DEVICE, dtype).requires_grad_()  # (..., H)
-    weight = (torch.randn(V, H, generator=g) / math.sqrt(H)).to(DEVICE, dtype).requires_grad_()  # (V, H)
-    labels = torch.randint(0, V, shape, generator=g)  # (...)
-    if ignore_frac:
-        labels[torch.rand(shape, generator=g) < ignore_frac] = -100
-    upstream = torch.randn(shape, generator=g).to(DEVICE)  # (...) random dL/dlogp
-    return hidden, weight, labels.to(DEVICE), upstream
-
-
-def run(fn, hidden, weight, labels, upstream, **kw):
-    """Forward, then backward of sum(upstream * logp); returns (logp, grad_hidden, grad_weight)."""
-    logp = fn(hidden, weight, labels, **kw)
-    grads = torch.autograd.grad((logp * upstream).sum(), [hidden, weight])
-    return (logp.detach(), *grads)
+def make_inputs(*args, **kw):
+    return reference.make_inputs(*args, device=DEVICE, **kw)
 
 
 def assert_matches_naive(hidden, weight, labels, upstream, dtype=torch.float32, **kw):
-    out, gh, gw = run(sequence_logprobs, hidden, weight, labels, upstream, backend="triton", **kw)
-    ref, rgh, rgw = run(naive_sequence_logprobs, hidden, weight, labels, upstream, **kw)
-    (fa, fr), (ga, gr) = TOL[dtype]["fwd"], TOL[dtype]["grad"]
-    assert out.dtype == torch.float32 and out.shape == labels.shape
-    assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
-    torch.testing.assert_close(out, ref, atol=fa, rtol=fr)
-    torch.testing.assert_close(gh.float(), rgh.float(), atol=ga, rtol=gr)
-    torch.testing.assert_close(gw.float(), rgw.float(), atol=ga, rtol=gr)
-    return out, gh, gw
+    return compare_to_naive(hidden, weight, labels, upstream, TOL[dtype], backend="triton", **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
