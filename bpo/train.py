@@ -31,8 +31,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (see bpo/config.py for every key and default)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run's latest checkpoint when one exists (= train.resume=true)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume:
+        args.overrides.append("train.resume=true")
+    return args
 
 
 def build_ds_config(cfg, world_size):

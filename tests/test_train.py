@@ -79,7 +79,7 @@ def test_resume_after_kill_equals_uninterrupted(full_run, train_setup):
     proc = run_job("train.py", config, env={"BPO_CRASH_AFTER": "train_steps:5"}, check=False)
     assert proc.returncode != 0
     assert len(read_metrics(run_dir)) == 5
-    run_job("train.py", config, ["train.resume=true"])
+    run_job("train.py", config, ["--resume"])  # the flag form of train.resume=true
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 13))
     for got, want in zip(rows, reference_rows):
