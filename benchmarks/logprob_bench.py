@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, without installing bpo
+sys.path.insert(0, str(REPO / "benchmarks"))
+from record import machine, replace_section  # noqa: E402
 
 BETA = 0.1
 MIB = 2**20
@@ -122,24 +123,6 @@ def run_case(args):
 
 
 # ---- the driver ---------------------------------------------------------------------------------------------------
-def machine_description(device):
-    if device == "cuda":
-        import torch
-
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    model, cores = platform.processor() or "unknown CPU", os.cpu_count()
-    try:  # lscpu knows the marketing name; platform.processor() often only says "x86_64"
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        model = fields.get("Model name", model).strip()
-        cores = fields.get("CPU(s)", str(cores)).strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass  # no lscpu: keep the platform module's vaguer answer
-    import torch
-
-    return f"{model}, {cores} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
-
-
 def spawn(case, common):
     cmd = [sys.executable, __file__, "--child", *common, "--impl", case["impl"], "--V", str(case["V"]),
            "--backend", case["backend"]]
@@ -189,8 +172,8 @@ def main():
     impls = [("naive", "torch"), *fused] + ([("liger", "torch")] if has_liger else [])
     common = ["--device", args.device, "--dtype", dtype, "--B", str(B), "--T", str(T), "--H", str(H),
               "--steps", str(args.steps), "--chunk-size", str(args.chunk_size)]
-    machine = machine_description(args.device)
-    print(f"# {machine}; B={B} T={T} H={H} {dtype}; fused chunk_size={args.chunk_size}; "
+    machine_text = machine(cuda) + ("" if cuda else f" with {torch.get_num_threads()} threads")
+    print(f"# {machine_text}; B={B} T={T} H={H} {dtype}; fused chunk_size={args.chunk_size}; "
           f"{args.rounds} rounds x {args.steps} steps", flush=True)
     load_before = os.getloadavg()
 
@@ -221,14 +204,11 @@ def main():
                   flush=True)
     load_after = os.getloadavg()
 
-    markdown = render_markdown(rows, machine, B, T, H, dtype, args, has_liger, load_before, load_after)
+    markdown = render_markdown(rows, machine_text, B, T, H, dtype, args, has_liger, load_before, load_after)
     if args.out:
         Path(args.out).write_text(markdown)
         print(f"wrote {args.out}")
     elif not args.quick:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from record import replace_section
-
         replace_section("logprob" + ("-cuda" if cuda else ""), markdown)
         print("wrote its section of BENCHMARKS.md")
 
@@ -239,9 +219,9 @@ def importlib_find(name):
     return importlib.util.find_spec(name) is not None
 
 
-def render_markdown(rows, machine, B, T, H, dtype, args, has_liger, load_before, load_after):
+def render_markdown(rows, machine_text, B, T, H, dtype, args, has_liger, load_before, load_after):
     mem_how = ("peak `torch.cuda.max_memory_allocated` above the memory allocated before the step"
-               if "CUDA" in machine else
+               if "CUDA" in machine_text else
                "peak resident set size (VmHWM, reset through `/proc/self/clear_refs` just before the step) minus "
                "the resident size before it - torch's CPU allocator keeps no statistics and tracemalloc cannot see "
                "its buffers")
@@ -254,7 +234,7 @@ def render_markdown(rows, machine, B, T, H, dtype, args, has_liger, load_before,
         "fused head, which skips ignored tokens), a sigmoid DPO loss on the per-sequence sums on top of each "
         "implementation.",
         "",
-        f"- Machine: {machine}. Load average (1/5/15 min) {_fmt_load(load_before)} before, "
+        f"- Machine: {machine_text}. Load average (1/5/15 min) {_fmt_load(load_before)} before, "
         f"{_fmt_load(load_after)} after (the benchmark's own processes count in the second): a 1-minute load above "
         f"{os.cpu_count()} before the run means other work shared the cores and the times carry that noise.",
         f"- Peak memory: {mem_how}. It includes the gradients of hidden and weight; the inputs are excluded.",
@@ -284,7 +264,7 @@ def render_markdown(rows, machine, B, T, H, dtype, args, has_liger, load_before,
             lines.append(f"- {r['impl']}: memory {r['mem_ratio']:.3f}x -> {'met' if mem_ok else 'NOT met'}; "
                          f"wall time {r['time_ratio']:.2f}x (fastest steps) -> {'met' if time_ok else 'NOT met'} "
                          f"(CPU time {r['cpu_ratio']:.2f}x).")
-    if "CUDA" not in machine:
+    if "CUDA" not in machine_text:
         lines += ["", *CPU_NOTES]  # written from CPU runs; a CUDA table is read on its own
     return "\n".join(lines) + "\n"
 
