@@ -12,8 +12,10 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
-	# The CPU build of torch lies on local disk here; a GPU machine keeps its own torch (setup.py asks for >=2.4).
-	$(PY) -m pip install -q torch==2.13.0
+	# torch and torchvision must come as a matching pair: transformers 5 builds the Qwen2-VL, Qwen2.5-VL, OneVision
+	# and InternVL processors only with torchvision, and the torchvision wheel beside torch 2.13's CPU build is a CUDA
+	# build whose ops do not load. 2.14.1 + 0.29.1 lie on local disk here and run on the CPU (README, "Install").
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

@@ -9,6 +9,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
+        "torchvision",  # transformers 5 builds the Qwen2-VL / Qwen2.5-VL / OneVision / InternVL processors with it
         "deepspeed>=0.16",
         "transformers>=5.0",
         "safetensors",
