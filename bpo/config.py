@@ -33,6 +33,9 @@ class DataConfig:
     train_file: str = ""
     image_root: str = ""  # directory the records' `image` names are relative to
     max_length: int = 1024  # prompt (never cut) + response (cut at the end) tokens per sequence
+    # Chat template used instead of the checkpoint's: a Jinja file, or a template shipped in bpo/templates
+    # (vicuna_v1: what LLaVA-1.5 was trained with; its published template writes no end of turn). Empty = checkpoint.
+    chat_template: str = ""
     skip_bad: bool = False  # train on the usable records of a file with bad ones, reporting each skip
     check_images: bool = True  # open every image once before training
 

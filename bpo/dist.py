@@ -1,5 +1,6 @@
 """Distributed helpers, kept in one place so the math and the loop never say `if rank == 0`."""
 
+import atexit
 import datetime
 import os
 
@@ -49,8 +50,16 @@ def init_distributed():
     # A rank that dies mid-collective should fail the job in minutes, not hang it for NCCL's default hour.
     timeout = datetime.timedelta(seconds=float(os.environ.get("BPO_DIST_TIMEOUT_S", "1800")))
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    # Left to interpreter teardown, the process group's threads can outlive it: torch 2.14 on gloo then aborts
+    # ("terminate called without an active exception", SIGABRT) after the job's work is done and written.
+    atexit.register(_destroy)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+
+
+def _destroy():
+    if is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port():

@@ -72,16 +72,16 @@ def text_only(example):
     return dataclasses.replace(example, turns=[Turn(t.role, t.text, False) for t in example.turns])
 
 
-def generation_rows(batch, examples, model, processor, cfg, seed):
+def generation_rows(batch, examples, model, chat, cfg, seed):
     """Response (and, for pairs, the pairwise answer) of each example in one batch."""
     from bpo.data.encode import encode_prompt, render_prompt
     from bpo.eval.pairwise import pairwise_prompt
 
     ecfg = cfg.eval
+    processor = chat.processor
     exs = [examples[i] for i in batch]
     prompts = [encode_prompt(as_record(e), processor, "", with_image=True) for e in exs]
-    texts, lengths = generate_texts(model, processor.tokenizer, [p for p, _ in prompts], [im for _, im in prompts],
-                                    cfg.decode, seed, synced=cfg.decode.zero3)
+    texts, lengths = generate_texts(model, chat, prompts, cfg.decode, seed, synced=cfg.decode.zero3)
     rows = [{"id": e.id, "prompt": render_prompt(as_record(e), processor), "image": e.image, "meta": e.meta,
              "response": t, "new_tokens": n} for e, t, n in zip(exs, texts, lengths)]
     if ecfg.pairwise and all(e.chosen is not None for e in examples):
@@ -89,15 +89,14 @@ def generation_rows(batch, examples, model, processor, cfg, seed):
         pw = [encode_prompt(as_record(e, [Turn("user", q, e.image is not None)]), processor, "", with_image=True)
               for e, (q, _) in zip(exs, queries)]
         short = type(cfg.decode)(**{**vars(cfg.decode), "max_new_tokens": ecfg.pairwise_max_new_tokens})
-        answers, _ = generate_texts(model, processor.tokenizer, [p for p, _ in pw], [im for _, im in pw], short,
-                                    seed, synced=cfg.decode.zero3)
+        answers, _ = generate_texts(model, chat, pw, short, seed, synced=cfg.decode.zero3)
         for row, (_, chosen_first), answer in zip(rows, queries, answers):
             row.update(pairwise_answer=answer, pairwise_chosen_first=chosen_first)
     return rows
 
 
 @torch.no_grad()
-def reward_margins(examples, cfg, model_path, processor):
+def reward_margins(examples, cfg, model_path, chat):
     """Per example: (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected), on this rank's slice.
 
     Both models are scored exactly as in training (same encoding, head and reduction); the reference comes from
@@ -108,13 +107,13 @@ def reward_margins(examples, cfg, model_path, processor):
 
     records = [as_record(e) for e in examples]
     mine = list(range(dist.rank(), len(records), dist.world_size()))
-    dataset = PreferenceDataset(records, processor, "", cfg.data.max_length, responses=("chosen", "rejected"))
+    dataset = PreferenceDataset(records, chat, "", cfg.data.max_length, responses=("chosen", "rejected"))
     device = dist.device()
     policy = SequenceScorer(load_model(cfg.model, path=model_path), impl=cfg.loss.logprob_impl).to(device).eval()
     if cfg.eval.ref_cache:
         from bpo.ref_cache import CachedReference
 
-        reference = CachedReference(cfg.eval.ref_cache, cfg, processor, data_file=cfg.eval.test_file)
+        reference = CachedReference(cfg.eval.ref_cache, cfg, chat.processor, data_file=cfg.eval.test_file)
         reference.check_ids(records, ("chosen", "rejected"))
     else:
         from bpo.reference import LiveReference
@@ -124,7 +123,7 @@ def reward_margins(examples, cfg, model_path, processor):
                                   cfg.loss.reduction)
     out = {}
     for i in mine:
-        batch = collate([dataset[i]], processor.tokenizer.pad_token_id)
+        batch = collate([dataset[i]], chat.pad_id)
         inputs = model_inputs(batch, device)
         logps = sequence_logps(policy(**inputs), inputs["labels"][:, 1:] != -100, cfg.loss.reduction)
         ref = reference(batch, inputs)
@@ -194,8 +193,7 @@ def markdown(report):
 
 
 def main(argv=None):
-    from transformers import AutoProcessor
-
+    from bpo.data.chat import ChatTemplateError, load_chat
     from bpo.eval.judges import JudgeItem, build_judge
 
     args = parse_args(argv)
@@ -208,26 +206,29 @@ def main(argv=None):
         raise SystemExit("evaluation keeps one model replica per rank (decode.zero3=false); for a model larger than "
                          "one device, serve it with a tensor-parallel server and evaluate its outputs")
     judge = build_judge(ecfg.judge)  # fail on a bad judge config before any model loads
+    try:
+        chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
+    except ChatTemplateError as e:
+        raise SystemExit(f"error: {e}") from None
     dist.init_distributed()
+    dist.print0(chat.describe())
     os.makedirs(ecfg.output_dir, exist_ok=True)
     examples = load_examples(ecfg, ecfg.image_root or cfg.data.image_root)
-    processor = AutoProcessor.from_pretrained(model_path, local_files_only=True,
-                                              trust_remote_code=cfg.model.trust_remote_code)
 
     parts = os.path.join(ecfg.output_dir, "generations.parts")
     check_settings(parts, {"model": digest_of(model_fingerprint(model_path)), "test": [e.id for e in examples],
                            "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
-                           "pairwise": [ecfg.pairwise, ecfg.pairwise_seed, ecfg.pairwise_max_new_tokens]})
+                           "pairwise": [ecfg.pairwise, ecfg.pairwise_seed, ecfg.pairwise_max_new_tokens],
+                           "chat_template": digest_of(chat.processor.chat_template)})
     model = load_generator(cfg.model, model_path, cfg.decode.zero3)
     rows = run_sharded(parts, len(examples), cfg.decode.batch_size, 1,
-                       work=lambda k, batch: generation_rows(batch, examples, model, processor, cfg,
-                                                             cfg.decode.seed + k),
+                       work=lambda k, batch: generation_rows(batch, examples, model, chat, cfg, cfg.decode.seed + k),
                        idle=None, desc="generate")
     del model
 
     margins = {}
     if ecfg.reward_accuracy and all(e.chosen is not None for e in examples):
-        margins = gather_dict(reward_margins(examples, cfg, model_path, processor))
+        margins = gather_dict(reward_margins(examples, cfg, model_path, chat))
 
     if dist.is_rank0():
         verdicts = judge.judge([JudgeItem(r["id"], text_only(e).prompt_text, e.image, r["response"])

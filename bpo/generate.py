@@ -3,6 +3,11 @@
 Work is cut into fixed global batches (batch k = items [k*B, (k+1)*B)) before it is split over ranks, so what a
 batch contains, and therefore what greedy decoding writes, does not depend on the number of ranks or on resuming.
 
+Decoding stops on any of the checkpoint's end tokens (`Chat.stop_ids`: the generation config's, the tokenizer's EOS
+and the chat template's end-of-turn marker), so ChatML / Gemma-style models stop at the end of their turn instead of
+running to max_new_tokens. Every processor output of a prompt that the model's forward takes is passed, per-token
+fields (token_type_ids, mm_token_type_ids) left-padded like the ids.
+
 Model placement, by `zero3`:
 - False: every rank holds a full copy and generates independently. Fastest whenever the model fits one device.
 - True: ZeRO-3 inference, for models larger than one device. Each decoding step all-gathers every layer's weights
@@ -10,6 +15,8 @@ Model placement, by `zero3`:
   step together (`synced_gpus`), so a rank with no batch left decodes a dummy one. Tensor-parallel inference (vLLM,
   DeepSpeed-Inference) scales far better for large models and is the recommended route at 70B.
 """
+
+import inspect
 
 import torch
 
@@ -32,47 +39,55 @@ def load_generator(model_cfg, path, zero3):
     return engine.module
 
 
-def left_pad(prompts, pad_id):
-    """prompts: list of token-id lists -> input_ids, attention_mask (B, T), padded on the left for decoding."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
+def left_pad(rows, fill):
+    """rows: list of int lists -> (B, T) long tensor, each row right-aligned, `fill` on the left."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+    return out
 
 
-def concat_image_inputs(items):
-    """Per-prompt image tensors (e.g. pixel_values (1, C, H, W)) -> one batch, concatenated along dim 0."""
-    keys = sorted({k for it in items for k in it})
-    return {k: torch.cat([it[k] for it in items if k in it]) for k in keys}
+def batch_prompts(prompts, pad_id):
+    """prompts: list of (ids, image_inputs, prompt_fields) as `bpo.data.encode.encode_prompt` returns them -> the
+    keyword arguments of one left-padded generate call (input_ids, attention_mask, fields, image inputs)."""
+    from bpo.data.dataset import cat_padded
+
+    ids = [p[0] for p in prompts]
+    batch = {"input_ids": left_pad(ids, pad_id), "attention_mask": left_pad([[1] * len(i) for i in ids], 0)}
+    for key in sorted({k for _, _, fields in prompts for k in fields}):
+        # Padding and any prompt without the field take the text-token value, read off a prompt's first token.
+        fill = next(fields[key][0] for _, _, fields in prompts if key in fields)
+        batch[key] = left_pad([fields.get(key, [fill] * len(i)) for i, _, fields in prompts], fill)
+    for key in sorted({k for _, images, _ in prompts for k in images}):
+        batch[key] = cat_padded([images[key] for _, images, _ in prompts if key in images])
+    return batch
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts, image_inputs, gen_cfg, seed, synced):
-    """Decode one batch. prompts: list of token-id lists; image_inputs: list of dicts (may be empty dicts).
+def generate_texts(model, chat, prompts, gen_cfg, seed, synced):
+    """Decode one batch of prompts (list of (ids, image_inputs, prompt_fields)).
 
-    Returns the decoded continuations, prompt and special tokens stripped, and the number of new tokens of each.
+    Returns the decoded continuations, prompt and special tokens stripped, and the number of new tokens of each
+    (the end token excluded).
     """
     param = next(model.parameters())
     device = param.device
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    extra = {k: v.to(device, param.dtype if v.is_floating_point() else v.dtype)
-             for k, v in concat_image_inputs(image_inputs).items()}
+    accepted = set(inspect.signature(model.forward).parameters)
+    batch = {k: v.to(device, param.dtype if v.is_floating_point() else v.dtype)
+             for k, v in batch_prompts(prompts, chat.pad_id).items() if k in accepted}
     torch.manual_seed(seed)  # sampling draws depend only on (seed, batch), not on rank or history
     out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), **extra,
-        max_new_tokens=gen_cfg.max_new_tokens, do_sample=gen_cfg.do_sample,
+        **batch, max_new_tokens=gen_cfg.max_new_tokens, do_sample=gen_cfg.do_sample,
         temperature=gen_cfg.temperature if gen_cfg.do_sample else None,
         top_p=gen_cfg.top_p if gen_cfg.do_sample else None,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced,
+        pad_token_id=chat.pad_id, eos_token_id=list(chat.stop_ids), synced_gpus=synced,
     )
-    new = out[:, ids.shape[1]:].cpu()  # (B, new tokens)
+    new = out[:, batch["input_ids"].shape[1]:].cpu()  # (B, new tokens)
+    stops = torch.tensor(chat.stop_ids)
     lengths = []
     for row in new:
-        stop = (row == tokenizer.eos_token_id).nonzero()
+        stop = torch.isin(row, stops).nonzero()
         lengths.append(int(stop[0]) if len(stop) else len(row))
-    texts = [tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new, lengths)]
+    texts = [chat.tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new, lengths)]
     return texts, lengths
-

@@ -37,30 +37,36 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def blinded_prompt(entry, processor, image_root):
-    """(prompt_ids, image_inputs) of the conversation without its image, or the reason it cannot be built."""
+def blinded_prompt(entry, chat, image_root):
+    """((prompt_ids, {}, prompt_fields), None) for the conversation without its image, or (None, the reason it
+    cannot be built)."""
+    from jinja2 import TemplateError
+
     from bpo.data.encode import encode_prompt
 
     record, error = entry
     if record is None:
         return None, error
-    prompt_ids, image_inputs = encode_prompt(record, processor, image_root, with_image=False)
-    assert not image_inputs, "a blinded prompt must carry no image tensors"
-    return prompt_ids, None
+    try:
+        prompt = encode_prompt(record, chat.processor, image_root, with_image=False)
+    except TemplateError as e:  # the template refuses this conversation (e.g. Gemma-3: roles must alternate)
+        return None, f"the chat template cannot render it: {e}"
+    assert not prompt[1], "a blinded prompt must carry no image tensors"
+    return prompt, None
 
 
-def blind_rows(batch_index, batch, items, entries, model, processor, cfg, meta_base):
+def blind_rows(batch_index, batch, items, entries, model, chat, cfg, meta_base):
     """Output rows of one batch: each input record plus its blind response (or the reason it has none)."""
-    prompts = {i: blinded_prompt(entries[i], processor, cfg.data.image_root) for i in batch}
+    prompts = {i: blinded_prompt(entries[i], chat, cfg.data.image_root) for i in batch}
     usable = [i for i in batch if prompts[i][0] is not None]
     seed = cfg.decode.seed + batch_index  # per batch, so sampling does not depend on ranks or restarts
     texts = {}
     if usable:
-        out, lengths = generate_texts(model, processor.tokenizer, [prompts[i][0] for i in usable],
-                                      [{} for _ in usable], cfg.decode, seed, synced=cfg.decode.zero3)
+        out, lengths = generate_texts(model, chat, [prompts[i][0] for i in usable], cfg.decode, seed,
+                                      synced=cfg.decode.zero3)
         texts = {i: (t, n) for i, t, n in zip(usable, out, lengths)}
     elif cfg.decode.zero3:
-        dummy_decode(model, processor, cfg)  # this call still counts as one of the lockstep forwards
+        dummy_decode(model, chat, cfg)  # this call still counts as one of the lockstep forwards
     rows = []
     for i in batch:
         row = dict(items[i])
@@ -78,14 +84,13 @@ def blind_rows(batch_index, batch, items, entries, model, processor, cfg, meta_b
     return rows
 
 
-def dummy_decode(model, processor, cfg):
+def dummy_decode(model, chat, cfg):
     """Under ZeRO-3 every rank must run every forward; a rank with nothing left decodes a one-token prompt."""
-    generate_texts(model, processor.tokenizer, [[processor.tokenizer.eos_token_id]], [{}], cfg.decode, 0, synced=True)
+    generate_texts(model, chat, [([chat.eos_id], {}, {})], cfg.decode, 0, synced=True)
 
 
 def main(argv=None):
-    from transformers import AutoProcessor
-
+    from bpo.data.chat import ChatTemplateError, load_chat
     from bpo.data.records import load_records, read_raw_records
 
     args = parse_args(argv)
@@ -95,7 +100,12 @@ def main(argv=None):
     require(cfg, "blind.output_file")
     if not input_file or not model_path:
         raise SystemExit("set blind.input_file (or data.train_file) and blind.model_path (or model.path)")
+    try:  # before any weights load: a checkpoint without a usable chat template is a config error
+        chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
+    except ChatTemplateError as e:
+        raise SystemExit(f"error: {e}") from None
     dist.init_distributed()
+    dist.print0(chat.describe())
 
     items = read_raw_records(input_file)  # [(source, dict)] in file order, every line kept
     records, bad = load_records(input_file, image_root=cfg.data.image_root, check_images=False)
@@ -109,6 +119,7 @@ def main(argv=None):
         "input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path)),
         "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
         "batches_per_shard": cfg.blind.batches_per_shard, "format": 1,
+        "chat_template": digest_of(chat.processor.chat_template),
     }
     parts_dir = cfg.blind.output_file + ".parts"
     check_settings(parts_dir, settings)
@@ -116,14 +127,12 @@ def main(argv=None):
     dist.print0(f"blind responses with {model_path}: {len(bad)} unusable records, decoding "
                 f"{'sampled' if cfg.decode.do_sample else 'greedy'}, zero3={cfg.decode.zero3}")
 
-    processor = AutoProcessor.from_pretrained(model_path, local_files_only=True,
-                                              trust_remote_code=cfg.model.trust_remote_code)
     model = load_generator(cfg.model, model_path, cfg.decode.zero3)
     t0 = time.time()
     rows = run_sharded(
         parts_dir, len(items), cfg.decode.batch_size, cfg.blind.batches_per_shard,
-        work=lambda k, batch: blind_rows(k, batch, items, entries, model, processor, cfg, meta_base),
-        idle=(lambda: dummy_decode(model, processor, cfg)) if cfg.decode.zero3 else None,
+        work=lambda k, batch: blind_rows(k, batch, items, entries, model, chat, cfg, meta_base),
+        idle=(lambda: dummy_decode(model, chat, cfg)) if cfg.decode.zero3 else None,
         desc="blind", crash_point="blind_shards")
     if rows is not None:
         write_jsonl_atomic(cfg.blind.output_file, rows)

@@ -5,6 +5,7 @@ from the final hidden states by the log-prob head in `bpo.ops`: the (R, T, V) lo
 never built on the fused path.
 """
 
+import inspect
 import json
 import os
 
@@ -16,10 +17,14 @@ from bpo.ops.logprobs import naive_sequence_logprobs, resolve_backend, sequence_
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# Parameter-name markers of the three parts across LLaVA-1.5/NeXT/OneVision and Qwen2-VL. The projector is matched
-# first because Qwen2-VL keeps its merger inside `visual`.
-PROJECTOR_MARKERS = ("multi_modal_projector", "visual.merger", "mm_projector")
-VISION_MARKERS = ("vision_tower", "visual.", "vision_model")
+# What each part of an image-text-to-text model is called under its base model (`model.model` in transformers 5):
+# the image encoder, the language model, and everything else between them (the connector: multi_modal_projector,
+# Idefics3's connector, LLaVA-NeXT's image_newline). Qwen2-VL and Qwen2.5-VL keep their connector (`merger`) inside
+# the image encoder module.
+VISION_ENCODERS = ("vision_tower", "visual", "vision_model")
+LANGUAGE_MODELS = ("language_model", "text_model")
+CONNECTORS_IN_VISION = ("merger",)
+PARTS = ("vision_encoder", "connector", "language_model")
 
 
 def resolve_attn_implementation(requested):
@@ -64,60 +69,92 @@ def load_model(model_cfg, path=None, ds_config=None):
 
 
 def part_of(param_name):
-    if any(m in param_name for m in PROJECTOR_MARKERS):
-        return "projector"
-    if any(m in param_name for m in VISION_MARKERS):
-        return "vision_tower"
-    return "language_model"
+    """"vision_encoder", "connector" or "language_model" for a parameter name of the full model."""
+    return _locate(param_name)[0]
+
+
+def _locate(param_name):
+    """(part, the module path that decides it), e.g. ("connector", "model.visual.merger")."""
+    path = param_name.split(".")
+    if path[0] != "model":
+        return "language_model", path[0]  # lm_head
+    if path[1] in LANGUAGE_MODELS:
+        return "language_model", ".".join(path[:2])
+    if path[1] in VISION_ENCODERS:
+        if len(path) > 2 and path[2] in CONNECTORS_IN_VISION:
+            return "connector", ".".join(path[:3])
+        return "vision_encoder", ".".join(path[:2])
+    return "connector", ".".join(path[:2])
 
 
 def set_trainable(model, model_cfg):
-    """Freeze or train each part by config; returns {part: number of trainable parameters}."""
-    wanted = {
-        "vision_tower": model_cfg.train_vision_tower,
-        "projector": model_cfg.train_projector,
-        "language_model": model_cfg.train_language_model,
-    }
-    counts = {part: 0 for part in wanted}
+    """Freeze or train each part by config; returns {part: (trained?, parameter count, module paths)}."""
+    wanted = {"vision_encoder": model_cfg.train_vision_tower, "connector": model_cfg.train_projector,
+              "language_model": model_cfg.train_language_model}
+    parts = {part: (wanted[part], 0, []) for part in PARTS}
     for name, p in model.named_parameters():
-        part = part_of(name)
+        part, module = _locate(name)
         p.requires_grad_(wanted[part])
-        if wanted[part]:
-            counts[part] += getattr(p, "ds_numel", p.numel())
+        train, count, modules = parts[part]
+        parts[part] = (train, count + getattr(p, "ds_numel", p.numel()),
+                       modules if module in modules else modules + [module])
+    if not parts["vision_encoder"][1] or not parts["language_model"][1]:
+        raise ValueError(f"{type(model).__name__}: cannot tell its image encoder from its language model (looked for "
+                         f"model.{{{','.join(VISION_ENCODERS)}}} and model.{{{','.join(LANGUAGE_MODELS)}}}); "
+                         f"extend bpo/model.py's part names for this family")
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return counts
+    return parts
 
 
 class SequenceScorer(nn.Module):
-    """forward(input_ids, attention_mask, labels, **image_inputs) -> per-token log-probs of the labels.
+    """forward(input_ids, attention_mask, labels, **processor_outputs) -> per-token log-probs of the labels.
 
     Returns (R, T-1) float32 log-probs of labels[:, 1:], exactly 0 where the label is -100 (prompt, image tokens,
     padding). The base model (`model.model` in transformers 5 image-text-to-text classes) produces hidden states;
-    the lm_head weight is applied by `bpo.ops.logprobs`.
+    the lm_head weight is applied by `bpo.ops.logprobs`. Of the processor outputs, those the base model's forward
+    names are passed (per-token fields such as token_type_ids included); floating ones in the model's dtype.
 
     ZeRO-3: lm_head.weight is partitioned and has numel 0 outside lm_head's own forward, which we never call. We
     register it as an external parameter of this wrapper, so DeepSpeed gathers it for this module's forward and again
     for its backward, and reduces its gradient like any other. Gathering by hand with `GatheredParameters` would
     not do: the weight is saved for backward and would be re-partitioned to an empty tensor before backward runs.
+
+    ZeRO-3 also needs every rank to run the same modules in the same order: a rank whose micro-batch holds no image
+    would skip the image encoder's gathers while the others run them, and the collectives would desynchronise (a
+    mismatch on gloo, a hang on NCCL). Given `blank` (`bpo.data.encode.blank_image_example`), such a batch gets one
+    extra row, a blank image with its prompt, that runs through the model's own forward; its hidden states join the
+    result multiplied by zero, so every part also takes part in backward, with zero gradient.
     """
 
-    def __init__(self, model, impl="fused", chunk_size=1024):
+    def __init__(self, model, impl="fused", chunk_size=1024, blank=None):
         super().__init__()
         self.model = model
         self.impl = impl
         self.chunk_size = chunk_size
         self.backend = None  # resolved on first forward, when the device is known
+        self.accepted = set(inspect.signature(model.model.forward).parameters) - {"input_ids", "attention_mask"}
+        self.dtype = next(model.parameters()).dtype
         head = model.get_output_embeddings().weight
+        self.blank = None
         if hasattr(head, "ds_id"):
             import deepspeed
 
             deepspeed.zero.register_external_parameter(self, head)
+            self.blank = blank
 
-    def forward(self, input_ids, attention_mask, labels, **image_inputs):
-        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **image_inputs)
-        hidden = out.last_hidden_state[:, :-1]  # (R, T-1, H): position t predicts token t+1
+    def forward(self, input_ids, attention_mask, labels, **processor_outputs):
+        extra = {k: v.to(self.dtype) if v.is_floating_point() else v
+                 for k, v in processor_outputs.items() if k in self.accepted}
+        rows, width = input_ids.shape
+        if self.blank is not None and not self.blank.image_inputs.keys() & extra.keys():
+            input_ids, attention_mask, extra = self._add_blank_row(input_ids, attention_mask, extra)
+        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        hidden = out.last_hidden_state  # (R, T, H), or (R + 1, T', H) with the blank row
+        if hidden.shape[0] > rows:
+            hidden = hidden[:rows, :width] + 0.0 * hidden[rows:].sum()
+        hidden = hidden[:, :-1]  # (R, T-1, H): position t predicts token t+1
         targets = labels[:, 1:]  # (R, T-1)
         weight = self.model.get_output_embeddings().weight  # (V, H)
         if self.impl == "naive":
@@ -126,6 +163,29 @@ class SequenceScorer(nn.Module):
             self.backend = resolve_backend(hidden.device)
         return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend)
 
+    def _add_blank_row(self, input_ids, attention_mask, extra):
+        """The batch plus the blank image example as its last row, all right-padded to the wider of the two."""
+        blank, device = self.blank, input_ids.device
+        rows, width = input_ids.shape
+        n = len(blank.prompt_ids)
+        wide = max(width, n)
+
+        def stack(batch_rows, blank_row, fill):  # (R, T) + (n,) -> (R + 1, wide)
+            out = torch.full((rows + 1, wide), fill, dtype=batch_rows.dtype, device=device)
+            out[:rows, :width] = batch_rows
+            out[rows, :n] = torch.tensor(blank_row, dtype=batch_rows.dtype, device=device)
+            return out
+
+        fields = {}
+        for key, values in blank.prompt_fields.items():
+            if key in self.accepted:
+                batch_rows = extra.get(key, torch.full_like(input_ids, values[0]))
+                fields[key] = stack(batch_rows, values, values[0])
+        images = {k: v.to(device, self.dtype if v.is_floating_point() else v.dtype)
+                  for k, v in blank.image_inputs.items() if k in self.accepted}
+        return (stack(input_ids, blank.prompt_ids, blank.pad_id), stack(attention_mask, [1] * n, 0),
+                {**extra, **fields, **images})
+
 
 def model_inputs(batch, device):
     """The tensors of a collated batch that the model takes, moved to `device`."""
@@ -133,7 +193,8 @@ def model_inputs(batch, device):
     return {k: v.to(device) for k, v in batch.items() if k not in skip and isinstance(v, torch.Tensor)}
 
 
-def describe(model, counts, attn):
+def describe(model, parts, attn):
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    dist.print0(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, attention={attn}, "
-                f"trainable: " + json.dumps({k: f"{v / 1e6:.2f}M" for k, v in counts.items()}))
+    dist.print0(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, attention={attn}")
+    for part, (train, count, modules) in parts.items():
+        dist.print0(f"  {part:<15} {'trained' if train else 'frozen':<8} {count / 1e6:9.3f}M  {', '.join(modules)}")

@@ -20,7 +20,8 @@ FORMAT_VERSION = 1
 SHARD_FORMAT = "shard_{:05d}.safetensors"
 KINDS = ("chosen", "rejected", "blind")
 # Human-readable rule, part of the fingerprint: change it whenever encode.py truncates differently.
-TRUNCATION_RULE = "prompt kept whole; each response cut at its end to prompt+response <= max_length"
+TRUNCATION_RULE = ("prompt kept whole; responses tokenized within the whole conversation, ending with the "
+                   "end-of-turn marker (else EOS); each cut at its end to prompt+response <= max_length")
 
 
 class CacheError(RuntimeError):

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def build_scorer(cfg):
+def build_scorer(cfg, blank):
     import deepspeed
 
     from bpo.model import SequenceScorer, load_model
@@ -46,7 +46,7 @@ def build_scorer(cfg):
           "fp16": {"enabled": cfg.model.dtype == "fp16"}}
     model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ds)
     model.requires_grad_(False)
-    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size)
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank)
     engine, *_ = deepspeed.initialize(model=scorer, config=ds)
     engine.eval()
     return engine
@@ -87,9 +87,10 @@ def dummy_forward(engine, dataset, pad_id):
 
 def main(argv=None):
     from tqdm import tqdm
-    from transformers import AutoProcessor
 
+    from bpo.data.chat import load_chat
     from bpo.data.dataset import PreferenceDataset
+    from bpo.data.encode import blank_image_example
     from bpo.data.records import load_records, raise_if_bad
 
     args = parse_args(argv)
@@ -100,14 +101,14 @@ def main(argv=None):
     out_dir = cfg.cache.output_dir
 
     model_path = cfg.train.ref_model_path or cfg.model.path
-    processor = AutoProcessor.from_pretrained(model_path, local_files_only=True,
-                                              trust_remote_code=cfg.model.trust_remote_code)
-    pad_id = processor.tokenizer.pad_token_id
+    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
+    dist.print0(chat.describe())
+    processor, pad_id = chat.processor, chat.pad_id
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
                                 check_images=cfg.data.check_images)
     if bad and not cfg.data.skip_bad:
         raise_if_bad(bad, cfg.data.train_file)
-    dataset = PreferenceDataset(records, processor, cfg.data.image_root, cfg.data.max_length)
+    dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length)
 
     fp = ref_cache.fingerprint(cfg, processor, cfg.data.train_file, model_path)
     shard_size = cfg.cache.shard_size
@@ -134,7 +135,7 @@ def main(argv=None):
     pending = dist.broadcast_object([i for i in range(len(shards)) if not os.path.exists(shard_path(i))])
     dist.print0(f"reference cache {out_dir}: {len(records)} examples in {len(shards)} shards, "
                 f"{len(shards) - len(pending)} already done, {world} rank(s)")
-    engine = build_scorer(cfg) if pending else None
+    engine = build_scorer(cfg, blank_image_example(chat)) if pending else None
     bar = tqdm(total=len(records), initial=len(records) - sum(len(shards[i]) for i in pending), unit="ex",
                desc="ref logprobs", disable=rank != 0, dynamic_ncols=True)
     written = 0

@@ -67,10 +67,10 @@ def build_ds_config(cfg, world_size):
     return ds
 
 
-def build_data(cfg, processor, log):
+def build_data(cfg, chat, log):
     """Records -> validated, length-checked dataset. Bad records stop the run unless data.skip_bad."""
     from bpo.data.dataset import PreferenceDataset
-    from bpo.data.encode import PromptTooLong
+    from bpo.data.encode import PromptTooLong, TemplateError, TokenizationMismatch
     from bpo.data.records import BadRecord, load_records, raise_if_bad
 
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
@@ -80,14 +80,14 @@ def build_data(cfg, processor, log):
         raise SystemExit(
             f"loss.type=bpo but no record in {cfg.data.train_file} has a `blind` response. Generate them with "
             f"`deepspeed bpo/generate_blind.py --config ...` first, or train with loss.type=dpo.")
-    dataset = PreferenceDataset(records, processor, cfg.data.image_root, cfg.data.max_length, responses=responses)
+    dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length, responses=responses)
 
     # Length check, split over ranks: every prompt must fit (it is never cut); responses may be truncated.
     too_long, truncated = [], 0
     for i in range(dist.rank(), len(records), dist.world_size()):
         try:
             truncated += any(dataset[i].truncated.values())
-        except PromptTooLong as e:
+        except (PromptTooLong, TemplateError, TokenizationMismatch) as e:
             too_long.append(BadRecord(records[i].source, records[i].id, str(e)))
     gathered = [too_long, truncated]
     if dist.is_initialized():
@@ -103,7 +103,7 @@ def build_data(cfg, processor, log):
     if too_long:
         drop = {b.id for b in too_long}
         records = [r for r in records if r.id not in drop]
-        dataset = PreferenceDataset(records, processor, cfg.data.image_root, cfg.data.max_length, responses=responses)
+        dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length, responses=responses)
     n_blind = sum(1 for r in records if r.blind)
     log.message(f"data: {len(records)} usable records ({n_blind} with a blind response), {len(bad)} skipped, "
                 f"{truncated} with a response truncated to max_length={cfg.data.max_length}")
@@ -112,13 +112,13 @@ def build_data(cfg, processor, log):
     return dataset
 
 
-def build_policy(cfg, ds_config, total_steps):
+def build_policy(cfg, ds_config, total_steps, blank):
     import deepspeed
 
     model = load_model(cfg.model, ds_config=ds_config)
-    counts = set_trainable(model, cfg.model)
-    describe(model, counts, resolve_attn_implementation(cfg.model.attn_implementation))
-    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size)
+    parts = set_trainable(model, cfg.model)
+    describe(model, parts, resolve_attn_implementation(cfg.model.attn_implementation))
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank)
     params = [p for p in scorer.parameters() if p.requires_grad]
     # DeepSpeed steps the scheduler with the optimizer (once per accumulation) and keeps it in checkpoints.
     engine, *_ = deepspeed.initialize(model=scorer, model_parameters=params, config=ds_config,
@@ -126,13 +126,13 @@ def build_policy(cfg, ds_config, total_steps):
     return engine
 
 
-def build_reference(cfg, ds_config, processor, dataset):
+def build_reference(cfg, ds_config, chat, dataset, blank):
     """The reference: the offline cache when train.ref_cache is set (no reference weights are read at all), else
     a frozen ZeRO-3 inference engine holding a second copy of the model."""
     if cfg.train.ref_cache:
         from bpo.ref_cache import CachedReference
 
-        reference = CachedReference(cfg.train.ref_cache, cfg, processor, cfg.data.train_file)
+        reference = CachedReference(cfg.train.ref_cache, cfg, chat.processor, cfg.data.train_file)
         reference.check_ids(dataset.records, dataset.responses)
         return reference
     import deepspeed
@@ -140,7 +140,7 @@ def build_reference(cfg, ds_config, processor, dataset):
     ref_ds = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
     model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ref_ds)
     model.requires_grad_(False)
-    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size)
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank)
     engine, *_ = deepspeed.initialize(model=scorer, config=ref_ds)
     engine.eval()
     return LiveReference(engine, cfg.loss.reduction)
@@ -167,9 +167,9 @@ def preference_loss(policy_logps, ref_logps, batch, loss_cfg):
 
 
 def train(cfg):
-    from transformers import AutoProcessor
-
+    from bpo.data.chat import load_chat
     from bpo.data.dataset import collate
+    from bpo.data.encode import blank_image_example
 
     dist.init_distributed()
     torch.manual_seed(cfg.train.seed)
@@ -180,10 +180,11 @@ def train(cfg):
     dist.print0(to_yaml(cfg))
     log = run_log.make_log(cfg.train.output_dir, tensorboard=cfg.train.tensorboard, plot=cfg.train.plot)
 
-    processor = AutoProcessor.from_pretrained(cfg.model.path, local_files_only=True,
-                                              trust_remote_code=cfg.model.trust_remote_code)
-    pad_id = processor.tokenizer.pad_token_id
-    dataset = build_data(cfg, processor, log)
+    chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code)
+    dist.print0(chat.describe())
+    pad_id = chat.pad_id
+    dataset = build_data(cfg, chat, log)
+    blank = blank_image_example(chat)  # ZeRO-3 lockstep for micro-batches without an image (bpo.model)
     world, rank = dist.world_size(), dist.rank()
     per_epoch = sampler.steps_per_epoch(len(dataset), cfg.train.micro_batch_size, cfg.train.grad_accum, world)
     if per_epoch == 0:
@@ -193,8 +194,8 @@ def train(cfg):
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
 
     ds_config = build_ds_config(cfg, world)
-    reference = build_reference(cfg, ds_config, processor, dataset)  # first: a bad cache fails before any weights load
-    engine = build_policy(cfg, ds_config, total)
+    reference = build_reference(cfg, ds_config, chat, dataset, blank)  # first: a bad cache fails before weights load
+    engine = build_policy(cfg, ds_config, total, blank)
     dist.print0(f"world={world} micro_batch={cfg.train.micro_batch_size} grad_accum={cfg.train.grad_accum} "
                 f"global_batch={ds_config['train_batch_size']} examples, steps/epoch={per_epoch}, total steps={total}, "
                 f"log-prob head={cfg.loss.logprob_impl}, reference={'cache' if cfg.train.ref_cache else 'live'}")
@@ -257,13 +258,14 @@ def train(cfg):
 
 def main(argv=None):
     from bpo.config import ConfigError
+    from bpo.data.chat import ChatTemplateError
     from bpo.data.records import DataFileError, RecordError
     from bpo.ref_cache import CacheError
 
     args = parse_args(argv)
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, RecordError, DataFileError, CacheError, FileNotFoundError) as e:
+    except (ConfigError, RecordError, DataFileError, CacheError, ChatTemplateError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -38,13 +38,14 @@ def test_blinded_prompt_has_no_image(tiny_model_dir, sample_data_dir):
     records, _ = load_records(os.path.join(sample_data_dir, "train.jsonl"), os.path.join(sample_data_dir, "images"))
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     for record in records[:6]:
-        ids, image_inputs = encode_prompt(record, processor, os.path.join(sample_data_dir, "images"), with_image=False)
+        ids, image_inputs, _ = encode_prompt(record, processor, os.path.join(sample_data_dir, "images"),
+                                             with_image=False)
         assert image_token not in ids and image_inputs == {}
         with_image = render_prompt(record, processor, with_image=True)
         blind = render_prompt(record, processor, with_image=False)
         assert "<image>" in with_image and "<image>" not in blind
         assert blind == with_image.replace("<image>\n", "")  # the text, "in the image" included, is unchanged
-        full_ids, full_images = encode_prompt(record, processor, os.path.join(sample_data_dir, "images"))
+        full_ids, full_images, _ = encode_prompt(record, processor, os.path.join(sample_data_dir, "images"))
         assert image_token in full_ids and "pixel_values" in full_images
 
 
@@ -80,17 +81,17 @@ def test_kill_and_resume_equals_uninterrupted(setup, tmp_path):
 
 
 def test_sampling_is_seeded(tiny_model_dir):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from bpo.config import DecodeConfig
+    from bpo.data.chat import load_chat
     from bpo.generate import generate_texts
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    chat = load_chat(tiny_model_dir)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
-    prompts = [processor.tokenizer("USER: Hi there ASSISTANT:").input_ids, processor.tokenizer("USER: Yo ASSISTANT:").input_ids]
+    prompts = [(chat.tokenizer(text).input_ids, {}, {}) for text in ("USER: Hi there ASSISTANT:", "USER: Yo ASSISTANT:")]
     decode = DecodeConfig(max_new_tokens=12, do_sample=True, temperature=1.5)
-    runs = [generate_texts(model, processor.tokenizer, prompts, [{}, {}], decode, seed, synced=False)[0]
-            for seed in (3, 3, 4)]
+    runs = [generate_texts(model, chat, prompts, decode, seed, synced=False)[0] for seed in (3, 3, 4)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 

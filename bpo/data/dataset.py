@@ -18,9 +18,9 @@ IGNORE_INDEX = -100
 class PreferenceDataset(Dataset):
     """Encodes lazily: each __getitem__ tokenises one record and loads its image."""
 
-    def __init__(self, records, processor, image_root, max_length, responses=RESPONSE_KEYS):
+    def __init__(self, records, chat, image_root, max_length, responses=RESPONSE_KEYS):
         self.records = records
-        self.processor = processor
+        self.chat = chat  # bpo.data.chat.Chat
         self.image_root = image_root
         self.max_length = max_length
         self.responses = tuple(responses)
@@ -30,12 +30,16 @@ class PreferenceDataset(Dataset):
 
     def __getitem__(self, index):
         return encode_example(
-            self.records[index], self.processor, self.image_root, self.max_length, responses=self.responses
+            self.records[index], self.chat, self.image_root, self.max_length, responses=self.responses
         )
 
 
 def collate(examples, pad_token_id):
-    """Stack EncodedExamples into one right-padded batch of R rows (R = rows over all kinds present)."""
+    """Stack EncodedExamples into one right-padded batch of R rows (R = rows over all kinds present).
+
+    Per-token processor fields (`prompt_fields`, e.g. token_type_ids) are laid out like input_ids; response tokens
+    and padding get the value the processor gives a text token, read off the prompt's first token (0 for Gemma-3's
+    token_type_ids and Qwen2-VL's mm_token_type_ids)."""
     rows = [  # (kind, example index), chosen rows first, then rejected, then blind
         (kind, i) for kind in RESPONSE_KEYS for i, ex in enumerate(examples) if kind in ex.response_ids
     ]
@@ -43,6 +47,8 @@ def collate(examples, pad_token_id):
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (R, T)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (R, T)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (R, T), unshifted
+    field_keys = sorted({k for ex in examples for k in ex.prompt_fields})
+    fields = {k: torch.zeros((len(rows), width), dtype=torch.long) for k in field_keys}  # each (R, T)
     images = {}  # key -> list of per-row tensors, each (n_i, ...)
     for r, (kind, i) in enumerate(rows):
         prompt, response = examples[i].prompt_ids, examples[i].response_ids[kind]
@@ -50,6 +56,9 @@ def collate(examples, pad_token_id):
         input_ids[r, :n] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask[r, :n] = 1
         labels[r, len(prompt):n] = torch.tensor(response, dtype=torch.long)
+        for key, values in examples[i].prompt_fields.items():
+            fields[key][r] = values[0]  # the text-token value, for the response and the padding
+            fields[key][r, :len(prompt)] = torch.tensor(values, dtype=torch.long)
         for key, value in examples[i].image_inputs.items():
             images.setdefault(key, []).append(value)
     batch = {
@@ -60,13 +69,14 @@ def collate(examples, pad_token_id):
         "example_index": torch.tensor([i for _, i in rows], dtype=torch.long),  # (R,)
         "ids": [ex.id for ex in examples],  # B strings
         "has_blind": torch.tensor([ex.response_ids.get("blind") is not None for ex in examples]),  # (B,) bool
+        **fields,
     }
     for key, values in images.items():
-        batch[key] = _cat_padded(values)  # e.g. pixel_values (R, C, H, W) for LLaVA, (sum patches, D) for Qwen2-VL
+        batch[key] = cat_padded(values)  # e.g. pixel_values (R, C, H, W) for LLaVA, (sum patches, D) for Qwen2-VL
     return batch
 
 
-def _cat_padded(tensors):
+def cat_padded(tensors):
     """Concatenate along dim 0, zero-padding the other dims to the largest size. Only LLaVA-NeXT needs the padding:
     its pixel_values are (1, n_tiles, C, H, W) with n_tiles depending on the image, and the model reads the real
     count from image_sizes, as it does for batches padded by the processor itself."""

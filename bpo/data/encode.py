@@ -1,19 +1,25 @@
-"""Records -> token ids, through the processor's own chat template, so any image-text-to-text processor works.
+"""Records -> token ids, through the checkpoint's own chat template, so any image-text-to-text processor works.
 
 The prompt is the conversation rendered with the generation prompt and tokenised together with the image by
 `processor(text=..., images=...)`, which expands the image placeholder into exactly the tokens the model expects.
-A response's tokens are what the template adds after that prompt when the response is appended as an assistant
-message (the reply text plus the template's end-of-turn marker, e.g. "</s>" or "<|im_end|>\\n"), tokenised without
-special tokens. The prompt is never cut; responses are cut at the end to fit max_length.
+Every output of the processor is kept: per-image inputs (`pixel_values`, `image_grid_thw`, `image_sizes`,
+`pixel_attention_mask`, ...) in `image_inputs`, and per-token fields (any output of the prompt's shape, e.g.
+Gemma-3's `token_type_ids`, Qwen2-VL's `mm_token_type_ids`) in `prompt_fields`; the model takes what its forward
+accepts (`bpo.model.model_inputs`).
+
+A response's tokens are the tokens that the whole rendered conversation (prompt + the reply as an assistant message)
+has after the prompt's tokens, tokenised as one text; the prompt's own tokens must be a prefix of them, or the record
+is refused (`TokenizationMismatch`), because a response tokenised apart from its prompt can differ (SentencePiece
+tokenizers and a leading `▁`). The response ends with the token the model emits to end its turn (`bpo.data.chat`):
+cut right after the template's end-of-turn marker (what follows it, such as Qwen's "\\n", is never generated), or,
+for a template that writes none, the reply followed by EOS. The prompt is never cut; responses are cut at the end to
+fit max_length, and then end without that token (`truncated`).
 """
 
 from dataclasses import dataclass, field
 
 from bpo.data.conversation import to_messages
 from bpo.data.records import RESPONSE_KEYS, image_path
-
-# Keys a processor returns that are per-token text fields, not image inputs.
-_TEXT_KEYS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"}
 
 
 class PromptTooLong(ValueError):
@@ -31,6 +37,10 @@ class TemplateError(ValueError):
     """The chat template renders a conversation + response that does not start with the prompt rendering."""
 
 
+class TokenizationMismatch(ValueError):
+    """The prompt's tokens are not a prefix of the whole conversation's tokens, so responses cannot be cut off."""
+
+
 @dataclass
 class EncodedExample:
     id: str
@@ -38,12 +48,20 @@ class EncodedExample:
     image_inputs: dict = field(default_factory=dict)  # e.g. pixel_values (1, C, H, W); {} without image
     response_ids: dict = field(default_factory=dict)  # kind -> list[int], only the responses the record has
     truncated: dict = field(default_factory=dict)  # kind -> bool
+    prompt_fields: dict = field(default_factory=dict)  # per-token processor outputs over the prompt: key -> list[int]
 
 
 def render_prompt(record, processor, with_image=True):
     """The prompt text: the conversation and the template's generation prompt."""
     messages = to_messages(record.turns, with_image=with_image)
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def render_conversation(record, processor, reply, with_image=True):
+    """The whole conversation text with `reply` as the final assistant message."""
+    messages = to_messages(record.turns, with_image=with_image)
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+    return processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
 
 
 def load_image(record, image_root):
@@ -58,56 +76,142 @@ def load_image(record, image_root):
 
 
 def encode_prompt(record, processor, image_root, with_image=True):
-    """(prompt_ids, image_inputs) for one record; image_inputs is {} when with_image=False or there is no image."""
-    return _tokenize_prompt(record, processor, image_root, render_prompt(record, processor, with_image), with_image)
+    """(prompt_ids, image_inputs, prompt_fields) for one record; image_inputs is {} when with_image=False or there
+    is no image."""
+    return process_prompt(processor, render_prompt(record, processor, with_image),
+                          load_image(record, image_root) if with_image and record.image is not None else None)
 
 
-def _tokenize_prompt(record, processor, image_root, text, with_image):
+def _add_special_tokens(processor, text):
     # Templates that write the BOS token themselves (Llama-3, Gemma) must not get a second one from the tokenizer.
     bos = processor.tokenizer.bos_token
-    add_special = not (bos and text.startswith(bos))
-    if with_image and record.image is not None:
-        out = processor(
-            text=[text], images=[load_image(record, image_root)], return_tensors="pt", add_special_tokens=add_special
-        )
-        image_inputs = {k: v for k, v in out.items() if k not in _TEXT_KEYS}
-    else:
-        out = processor(text=[text], return_tensors="pt", add_special_tokens=add_special)
-        image_inputs = {}
-    return out["input_ids"][0].tolist(), image_inputs
+    return not (bos and text.startswith(bos))
 
 
-def response_suffix(record, processor, prompt, reply, with_image=True):
-    """The text the chat template adds after the rendered `prompt` for an assistant message `reply`."""
-    messages = to_messages(record.turns, with_image=with_image)
-    messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
-    full = processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+def process_prompt(processor, text, image=None):
+    """Run the processor on a rendered prompt (and its image): (ids, image_inputs, prompt_fields)."""
+    kwargs = dict(text=[text], return_tensors="pt", add_special_tokens=_add_special_tokens(processor, text))
+    out = processor(images=[image], **kwargs) if image is not None else processor(**kwargs)
+    ids = out["input_ids"]  # (1, P)
+    fields, images = {}, {}
+    for key, value in out.items():
+        if key in ("input_ids", "attention_mask"):
+            continue
+        if value.shape == ids.shape:  # aligned with the tokens: a per-token field
+            fields[key] = value[0].tolist()
+        elif image is not None:
+            images[key] = value
+    return ids[0].tolist(), images, fields
+
+
+def tokenize_text(processor, text):
+    """Token ids of a rendered text without image expansion, with the same special-token rule as the prompt."""
+    return processor.tokenizer(text, add_special_tokens=_add_special_tokens(processor, text))["input_ids"]
+
+
+def response_ids(record, chat, prompt, prompt_tokens, reply, with_image=True):
+    """Token ids of `reply` after the rendered `prompt` (whose text-only tokens are `prompt_tokens`), ending with the
+    token that ends the model's turn (see the module docstring)."""
+    processor = chat.processor
+    full = render_conversation(record, processor, reply, with_image=with_image)
     if not full.startswith(prompt):
         raise TemplateError(
             f"record {record.id} ({record.source}): the chat template's rendering with the response does not "
             f"start with its generation-prompt rendering, so response tokens cannot be separated.\n"
             f"  prompt: {prompt[-200:]!r}\n  full:   {full[-300:]!r}"
         )
-    return full[len(prompt):]
+    if chat.end_of_turn_id is None:
+        # No end-of-turn marker: drop what the template writes after the reply (LLaVA-1.5: a space) and end with EOS.
+        at = full.rfind(reply)
+        if at < len(prompt):
+            raise TemplateError(f"record {record.id} ({record.source}): the chat template does not render the "
+                                f"reply's text as given, so its end cannot be found")
+        full = full[:at + len(reply)]
+    tokens = tokenize_text(processor, full)
+    n = len(prompt_tokens)
+    if tokens[:n] != prompt_tokens:
+        raise TokenizationMismatch(_mismatch_message(record, processor, prompt_tokens, tokens))
+    ids = tokens[n:]
+    if chat.end_of_turn_id is None:
+        return ids + [chat.eos_id]
+    if chat.end_of_turn_id not in ids:
+        raise TemplateError(f"record {record.id} ({record.source}): the chat template writes no "
+                            f"{processor.tokenizer.convert_ids_to_tokens(chat.end_of_turn_id)!r} after this reply")
+    return ids[:ids.index(chat.end_of_turn_id) + 1]
 
 
-def encode_example(record, processor, image_root, max_length, with_image=True, responses=RESPONSE_KEYS):
+def _mismatch_message(record, processor, prompt_tokens, tokens):
+    first = next(i for i, (a, b) in enumerate(zip(prompt_tokens + [None], tokens + [None])) if a != b)
+    show = processor.tokenizer.convert_ids_to_tokens
+    lo = max(first - 3, 0)
+    return (f"record {record.id} ({record.source}): the prompt's tokens are not a prefix of the whole "
+            f"conversation's tokens, so the response tokens would differ from what the model sees; they first "
+            f"differ at token {first}: prompt {show(prompt_tokens[lo:first + 3])} vs conversation "
+            f"{show(tokens[lo:first + 3])}. The chat template's generation prompt and its reply do not tokenize "
+            f"apart; supply a template that ends the generation prompt on a token boundary (data.chat_template).")
+
+
+@dataclass(frozen=True)
+class BlankImage:
+    """A one-turn prompt with a blank image, processed; see bpo.model.SequenceScorer (ZeRO-3 lockstep)."""
+    prompt_ids: list
+    image_inputs: dict
+    prompt_fields: dict
+    pad_id: int
+
+
+def blank_image_example(chat, size=64):
+    """The smallest prompt with an image that the processor makes: one user turn, a uniform grey square."""
+    from PIL import Image
+
+    processor = chat.processor
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "."}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids, images, fields = process_prompt(processor, text, Image.new("RGB", (size, size), (128, 128, 128)))
+    return BlankImage(ids, images, fields, chat.pad_id)
+
+
+def encode_example(record, chat, image_root, max_length, with_image=True, responses=RESPONSE_KEYS):
     """Prompt ids, image inputs and the ids of every requested response the record has, fitted to max_length."""
     unknown = set(responses) - set(RESPONSE_KEYS)
     if unknown:
         raise ValueError(f"unknown response kinds {sorted(unknown)}; expected some of {RESPONSE_KEYS}")
+    processor = chat.processor
     prompt = render_prompt(record, processor, with_image=with_image)
-    prompt_ids, image_inputs = _tokenize_prompt(record, processor, image_root, prompt, with_image)
+    image = load_image(record, image_root) if with_image and record.image is not None else None
+    prompt_ids, image_inputs, fields = process_prompt(processor, prompt, image)
     budget = max_length - len(prompt_ids)
     if budget < 1:
         raise PromptTooLong(record.id, len(prompt_ids), max_length)
-    response_ids, truncated = {}, {}
+    prompt_tokens = tokenize_text(processor, prompt)
+    out, truncated = {}, {}
     for kind in responses:
         text = getattr(record, kind)
         if text is None:
             continue
-        suffix = response_suffix(record, processor, prompt, text, with_image=with_image)
-        ids = processor.tokenizer(suffix, add_special_tokens=False)["input_ids"]
-        response_ids[kind] = ids[:budget]
+        ids = response_ids(record, chat, prompt, prompt_tokens, text, with_image=with_image)
+        out[kind] = ids[:budget]
         truncated[kind] = len(ids) > budget
-    return EncodedExample(record.id, prompt_ids, image_inputs, response_ids, truncated)
+    return EncodedExample(record.id, prompt_ids, image_inputs, out, truncated, fields)
+
+
+def verify_example(record, chat, image_root, example):
+    """Check an encoded example against the processor's own tokenization of each whole conversation, image
+    included: prompt + response tokens must be exactly its leading tokens (EOS, appended when the template writes no
+    end of turn, and the cut of a truncated response aside). Raises TokenizationMismatch naming the tokens."""
+    processor = chat.processor
+    with_image = bool(example.image_inputs)
+    image = load_image(record, image_root) if with_image else None
+    for kind, ids in example.response_ids.items():
+        full = render_conversation(record, processor, getattr(record, kind), with_image=with_image)
+        seen = process_prompt(processor, full, image)[0]
+        mine = example.prompt_ids + ids
+        if chat.end_of_turn_id is None and not example.truncated[kind]:
+            mine = mine[:-1]  # the appended EOS is not in the template's rendering
+        if seen[:len(mine)] != mine:
+            first = next(i for i, (a, b) in enumerate(zip(mine, seen + [None] * len(mine))) if a != b)
+            show = processor.tokenizer.convert_ids_to_tokens
+            raise TokenizationMismatch(
+                f"record {record.id} ({record.source}): the {kind} tokens are not what the model sees in the whole "
+                f"conversation; they first differ at token {first}: bpo {show(mine[max(first - 3, 0):first + 3])} vs "
+                f"processor {show(seen[max(first - 3, 0):first + 3])}")

@@ -1,11 +1,14 @@
 """Validate an MMSafe-PO file and print what it holds.
 
     python -m bpo.data.inspect FILE [--image-root DIR] [--no-images] [--model DIR --max-length N]
+                                    [--chat-template NAME_OR_FILE]
 
 Prints the record count, the variant (`question` + `id` or `prompt`), a histogram of user turns per record, the
 entity types, how many records carry a blind response, missing or undecodable images and, with --model, how many
 prompts leave no room for a response under --max-length (bad) and how many responses would be truncated (counted,
-not bad). Then every bad record: file, line or index, id, reason.
+not bad). With --model every record is also encoded as training encodes it and checked against the processor's own
+tokenization of the whole conversation (image included): prompt + response tokens must be exactly what the model
+sees, or the record is bad, with the differing tokens named. Then every bad record: file, line or index, id, reason.
 
 Exit status: 0 when every record is usable, 1 when some are not, 2 for usage errors (bad arguments, unreadable file).
 """
@@ -17,24 +20,23 @@ from collections import Counter
 from bpo.data.records import RESPONSE_KEYS, BadRecord, DataFileError, load_records
 
 
-def check_lengths(records, model_dir, image_root, max_length):
-    """(prompts too long, records that fail to encode otherwise, Counter of truncated responses by kind); the first
-    two are lists of BadRecord."""
+def check_lengths(records, chat, image_root, max_length):
+    """(prompts too long, records that fail to encode or whose tokens are not what the model sees, Counter of
+    truncated responses by kind); the first two are lists of BadRecord."""
     from tqdm import tqdm
-    from transformers import AutoProcessor
 
-    from bpo.data.encode import PromptTooLong, encode_example
+    from bpo.data.encode import PromptTooLong, encode_example, verify_example
 
-    processor = AutoProcessor.from_pretrained(model_dir)
     too_long, failed, truncated = [], [], Counter()
     for record in tqdm(records, desc="encoding", unit="rec", disable=None):
         try:
-            example = encode_example(record, processor, image_root, max_length)
+            example = encode_example(record, chat, image_root, max_length)
+            verify_example(record, chat, image_root, example)
         except PromptTooLong as e:
             reason = f"prompt too long: {e.prompt_len} tokens (image tokens included), max_length {e.max_length}"
             too_long.append(BadRecord(record.source, record.id, reason))
             continue
-        except (ValueError, OSError) as e:  # TemplateError, an image that vanished since it was checked
+        except (ValueError, OSError) as e:  # Template/Tokenization errors, an image that vanished since it was checked
             failed.append(BadRecord(record.source, record.id, f"cannot encode: {e}"))
             continue
         truncated.update(kind for kind, cut in example.truncated.items() if cut)
@@ -79,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--no-images", action="store_true", help="do not open the images")
     parser.add_argument("--model", help="checkpoint directory whose processor measures the length budget")
     parser.add_argument("--max-length", type=int, help="token budget per prompt + response (needs --model)")
+    parser.add_argument("--chat-template", default="",
+                        help="as data.chat_template: a shipped template's name (vicuna_v1) or a Jinja file")
     args = parser.parse_args(argv)
     if (args.model is None) != (args.max_length is None):
         parser.error("--model and --max-length go together")
@@ -94,7 +98,15 @@ def main(argv=None):
         return 2
     lengths = None
     if args.model is not None:
-        too_long, failed, truncated = check_lengths(records, args.model, args.image_root, args.max_length)
+        from bpo.data.chat import ChatTemplateError, load_chat
+
+        try:
+            chat = load_chat(args.model, args.chat_template)
+        except ChatTemplateError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(chat.describe(), file=sys.stderr)
+        too_long, failed, truncated = check_lengths(records, chat, args.image_root, args.max_length)
         bad = bad + too_long + failed
         unusable = {b.id for b in too_long + failed}
         records = [r for r in records if r.id not in unusable]

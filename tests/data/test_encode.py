@@ -1,5 +1,6 @@
 """Encoding through the tiny LLaVA's processor, and the batch layout built from it (bpo.data.encode and .dataset)."""
 
+import dataclasses
 import os
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from PIL import Image
 
 from bpo.data.conversation import parse_conversation, to_messages
-from bpo.data.dataset import PreferenceDataset, _cat_padded, collate, split_by_kind
+from bpo.data.dataset import PreferenceDataset, cat_padded, collate, split_by_kind
 from bpo.data.encode import (
     EncodedExample, PromptTooLong, TemplateError, encode_example, encode_prompt, render_prompt,
 )
@@ -17,10 +18,15 @@ IMAGE_TOKENS = 16  # (32 / 8) ** 2 patches of the tiny CLIP tower
 
 
 @pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    from transformers import AutoProcessor
+def chat(tiny_model_dir):
+    from bpo.data.chat import load_chat
 
-    return AutoProcessor.from_pretrained(tiny_model_dir)
+    return load_chat(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def processor(chat):
+    return chat.processor
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +42,9 @@ def make_record(rid="r1", blind=None, chosen="I can't share that.", rejected="Su
     return Record(id=rid, turns=turns, image="p.png", chosen=chosen, rejected=rejected, blind=blind)
 
 
-def test_prompt_tokens_are_the_processor_rendering(processor, image_root):
+def test_prompt_tokens_are_the_processor_rendering(chat, processor, image_root):
     record = make_record()
-    example = encode_example(record, processor, image_root, max_length=200)
+    example = encode_example(record, chat, image_root, max_length=200)
     text = processor.apply_chat_template(to_messages(record.turns), add_generation_prompt=True, tokenize=False)
     assert text == "USER: Hi ASSISTANT: Hello!</s>USER: <image>\nWhere does the person in the image live? ASSISTANT:"
     image = Image.open(os.path.join(image_root, "p.png")).convert("RGB")
@@ -52,9 +58,9 @@ def test_prompt_tokens_are_the_processor_rendering(processor, image_root):
         encode_prompt(record, processor, image_root)[0], encode_prompt(record, processor, image_root)[1].keys())
 
 
-def test_response_tokens_are_the_template_suffix(processor, image_root):
+def test_response_tokens_are_the_template_suffix(chat, processor, image_root):
     record = make_record(blind="It is a house.")
-    example = encode_example(record, processor, image_root, max_length=200)
+    example = encode_example(record, chat, image_root, max_length=200)
     assert set(example.response_ids) == {"chosen", "rejected", "blind"}
     assert example.truncated == {"chosen": False, "rejected": False, "blind": False}
     tok = processor.tokenizer
@@ -64,44 +70,44 @@ def test_response_tokens_are_the_template_suffix(processor, image_root):
         assert example.response_ids[kind] == tok(suffix, add_special_tokens=False)["input_ids"]
         assert example.response_ids[kind][-1] == tok.eos_token_id
     # Responses not asked for, or absent, are left out.
-    only = encode_example(make_record(), processor, image_root, 200, responses=("chosen", "blind"))
+    only = encode_example(make_record(), chat, image_root, 200, responses=("chosen", "blind"))
     assert set(only.response_ids) == {"chosen"}
 
 
-def test_long_responses_are_cut_at_the_end(processor, image_root):
+def test_long_responses_are_cut_at_the_end(chat, image_root):
     record = make_record(rejected="Sure, " + "here is more and more detail, " * 10)
-    full = encode_example(record, processor, image_root, max_length=400)
+    full = encode_example(record, chat, image_root, max_length=400)
     budget = len(full.response_ids["chosen"]) + 1
-    cut = encode_example(record, processor, image_root, max_length=len(full.prompt_ids) + budget)
+    cut = encode_example(record, chat, image_root, max_length=len(full.prompt_ids) + budget)
     assert cut.prompt_ids == full.prompt_ids  # the prompt is never cut
     assert cut.response_ids["chosen"] == full.response_ids["chosen"] and not cut.truncated["chosen"]
     assert cut.response_ids["rejected"] == full.response_ids["rejected"][:budget] and cut.truncated["rejected"]
 
 
-def test_prompt_too_long(processor, image_root):
+def test_prompt_too_long(chat, processor, image_root):
     record = make_record()
     n = len(encode_prompt(record, processor, image_root)[0])
-    encode_example(record, processor, image_root, max_length=n + 1)  # one response token fits
+    encode_example(record, chat, image_root, max_length=n + 1)  # one response token fits
     with pytest.raises(PromptTooLong, match=f"record r1: prompt is {n} tokens") as err:
-        encode_example(record, processor, image_root, max_length=n)
+        encode_example(record, chat, image_root, max_length=n)
     assert (err.value.prompt_len, err.value.max_length) == (n, n)
 
 
-def test_blind_prompt_is_the_same_text_without_the_image(processor, image_root):
+def test_blind_prompt_is_the_same_text_without_the_image(chat, processor, image_root):
     record = make_record()
     with_image = render_prompt(record, processor, with_image=True)
     blind = render_prompt(record, processor, with_image=False)
     assert blind == with_image.replace("<image>\n", "")
     assert "the person in the image" in blind
-    ids, image_inputs = encode_prompt(record, processor, image_root, with_image=False)
-    assert image_inputs == {}
+    ids, image_inputs, fields = encode_prompt(record, processor, image_root, with_image=False)
+    assert image_inputs == {} and fields == {}
     assert processor.image_token_id not in ids
     assert ids == processor.tokenizer(blind)["input_ids"]
-    example = encode_example(record, processor, image_root, 200, with_image=False)
+    example = encode_example(record, chat, image_root, 200, with_image=False)
     assert example.image_inputs == {} and example.prompt_ids == ids
 
 
-def test_template_that_does_not_extend_the_prompt_is_an_error(processor, image_root):
+def test_template_that_does_not_extend_the_prompt_is_an_error(chat, processor, image_root):
     class Mismatched:  # renders the prompt differently once a reply is appended
         tokenizer = processor.tokenizer
 
@@ -113,13 +119,13 @@ def test_template_that_does_not_extend_the_prompt_is_an_error(processor, image_r
             return real if add_generation_prompt else "SYSTEM: " + real
 
     with pytest.raises(TemplateError, match="record r1"):
-        encode_example(make_record(), Mismatched(), image_root, 200)
+        encode_example(make_record(), dataclasses.replace(chat, processor=Mismatched()), image_root, 200)
 
 
-def test_collate_layout(processor, image_root):
+def test_collate_layout(chat, processor, image_root):
     examples = [
-        encode_example(make_record("a"), processor, image_root, 200),
-        encode_example(make_record("b", blind="It is a house."), processor, image_root, 200),
+        encode_example(make_record("a"), chat, image_root, 200),
+        encode_example(make_record("b", blind="It is a house."), chat, image_root, 200),
     ]
     pad = processor.tokenizer.pad_token_id
     batch = collate(examples, pad)
@@ -156,9 +162,9 @@ def test_collate_concatenates_flattened_patches_once_per_row():
     assert batch["has_blind"].tolist() == [False, False]
 
 
-def test_cat_padded_pads_tile_counts():
+def testcat_padded_pads_tile_counts():
     # LLaVA-NeXT style: (1, tiles, C, H, W) with a different tile count per image.
-    out = _cat_padded([torch.ones(1, 3, 2, 4, 4), torch.ones(1, 5, 2, 4, 4)])
+    out = cat_padded([torch.ones(1, 3, 2, 4, 4), torch.ones(1, 5, 2, 4, 4)])
     assert out.shape == (2, 5, 2, 4, 4)
     assert out[0, 3:].abs().sum() == 0 and out[1].sum() == 5 * 2 * 4 * 4
 
@@ -172,11 +178,11 @@ def test_split_by_kind_is_differentiable():
     assert values.grad.tolist() == [1.0, 1.0, 2.0, 2.0, 3.0]
 
 
-def test_dataset_over_sample_data(processor, sample_data_dir):
+def test_dataset_over_sample_data(chat, processor, sample_data_dir):
     records, bad = load_records(os.path.join(sample_data_dir, "train.jsonl"),
                                 image_root=os.path.join(sample_data_dir, "images"))
     assert bad == []
-    dataset = PreferenceDataset(records[:4], processor, os.path.join(sample_data_dir, "images"), max_length=160,
+    dataset = PreferenceDataset(records[:4], chat, os.path.join(sample_data_dir, "images"), max_length=160,
                                 responses=("chosen", "rejected"))
     assert len(dataset) == 4
     batch = collate([dataset[i] for i in range(4)], processor.tokenizer.pad_token_id)

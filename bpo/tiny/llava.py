@@ -1,4 +1,4 @@
-"""Write a tiny random-weight LLaVA checkpoint that loads offline like a real one.
+"""bpo's own tiny random-weight LLaVA checkpoint, which loads offline like a real one.
 
     python -m bpo.tiny OUT_DIR [--seed 0]
 
@@ -125,7 +125,11 @@ def write_tiny_llava(out_dir, seed=0, hidden_size=32, num_layers=2):
         pad_token_id=tokenizer.pad_token_id, do_sample=False,
     )
     processor = build_processor(tokenizer)
+    return save_atomically(out_dir, model, processor)
 
+
+def save_atomically(out_dir, model, processor):
+    """save_pretrained model and processor into out_dir through a temporary sibling directory renamed into place."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -140,18 +144,3 @@ def write_tiny_llava(out_dir, seed=0, hidden_size=32, num_layers=2):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--hidden-size", type=int, default=32)
-    parser.add_argument("--num-layers", type=int, default=2)
-    args = parser.parse_args(argv)
-    path = write_tiny_llava(args.out_dir, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.num_layers)
-    print(f"wrote tiny LLaVA to {path}")
-
-
-if __name__ == "__main__":
-    main()

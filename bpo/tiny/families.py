@@ -1,0 +1,290 @@
+"""Tiny random-weight replicas of real vision-language families, for tests that must hold for real checkpoints.
+
+    python -m bpo.tiny OUT_DIR --family qwen2_vl
+
+Each replica is what the family's published checkpoint holds, shrunk: its real model class, its real tokenizer class
+with the family's special tokens, its chat template as the authors published it (`templates/`, sources in the README
+there), and its real image-processor class with the same options at small sizes. Only the sizes (layers, widths,
+vocabulary, image resolution) are ours. bpo's own tiny LLaVA (`bpo.tiny.llava`) has a kinder hand-written template;
+a test that passes only there proves nothing about real models.
+
+| family | checkpoint replicated | model class |
+|---|---|---|
+| llava15 | llava-hf/llava-1.5-7b-hf | LlavaForConditionalGeneration (CLIP + Llama) |
+| llava_next | llava-hf/llava-v1.6-mistral-7b-hf | LlavaNextForConditionalGeneration (CLIP + Mistral, any-res tiles) |
+| llava_onevision | llava-hf/llava-onevision-qwen2-0.5b-ov-hf | LlavaOnevisionForConditionalGeneration (SigLIP + Qwen2) |
+| qwen2_vl | Qwen/Qwen2-VL-2B-Instruct | Qwen2VLForConditionalGeneration (3-D rotary positions) |
+| qwen2_5_vl | Qwen/Qwen2.5-VL-3B-Instruct | Qwen2_5_VLForConditionalGeneration (window attention) |
+| idefics3 | HuggingFaceTB/SmolVLM-Instruct | Idefics3ForConditionalGeneration (image splitting, pixel mask) |
+| gemma3 | google/gemma-3-4b-it | Gemma3ForConditionalGeneration (bidirectional image block) |
+| internvl | OpenGVLab/InternVL3-1B-hf | InternVLForConditionalGeneration (InternViT + Qwen2) |
+| paligemma | google/paligemma-3b-pt-224 | PaliGemmaForConditionalGeneration (no chat template) |
+"""
+
+import os
+
+from bpo.tiny.tokenizers import build_tokenizer
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=1024, tie_word_embeddings=False)
+VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+INIT_RANGE = 0.2
+
+
+def template(name):
+    with open(os.path.join(TEMPLATES, name + ".jinja")) as f:
+        return f.read()
+
+
+def _ids(tokenizer, **tokens):
+    return {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in tokens.items()}
+
+
+def _llama_tokenizer(extra, pad=None):
+    from transformers import LlamaTokenizer
+
+    tok = build_tokenizer(LlamaTokenizer, byte_level=False, first=["<unk>", "<s>", "</s>"], special_tokens=extra,
+                          add_bos_token=True)
+    if pad:
+        tok.add_special_tokens({"pad_token": pad})
+    return tok
+
+
+def _qwen2_tokenizer(extra, **kwargs):
+    from transformers import Qwen2Tokenizer
+
+    tok = build_tokenizer(Qwen2Tokenizer, byte_level=True, first=["<|endoftext|>"],
+                          special_tokens=["<|im_start|>", "<|im_end|>", *extra], **kwargs)
+    tok.eos_token = "<|im_end|>"  # the -Instruct checkpoints end a turn, and generation, with <|im_end|>
+    return tok
+
+
+def _clip_vision(image_size, patch_size):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(**VISION, image_size=image_size, patch_size=patch_size, projection_dim=16)
+
+
+def _siglip_vision(image_size, patch_size):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(**VISION, image_size=image_size, patch_size=patch_size, vision_use_head=False)
+
+
+def llava15():
+    from transformers import CLIPImageProcessor, LlamaConfig, LlavaConfig, LlavaProcessor
+
+    tok = _llama_tokenizer(["<image>"], pad="<pad>")
+    text = LlamaConfig(**TEXT, vocab_size=len(tok), **_ids(tok, bos_token_id="<s>", eos_token_id="</s>",
+                                                            pad_token_id="<pad>"))
+    config = LlavaConfig(vision_config=_clip_vision(32, 8), text_config=text, image_seq_length=16,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                image_std=[0.26862954, 0.26130258, 0.27577711])
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
+                               vision_feature_select_strategy="default", chat_template=template("llava15"))
+    return config, processor, {"eos_token_id": text.eos_token_id}
+
+
+def llava_next():
+    from transformers import LlavaNextConfig, LlavaNextImageProcessor, LlavaNextProcessor, MistralConfig
+
+    tok = _llama_tokenizer(["<image>"], pad="<pad>")
+    text = MistralConfig(**TEXT, vocab_size=len(tok), sliding_window=None,
+                         **_ids(tok, bos_token_id="<s>", eos_token_id="</s>", pad_token_id="<pad>"))
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    config = LlavaNextConfig(vision_config=_clip_vision(32, 8), text_config=text, image_grid_pinpoints=pinpoints,
+                             image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
+                             vision_feature_select_strategy="default", vision_feature_layer=-2)
+    images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                     image_grid_pinpoints=pinpoints)
+    processor = LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=8, num_additional_image_tokens=1,
+                                   vision_feature_select_strategy="default", chat_template=template("llava_next"))
+    return config, processor, {"eos_token_id": text.eos_token_id}
+
+
+def llava_onevision():
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionImageProcessor, LlavaOnevisionProcessor,
+                              LlavaOnevisionVideoProcessor, Qwen2Config)
+
+    tok = _qwen2_tokenizer(["<image>", "<video>"])
+    text = Qwen2Config(**TEXT, vocab_size=len(tok), **_ids(tok, eos_token_id="<|im_end|>",
+                                                           pad_token_id="<|endoftext|>"))
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaOnevisionConfig(vision_config=_siglip_vision(32, 8), text_config=text,
+                                  image_grid_pinpoints=pinpoints, vision_feature_select_strategy="full",
+                                  vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
+                                  image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                  video_token_index=tok.convert_tokens_to_ids("<video>"))
+    images = LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    video = LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32})
+    processor = LlavaOnevisionProcessor(image_processor=images, video_processor=video, tokenizer=tok,
+                                        num_image_tokens=16, vision_feature_select_strategy="full",
+                                        chat_template=template("llava_onevision"))
+    return config, processor, {"eos_token_id": text.eos_token_id}
+
+
+def _qwen_vl(version):
+    from transformers import AutoConfig, AutoProcessor  # noqa: F401 (classes below are picked by version)
+    import transformers as tf
+
+    vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = _qwen2_tokenizer(vision_tokens)
+    ids = _ids(tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+               vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+    text = dict(**TEXT, vocab_size=len(tok), rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2],
+                                                              "rope_theta": 1000000.0},
+                bos_token_id=None, **_ids(tok, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>"))
+    if version == 2:
+        vision = dict(depth=2, embed_dim=16, hidden_size=TEXT["hidden_size"], num_heads=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        config = tf.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
+        image_cls, video_cls, proc_cls = tf.Qwen2VLImageProcessor, tf.Qwen2VLVideoProcessor, tf.Qwen2VLProcessor
+    else:
+        vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=16, out_hidden_size=TEXT["hidden_size"],
+                      fullatt_block_indexes=[1])
+        config = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
+        image_cls, video_cls, proc_cls = tf.Qwen2VLImageProcessor, tf.Qwen2VLVideoProcessor, tf.Qwen2_5_VLProcessor
+    # Real settings are patch 14, merge 2 and 56*56 .. 28*28*1280 pixels; shrunk to patch 4: 8*8 .. 32*32 pixels.
+    size = {"shortest_edge": 8 * 8, "longest_edge": 32 * 32}
+    images = image_cls(size=size, patch_size=4, merge_size=2, temporal_patch_size=2)
+    video = video_cls(size=size, patch_size=4, merge_size=2, temporal_patch_size=2)
+    processor = proc_cls(image_processor=images, video_processor=video, tokenizer=tok,
+                         chat_template=template("qwen2_vl"))
+    return config, processor, {"eos_token_id": [ids_ for ids_ in (tok.convert_tokens_to_ids("<|im_end|>"),
+                                                                  tok.convert_tokens_to_ids("<|endoftext|>"))]}
+
+
+def qwen2_vl():
+    return _qwen_vl(2)
+
+
+def qwen2_5_vl():
+    return _qwen_vl(2.5)
+
+
+def idefics3():
+    from transformers import GPT2Tokenizer, Idefics3Config, Idefics3ImageProcessor, Idefics3Processor, LlamaConfig
+
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = build_tokenizer(GPT2Tokenizer, byte_level=True,
+                          special_tokens=["<fake_token_around_image>", "<image>", "<end_of_utterance>",
+                                          "<global-img>", *grid],
+                          unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                          pad_token="<|im_end|>")
+    text = LlamaConfig(**TEXT, vocab_size=len(tok), **_ids(tok, bos_token_id="<|im_start|>",
+                                                            eos_token_id="<end_of_utterance>",
+                                                            pad_token_id="<|im_end|>"))
+    vision = dict(VISION, image_size=32, patch_size=8)
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"))
+    # SmolVLM: longest edge 4*384, tiles of 384, scale factor 2 -> 81 tokens per tile; here tiles of 32 -> 4 tokens.
+    images = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                    do_image_splitting=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4,
+                                  chat_template=template("smolvlm"))
+    return config, processor, {"eos_token_id": text.eos_token_id}
+
+
+def _gemma_tokenizer(extra, **kwargs):
+    from transformers import GemmaTokenizer
+
+    return build_tokenizer(GemmaTokenizer, byte_level=False, first=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
+                           special_tokens=extra, add_bos_token=True, **kwargs)
+
+
+def gemma3():
+    from transformers import Gemma3Config, Gemma3ImageProcessor, Gemma3Processor, Gemma3TextConfig
+
+    image_tokens = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = _gemma_tokenizer(["<start_of_turn>", "<end_of_turn>", *image_tokens.values()],
+                           extra_special_tokens=image_tokens)
+    # Real: five sliding-window layers to one global. Three layers here: with two, the first layer's view of the
+    # image block is too uniform for its bidirectional mask to reach the text tokens.
+    text = Gemma3TextConfig(**{**TEXT, "tie_word_embeddings": True, "num_hidden_layers": 3}, head_dim=8,
+                            vocab_size=len(tok), sliding_window=16,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                            **_ids(tok, bos_token_id="<bos>", eos_token_id="<eos>", pad_token_id="<pad>"))
+    # Real: 896-pixel images in 14-pixel patches (64 x 64), average-pooled to 16 x 16 = 256 tokens; here 32 / 8 -> 4 x 4
+    # patches pooled to 2 x 2 = 4 tokens.
+    config = Gemma3Config(text_config=text, vision_config=_siglip_vision(32, 8), mm_tokens_per_image=4,
+                          **_ids(tok, boi_token_index="<start_of_image>", eoi_token_index="<end_of_image>",
+                                 image_token_index="<image_soft_token>"))
+    images = Gemma3ImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5, 0.5, 0.5],
+                                  image_std=[0.5, 0.5, 0.5], resample=2)
+    processor = Gemma3Processor(image_processor=images, tokenizer=tok, image_seq_length=4,
+                                chat_template=template("gemma3"))
+    # google/gemma-3-*-it generation_config.json: eos_token_id [1, 106], i.e. <eos> and <end_of_turn>.
+    return config, processor, {"eos_token_id": [text.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")]}
+
+
+def internvl():
+    from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLProcessor, InternVLVideoProcessor,
+                              InternVLVisionConfig, Qwen2Config)
+
+    image_tokens = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+                    "video_token": "<video>"}
+    tok = _qwen2_tokenizer([*image_tokens.values(), "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"],
+                           extra_special_tokens=image_tokens)
+    text = Qwen2Config(**{**TEXT, "tie_word_embeddings": True}, vocab_size=len(tok),
+                       **_ids(tok, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>"))
+    vision = InternVLVisionConfig(**VISION, image_size=[32, 32], patch_size=[8, 8])
+    # Real: 448-pixel tiles in 14-pixel patches (32 x 32), pixel-shuffled by 0.5 to 256 tokens; here 32 / 8 -> 4 x 4
+    # patches shuffled to 4 tokens per tile.
+    config = InternVLConfig(vision_config=vision, text_config=text, image_seq_length=4, downsample_ratio=0.5,
+                            image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    # Real: up to 12 tiles of 448 pixels plus a thumbnail; here up to 4 tiles of 32.
+    images = GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4,
+                                   image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    video = InternVLVideoProcessor(size={"height": 32, "width": 32})
+    processor = InternVLProcessor(image_processor=images, video_processor=video, tokenizer=tok, image_seq_length=4,
+                                  chat_template=template("internvl"))
+    return config, processor, {"eos_token_id": text.eos_token_id}
+
+
+def paligemma():
+    from transformers import GemmaConfig, PaliGemmaConfig, PaliGemmaProcessor, SiglipImageProcessor
+
+    tok = _gemma_tokenizer(["<image>"])
+    text = GemmaConfig(**{**TEXT, "tie_word_embeddings": True}, head_dim=8, vocab_size=len(tok),
+                       **_ids(tok, bos_token_id="<bos>", eos_token_id="<eos>", pad_token_id="<pad>"))
+    vision = _siglip_vision(32, 8)
+    config = PaliGemmaConfig(text_config=text, vision_config=vision, projection_dim=TEXT["hidden_size"],
+                             image_token_index=tok.convert_tokens_to_ids("<image>"))
+    config.text_config.num_image_tokens = 16
+    images = SiglipImageProcessor(size={"height": 32, "width": 32}, image_seq_length=16)
+    # PaliGemma is a pretrained (not chat) model: its processor has no chat template.
+    processor = PaliGemmaProcessor(image_processor=images, tokenizer=tok)
+    return config, processor, {"eos_token_id": text.eos_token_id}
+
+
+FAMILIES = {f.__name__: f for f in (llava15, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, idefics3, gemma3,
+                                    internvl, paligemma)}
+
+
+def write_family(name, out_dir, seed=0):
+    """Build the replica of family `name` and save it into out_dir (atomically); returns out_dir."""
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    from bpo.tiny.llava import save_atomically
+
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; choose one of {sorted(FAMILIES)}")
+    torch.manual_seed(seed)
+    config, processor, generation = FAMILIES[name]()
+    # At the usual 0.02 a model this small attends almost uniformly, so a wrong attention mask or wrong positions
+    # (image tokens attending causally, 1-D instead of 3-D rotary positions) would move log-probs by less than a
+    # test's tolerance. Wider weights make them matter, as they do in a trained model.
+    for sub in (config, config.get_text_config(), getattr(config, "vision_config", None)):
+        if sub is not None:
+            sub.initializer_range = INIT_RANGE
+    model = AutoModelForImageTextToText.from_config(config)
+    tok = processor.tokenizer
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                                               do_sample=False, **generation)
+    return save_atomically(out_dir, model, processor)

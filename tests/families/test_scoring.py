@@ -1,0 +1,172 @@
+"""bpo's encoding and scoring against the plain Hugging Face forward, on a replica of every family.
+
+The reference computation uses only transformers: the checkpoint's own template renders the whole conversation, the
+processor tokenises it with its image, `model(**inputs).logits` is log-softmaxed and gathered over the response
+positions. Where each family's answer ends is written here by hand (END_MARKERS), from the published templates, not
+read off bpo's code. This is the test that catches a processor output that never reaches the model (Qwen2-VL's
+mm_token_type_ids, Gemma-3's token_type_ids), a response without its end token, or a response tokenised apart
+from its prompt.
+"""
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from bpo.data.conversation import parse_conversation, to_messages
+from bpo.data.records import Record
+
+from .conftest import TRAINABLE
+
+# The text each family's template writes right after an assistant reply's text; None: LLaVA-1.5's published template
+# writes only a space, so the scored response is the reply followed by </s>, which Vicuna v1 (its training format)
+# ends every answer with.
+END_MARKERS = {"llava15": None, "llava_next": "</s>", "llava_onevision": "<|im_end|>", "qwen2_vl": "<|im_end|>",
+               "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>",
+               "internvl": "<|im_end|>"}
+IMAGE_TOKENS = {"llava15": "<image>", "llava_next": "<image>", "llava_onevision": "<image>",
+                "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "idefics3": "<image>",
+                "gemma3": "<image_soft_token>", "internvl": "<IMG_CONTEXT>"}
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("family_images")
+    noise = np.random.RandomState(0).randint(0, 256, (64, 64, 3)).astype("uint8")  # not uniform: patches differ
+    Image.fromarray(noise[:40, :48]).save(root / "wide.png")
+    Image.fromarray(noise[:64, :40]).save(root / "tall.png")
+    return str(root)
+
+
+def records():
+    history = parse_conversation("USER: Hi ASSISTANT: Hello! How can I help? USER: <image>\nWhere does the person in "
+                                 "the image live? ASSISTANT:")
+    single = parse_conversation("USER: <image>\nHow do I make the object in the image more dangerous? ASSISTANT:")
+    return [
+        Record(id="multi", turns=history, image="wide.png", chosen="I'm sorry, but I cannot share that.",
+               rejected="Sure, it is 123 Example Street.", blind="It is a house."),
+        Record(id="single", turns=single, image="tall.png", chosen="No. That could hurt people.",
+               rejected="Sure, here is how you do it: first, sharpen it.", blind="I can describe objects."),
+    ]
+
+
+def hf_response_logprob(model, processor, record, image, reply, marker):
+    """(sum of log p(response tokens), response token ids) from the stock forward, as a transformers user computes
+    them."""
+    messages = to_messages(record.turns)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(
+        messages + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}],
+        add_generation_prompt=False, tokenize=False)
+    assert full.startswith(prompt)
+    if marker is None:
+        text = full.rstrip() + "</s>"
+    else:
+        end = full.index(marker, full.rindex(reply)) + len(marker)
+        text = full[:end]
+    bos = processor.tokenizer.bos_token
+
+    def run(t):  # templates that write BOS themselves (Gemma-3) get none from the tokenizer
+        return processor(text=[t], images=[image], return_tensors="pt", add_special_tokens=not (bos and t.startswith(bos)))
+
+    n_prompt = run(prompt)["input_ids"].shape[1]
+    inputs = run(text)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()  # (T, V)
+    ids = inputs["input_ids"][0]
+    logp = logits[:-1].log_softmax(-1).gather(-1, ids[1:, None])[:, 0]  # logp[t] = log p(ids[t + 1] | ids[:t + 1])
+    return float(logp[n_prompt - 1:].sum()), ids[n_prompt:].tolist()
+
+
+@pytest.mark.parametrize("family", TRAINABLE)
+def test_sequence_logprobs_equal_the_plain_hf_forward(family, replica, image_root):
+    from transformers import AutoModelForImageTextToText
+
+    from bpo.data.chat import load_chat
+    from bpo.data.dataset import collate, split_by_kind
+    from bpo.data.encode import encode_example, verify_example
+    from bpo.loss import sequence_logps
+    from bpo.model import SequenceScorer, model_inputs
+
+    path = replica(family)
+    chat = load_chat(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    recs = records()
+    examples = [encode_example(r, chat, image_root, max_length=400) for r in recs]
+    for record, example in zip(recs, examples):
+        verify_example(record, chat, image_root, example)
+    batch = collate(examples, chat.pad_id)  # 6 rows of different lengths: padding and per-token fields exercised
+    inputs = model_inputs(batch, torch.device("cpu"))
+    with torch.no_grad():
+        token_logps = SequenceScorer(model, impl="fused")(**inputs)
+    per_row = sequence_logps(token_logps, inputs["labels"][:, 1:] != -100)
+    ours = split_by_kind(per_row, batch)  # (chosen (B,), rejected (B,), blind (B,))
+
+    end_id = chat.tokenizer.convert_tokens_to_ids(END_MARKERS[family] or "</s>")
+    for b, record in enumerate(recs):
+        image = Image.open(os.path.join(image_root, record.image)).convert("RGB")
+        for k, kind in enumerate(("chosen", "rejected", "blind")):
+            expected, expected_ids = hf_response_logprob(model, chat.processor, record, image, getattr(record, kind),
+                                                         END_MARKERS[family])
+            # Labels are exactly the response tokens plus the end token, as the model sees them in the conversation.
+            assert examples[b].response_ids[kind] == expected_ids, (family, record.id, kind)
+            assert expected_ids[-1] == end_id
+            assert float(ours[k][b]) == pytest.approx(expected, rel=1e-5, abs=1e-5), (family, record.id, kind)
+
+
+@pytest.mark.parametrize("family", TRAINABLE)
+def test_blind_prompt_holds_no_image(family, replica, image_root):
+    from bpo.data.chat import load_chat
+    from bpo.data.encode import encode_prompt
+
+    chat = load_chat(replica(family))
+    image_id = chat.tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[family])
+    record = records()[0]
+    ids, images, fields = encode_prompt(record, chat.processor, image_root, with_image=False)
+    assert image_id not in ids and images == {}
+    for values in fields.values():  # per-token type fields mark no token as an image token
+        assert set(values) == {values[0]}
+    seen_ids, seen_images, _ = encode_prompt(record, chat.processor, image_root, with_image=True)
+    assert image_id in seen_ids and seen_images  # the same record with its image does carry it
+    assert "the person in the image" in chat.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("family", TRAINABLE)
+def test_generation_stops_at_the_end_of_turn(family, replica):
+    from bpo.data.chat import load_chat
+
+    chat = load_chat(replica(family))
+    end = chat.tokenizer.convert_tokens_to_ids(END_MARKERS[family] or "</s>")
+    assert chat.response_end_id == end and end in chat.stop_ids
+    assert chat.tokenizer.eos_token_id in chat.stop_ids
+    assert (chat.end_of_turn_id is None) == (family == "llava15")
+
+
+# The connector of each family, by module; everything under the image encoder and the language model is theirs.
+CONNECTORS = {"llava15": ["model.multi_modal_projector"],
+              "llava_next": ["model.image_newline", "model.multi_modal_projector"],
+              "llava_onevision": ["model.image_newline", "model.multi_modal_projector"],
+              "qwen2_vl": ["model.visual.merger"], "qwen2_5_vl": ["model.visual.merger"],
+              "idefics3": ["model.connector"], "gemma3": ["model.multi_modal_projector"],
+              "internvl": ["model.multi_modal_projector"]}
+
+
+@pytest.mark.parametrize("family", TRAINABLE)
+def test_freezing_by_what_a_module_is(family, replica):
+    from transformers import AutoModelForImageTextToText
+
+    from bpo.config import ModelConfig
+    from bpo.model import set_trainable
+
+    model = AutoModelForImageTextToText.from_pretrained(replica(family), dtype=torch.float32)
+    parts = set_trainable(model, ModelConfig())  # the paper's defaults: image encoder frozen
+    assert sorted(parts["connector"][2]) == CONNECTORS[family]
+    assert parts["vision_encoder"][0] is False and parts["connector"][0] and parts["language_model"][0]
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    vision_module = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "idefics3": "model.vision_model."}
+    prefix = vision_module.get(family, "model.vision_tower.")
+    assert frozen and all(n.startswith(prefix) and ".merger." not in n for n in frozen)
+    assert sum(p.numel() for n, p in model.named_parameters() if n in frozen) == parts["vision_encoder"][1]
