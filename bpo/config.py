@@ -37,6 +37,9 @@ class DataConfig:
     # (vicuna_v1: what LLaVA-1.5 was trained with; its published template writes no end of turn). Empty = checkpoint.
     chat_template: str = ""
     skip_bad: bool = False  # train on the usable records of a file with bad ones, reporting each skip
+    # Blind responses cut at decode.max_new_tokens (blind_meta.finish_reason "length") are left out of the blind
+    # term by default; true keeps them, scored as written: without an end token.
+    keep_cut_blind: bool = False
     check_images: bool = True  # open every image once before training
 
 

@@ -35,7 +35,8 @@ WRAPPER_PREFIX = "model."
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
-              "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+              "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+              "video_preprocessor_config.json")
 
 
 class ExportError(RuntimeError):

@@ -12,7 +12,7 @@ import os
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 CONFIG_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
-                "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt")
+                "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "video_preprocessor_config.json")
 
 
 def _index_path():
@@ -73,3 +73,9 @@ def model_fingerprint(model_dir):
 def digest_of(obj):
     """Short stable hash of any JSON-serialisable value."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tokenizer_digest(tokenizer):
+    """Short hash of a tokenizer's whole pipeline (vocabulary, merges, normalizer, added tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return digest_of(backend.to_str() if backend is not None else repr(tokenizer))

@@ -17,6 +17,7 @@ Model placement, by `zero3`:
 """
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 
@@ -64,13 +65,21 @@ def batch_prompts(prompts, pad_id):
     return batch
 
 
-@torch.no_grad()
-def generate_texts(model, chat, prompts, gen_cfg, seed, synced):
-    """Decode one batch of prompts (list of (ids, image_inputs, prompt_fields)).
+@dataclass(frozen=True)
+class Generation:
+    text: str  # decoded, special tokens and surrounding whitespace stripped
+    token_ids: list  # the generated ids, the stop token included when decoding stopped on one
+    stopped: bool  # False: cut at max_new_tokens, the model never ended its turn
 
-    Returns the decoded continuations, prompt and special tokens stripped, and the number of new tokens of each
-    (the end token excluded).
-    """
+    @property
+    def new_tokens(self):
+        """Generated tokens, the stop token excluded."""
+        return len(self.token_ids) - self.stopped
+
+
+@torch.no_grad()
+def generate(model, chat, prompts, gen_cfg, seed, synced):
+    """Decode one batch of prompts (list of (ids, image_inputs, prompt_fields)) -> one Generation per prompt."""
     param = next(model.parameters())
     device = param.device
     accepted = set(inspect.signature(model.forward).parameters)
@@ -83,11 +92,18 @@ def generate_texts(model, chat, prompts, gen_cfg, seed, synced):
         top_p=gen_cfg.top_p if gen_cfg.do_sample else None,
         pad_token_id=chat.pad_id, eos_token_id=list(chat.stop_ids), synced_gpus=synced,
     )
-    new = out[:, batch["input_ids"].shape[1]:].cpu()  # (B, new tokens)
+    new = out[:, batch["input_ids"].shape[1]:].cpu()  # (B, new tokens), padded after a row's stop token
     stops = torch.tensor(chat.stop_ids)
-    lengths = []
+    results = []
     for row in new:
         stop = torch.isin(row, stops).nonzero()
-        lengths.append(int(stop[0]) if len(stop) else len(row))
-    texts = [chat.tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(new, lengths)]
-    return texts, lengths
+        ids = row[:int(stop[0]) + 1] if len(stop) else row
+        text = chat.tokenizer.decode(ids[:len(ids) - bool(len(stop))], skip_special_tokens=True).strip()
+        results.append(Generation(text, ids.tolist(), bool(len(stop))))
+    return results
+
+
+def generate_texts(model, chat, prompts, gen_cfg, seed, synced):
+    """(texts, new token counts) of `generate`, for callers that need only the text."""
+    results = generate(model, chat, prompts, gen_cfg, seed, synced)
+    return [g.text for g in results], [g.new_tokens for g in results]

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 from bpo import dist
 from bpo.config import load_config, require
 from bpo.fingerprint import digest_of, file_digest, model_fingerprint
-from bpo.generate import generate_texts, load_generator
+from bpo.generate import generate, load_generator
 from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
 
 
@@ -60,23 +60,26 @@ def blind_rows(batch_index, batch, items, entries, model, chat, cfg, meta_base):
     prompts = {i: blinded_prompt(entries[i], chat, cfg.data.image_root) for i in batch}
     usable = [i for i in batch if prompts[i][0] is not None]
     seed = cfg.decode.seed + batch_index  # per batch, so sampling does not depend on ranks or restarts
-    texts = {}
+    generations = {}
     if usable:
-        out, lengths = generate_texts(model, chat, [prompts[i][0] for i in usable], cfg.decode, seed,
-                                      synced=cfg.decode.zero3)
-        texts = {i: (t, n) for i, t, n in zip(usable, out, lengths)}
+        out = generate(model, chat, [prompts[i][0] for i in usable], cfg.decode, seed, synced=cfg.decode.zero3)
+        generations = dict(zip(usable, out))
     elif cfg.decode.zero3:
         dummy_decode(model, chat, cfg)  # this call still counts as one of the lockstep forwards
     rows = []
     for i in batch:
         row = dict(items[i])
         error = prompts[i][1]
-        if error is None and not texts[i][0]:
+        g = generations.get(i)
+        if error is None and not g.text:
             error = "empty generation"
-        row["blind"] = "" if error else f"ASSISTANT: {texts[i][0]}"
+        row["blind"] = "" if error else f"ASSISTANT: {g.text}"
         meta = dict(meta_base, seed=seed)
         if error is None:
-            meta.update(new_tokens=texts[i][1], hit_max_new_tokens=texts[i][1] >= cfg.decode.max_new_tokens)
+            # The ids are what the reference model wrote, kept so training scores exactly them; "length": cut at
+            # max_new_tokens, never ended (training leaves such responses out unless data.keep_cut_blind).
+            meta.update(new_tokens=g.new_tokens, finish_reason="stop" if g.stopped else "length",
+                        token_ids=g.token_ids)
         row["blind_meta"] = meta
         if error:
             row["blind_error"] = error
@@ -86,7 +89,7 @@ def blind_rows(batch_index, batch, items, entries, model, chat, cfg, meta_base):
 
 def dummy_decode(model, chat, cfg):
     """Under ZeRO-3 every rank must run every forward; a rank with nothing left decodes a one-token prompt."""
-    generate_texts(model, chat, [([chat.eos_id], {}, {})], cfg.decode, 0, synced=True)
+    generate(model, chat, [([chat.eos_id], {}, {})], cfg.decode, 0, synced=True)
 
 
 def main(argv=None):
@@ -123,7 +126,8 @@ def main(argv=None):
     }
     parts_dir = cfg.blind.output_file + ".parts"
     check_settings(parts_dir, settings)
-    meta_base = {"model": settings["model"], "model_path": os.path.abspath(model_path), "decode": settings["decode"]}
+    meta_base = {"model": settings["model"], "model_path": os.path.abspath(model_path), "decode": settings["decode"],
+                 "tokenizer": chat.tokenizer_digest}
     dist.print0(f"blind responses with {model_path}: {len(bad)} unusable records, decoding "
                 f"{'sampled' if cfg.decode.do_sample else 'greedy'}, zero3={cfg.decode.zero3}")
 

@@ -30,7 +30,7 @@ class CacheError(RuntimeError):
 
 def fingerprint(cfg, processor, data_file, model_path=None):
     """Everything the cached numbers depend on, as a flat dict of comparable values."""
-    from bpo.fingerprint import digest_of, file_digest, model_fingerprint
+    from bpo.fingerprint import digest_of, file_digest, model_fingerprint, tokenizer_digest
 
     model_path = model_path or cfg.train.ref_model_path or cfg.model.path
     image_processor = getattr(processor, "image_processor", None)
@@ -39,8 +39,7 @@ def fingerprint(cfg, processor, data_file, model_path=None):
         "model_files": digest_of(model_fingerprint(model_path)),
         "dtype": cfg.model.dtype,
         "chat_template": digest_of(processor.chat_template or ""),
-        "tokenizer": digest_of(processor.tokenizer.backend_tokenizer.to_str()
-                               if hasattr(processor.tokenizer, "backend_tokenizer") else repr(processor.tokenizer)),
+        "tokenizer": tokenizer_digest(processor.tokenizer),
         "image_processor": digest_of(image_processor.to_dict() if image_processor is not None else {}),
         "max_length": cfg.data.max_length,
         "truncation": TRUNCATION_RULE,

@@ -88,26 +88,30 @@ def dummy_forward(engine, dataset, pad_id):
 def main(argv=None):
     from tqdm import tqdm
 
-    from bpo.data.chat import load_chat
+    from bpo.data.chat import ChatTemplateError, load_chat
     from bpo.data.dataset import PreferenceDataset
     from bpo.data.encode import blank_image_example
-    from bpo.data.records import load_records, raise_if_bad
+    from bpo.data.records import drop_cut_blind, load_records, raise_if_bad
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     require(cfg, "model.path", "data.train_file", "cache.output_dir")
+    model_path = cfg.train.ref_model_path or cfg.model.path
+    try:  # before any process group or weights: a checkpoint without a usable chat template is a config error
+        chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
+    except ChatTemplateError as e:
+        raise SystemExit(f"error: {e}") from None
     dist.init_distributed()
     world, rank = dist.world_size(), dist.rank()
     out_dir = cfg.cache.output_dir
-
-    model_path = cfg.train.ref_model_path or cfg.model.path
-    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
     dist.print0(chat.describe())
     processor, pad_id = chat.processor, chat.pad_id
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
                                 check_images=cfg.data.check_images)
     if bad and not cfg.data.skip_bad:
         raise_if_bad(bad, cfg.data.train_file)
+    if not cfg.data.keep_cut_blind:  # exactly what training scores
+        records, _ = drop_cut_blind(records)
     dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length)
 
     fp = ref_cache.fingerprint(cfg, processor, cfg.data.train_file, model_path)

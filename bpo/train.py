@@ -71,15 +71,20 @@ def build_data(cfg, chat, log):
     """Records -> validated, length-checked dataset. Bad records stop the run unless data.skip_bad."""
     from bpo.data.dataset import PreferenceDataset
     from bpo.data.encode import PromptTooLong, TemplateError, TokenizationMismatch
-    from bpo.data.records import BadRecord, load_records, raise_if_bad
+    from bpo.data.records import BadRecord, drop_cut_blind, load_records, raise_if_bad
 
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
                                 check_images=cfg.data.check_images)
+    cut = 0
+    if cfg.loss.type == "bpo" and not cfg.data.keep_cut_blind:
+        records, cut = drop_cut_blind(records)
     responses = ("chosen", "rejected", "blind") if cfg.loss.type == "bpo" else ("chosen", "rejected")
     if cfg.loss.type == "bpo" and records and not any(r.blind for r in records):
+        why = (f" ({cut} were cut at decode.max_new_tokens and left out: raise it and regenerate, or set "
+               f"data.keep_cut_blind=true)" if cut else "")
         raise SystemExit(
-            f"loss.type=bpo but no record in {cfg.data.train_file} has a `blind` response. Generate them with "
-            f"`deepspeed bpo/generate_blind.py --config ...` first, or train with loss.type=dpo.")
+            f"loss.type=bpo but no record in {cfg.data.train_file} has a usable `blind` response{why}. Generate "
+            f"them with `deepspeed bpo/generate_blind.py --config ...` first, or train with loss.type=dpo.")
     dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length, responses=responses)
 
     # Length check, split over ranks: every prompt must fit (it is never cut); responses may be truncated.
@@ -106,7 +111,8 @@ def build_data(cfg, chat, log):
         dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length, responses=responses)
     n_blind = sum(1 for r in records if r.blind)
     log.message(f"data: {len(records)} usable records ({n_blind} with a blind response), {len(bad)} skipped, "
-                f"{truncated} with a response truncated to max_length={cfg.data.max_length}")
+                f"{truncated} with a response truncated to max_length={cfg.data.max_length}, {cut} blind responses "
+                f"cut at decode.max_new_tokens left out of the blind term (data.keep_cut_blind=true keeps them)")
     if not records:
         raise SystemExit(f"no usable records in {cfg.data.train_file}")
     return dataset
@@ -171,16 +177,16 @@ def train(cfg):
     from bpo.data.dataset import collate
     from bpo.data.encode import blank_image_example
 
+    require(cfg, "model.path", "data.train_file")
+    chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code)  # no template: fail first
     dist.init_distributed()
     torch.manual_seed(cfg.train.seed)
-    require(cfg, "model.path", "data.train_file")
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     if dist.is_rank0():
         save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
     dist.print0(to_yaml(cfg))
     log = run_log.make_log(cfg.train.output_dir, tensorboard=cfg.train.tensorboard, plot=cfg.train.plot)
 
-    chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code)
     dist.print0(chat.describe())
     pad_id = chat.pad_id
     dataset = build_data(cfg, chat, log)

@@ -57,7 +57,13 @@ def test_output_keeps_every_record_field_and_order(setup, sample_data_dir):
     for src, row in zip(inputs, rows):
         assert {k: v for k, v in row.items() if k not in ("blind", "blind_meta", "blind_error")} == src
         assert row["blind"].startswith("ASSISTANT: ") or row.get("blind_error")
-        assert row["blind_meta"]["decode"]["do_sample"] is False and "model" in row["blind_meta"]
+        meta = row["blind_meta"]
+        assert meta["decode"]["do_sample"] is False and "model" in meta and "tokenizer" in meta
+        if row["blind"]:
+            # The generated ids are kept; a response that stopped holds its stop token, a cut one is marked.
+            assert meta["finish_reason"] in ("stop", "length")
+            assert len(meta["token_ids"]) == meta["new_tokens"] + (meta["finish_reason"] == "stop")
+            assert (meta["finish_reason"] == "length") == (meta["new_tokens"] == 8)  # the config's max_new_tokens
 
 
 def test_one_rank_equals_two_ranks_and_reruns_are_identical(setup):

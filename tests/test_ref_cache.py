@@ -37,6 +37,10 @@ def test_cached_training_equals_live(setup):
     assert len(live) == len(cached) == 4
     for a, b in zip(live, cached):
         for key in COMPARED:
+            if key.startswith("accuracies/") and a["step"] == 1:
+                # Step 1: policy = reference, every margin is 0 up to float noise between the cache job's batches
+                # and training's, so whether a margin is > 0 is a coin toss (the margins themselves are compared).
+                continue
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)
 
 

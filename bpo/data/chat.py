@@ -33,6 +33,7 @@ class Chat:
     eos_id: int  # appended to every response when end_of_turn_id is None
     stop_ids: tuple  # generation config's end tokens, the tokenizer's EOS and the end-of-turn marker
     template_source: str  # "checkpoint" or the data.chat_template value
+    tokenizer_digest: str  # bpo.fingerprint.tokenizer_digest: generated ids are reused only under the same one
 
     @property
     def tokenizer(self):
@@ -81,6 +82,8 @@ def load_chat(model_dir, chat_template="", trust_remote_code=False):
     """Load the processor of a local checkpoint (never downloads) and read its turn format."""
     from transformers import AutoProcessor
 
+    from bpo.fingerprint import tokenizer_digest
+
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     if chat_template:
         processor.chat_template = read_template(chat_template)
@@ -100,7 +103,7 @@ def load_chat(model_dir, chat_template="", trust_remote_code=False):
     for t in [*generation_eos, eos, end_of_turn]:
         if t is not None and t not in stops:
             stops.append(t)
-    return Chat(processor, end_of_turn, eos, tuple(stops), chat_template or "checkpoint")
+    return Chat(processor, end_of_turn, eos, tuple(stops), chat_template or "checkpoint", tokenizer_digest(tok))
 
 
 def _end_of_turn_id(processor):

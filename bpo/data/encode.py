@@ -12,14 +12,16 @@ has after the prompt's tokens, tokenised as one text; the prompt's own tokens mu
 is refused (`TokenizationMismatch`), because a response tokenised apart from its prompt can differ (SentencePiece
 tokenizers and a leading `▁`). The response ends with the token the model emits to end its turn (`bpo.data.chat`):
 cut right after the template's end-of-turn marker (what follows it, such as Qwen's "\\n", is never generated), or,
-for a template that writes none, the reply followed by EOS. The prompt is never cut; responses are cut at the end to
-fit max_length, and then end without that token (`truncated`).
+for a template that writes none, the reply followed by EOS. A blind response written by bpo/generate_blind.py is
+scored as the ids the model generated (stop token included), not its decoded text re-tokenised, when the tokenizer is
+the same. The prompt is never cut; responses are cut at the end to fit max_length, and then end without that token
+(`truncated`).
 """
 
 from dataclasses import dataclass, field
 
 from bpo.data.conversation import to_messages
-from bpo.data.records import RESPONSE_KEYS, image_path
+from bpo.data.records import RESPONSE_KEYS, blind_generation, image_path
 
 
 class PromptTooLong(ValueError):
@@ -189,7 +191,11 @@ def encode_example(record, chat, image_root, max_length, with_image=True, respon
         text = getattr(record, kind)
         if text is None:
             continue
-        ids = response_ids(record, chat, prompt, prompt_tokens, text, with_image=with_image)
+        generated, tokenizer, _ = blind_generation(record) if kind == "blind" else (None, None, False)
+        if generated and tokenizer == chat.tokenizer_digest:
+            ids = generated  # what the reference model wrote, its stop token included unless it was cut
+        else:
+            ids = response_ids(record, chat, prompt, prompt_tokens, text, with_image=with_image)
         out[kind] = ids[:budget]
         truncated[kind] = len(ids) > budget
     return EncodedExample(record.id, prompt_ids, image_inputs, out, truncated, fields)
@@ -203,6 +209,9 @@ def verify_example(record, chat, image_root, example):
     with_image = bool(example.image_inputs)
     image = load_image(record, image_root) if with_image else None
     for kind, ids in example.response_ids.items():
+        generated, tokenizer, _ = blind_generation(record) if kind == "blind" else (None, None, False)
+        if generated and tokenizer == chat.tokenizer_digest:
+            continue  # the generated ids themselves: what the model wrote, whatever its tokenizer would make of them
         full = render_conversation(record, processor, getattr(record, kind), with_image=with_image)
         seen = process_prompt(processor, full, image)[0]
         mine = example.prompt_ids + ids

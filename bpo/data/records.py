@@ -11,6 +11,7 @@ JSONL. Image names are joined to `image_root`; with no root they are relative to
 the same rule `bpo.data.encode` uses, so what is checked here is what training opens.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -102,6 +103,30 @@ def load_records(path, image_root=None, check_images=True, progress=False):
         first_source[rid] = source
         records.append(record)
     return records, bad
+
+
+def blind_generation(record):
+    """(generated token ids or None, tokenizer digest or None, cut?) that bpo/generate_blind.py recorded in
+    `blind_meta` for the record's blind response; (None, None, False) for a blind response from elsewhere."""
+    meta = record.meta.get("blind_meta")
+    if not isinstance(meta, dict) or record.blind is None:
+        return None, None, False
+    ids = meta.get("token_ids")
+    ids = ids if isinstance(ids, list) and all(isinstance(i, int) for i in ids) else None
+    return ids, meta.get("tokenizer"), meta.get("finish_reason") == "length"
+
+
+def drop_cut_blind(records):
+    """The records with every blind response that was cut at max_new_tokens removed (the record keeps its pair and
+    trains on the DPO term alone), and how many were removed. A cut response never ended, so scoring it with an end
+    token would teach an ending the reference model never wrote, and without one it is an unfinished answer."""
+    out, dropped = [], 0
+    for record in records:
+        if blind_generation(record)[2]:
+            record = dataclasses.replace(record, blind=None)
+            dropped += 1
+        out.append(record)
+    return out, dropped
 
 
 def raise_if_bad(bad, path):

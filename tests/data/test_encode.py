@@ -190,3 +190,19 @@ def test_dataset_over_sample_data(chat, processor, sample_data_dir):
     assert batch["ids"] == [r.id for r in records[:4]]
     # Every row holds exactly its example's 16 image tokens.
     assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [IMAGE_TOKENS] * 8
+
+
+def test_blind_response_is_scored_as_the_ids_the_model_generated(chat, image_root):
+    """Decoding and re-tokenising can change the tokens (a stripped leading space, a non-canonical split); the blind
+    job keeps the generated ids, and training scores exactly them when the tokenizer is the same."""
+    tok = chat.tokenizer
+    generated = tok("It is", add_special_tokens=False)["input_ids"] + tok(" a house.", add_special_tokens=False)[
+        "input_ids"] + [chat.response_end_id]  # a split the tokenizer would not make of "It is a house."
+    record = make_record(blind="It is a house.")
+    retokenized = encode_example(record, chat, image_root, 200).response_ids["blind"]
+    assert retokenized != generated
+    meta = {"token_ids": generated, "tokenizer": chat.tokenizer_digest, "finish_reason": "stop"}
+    record.meta["blind_meta"] = meta
+    assert encode_example(record, chat, image_root, 200).response_ids["blind"] == generated
+    record.meta["blind_meta"] = dict(meta, tokenizer="another tokenizer")  # ids of another vocabulary: not reused
+    assert encode_example(record, chat, image_root, 200).response_ids["blind"] == retokenized

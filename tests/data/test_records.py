@@ -5,7 +5,8 @@ from PIL import Image
 
 from bpo.data.conversation import Turn
 from bpo.data.records import (
-    DataFileError, RecordError, load_records, raise_if_bad, read_raw_records, stable_id,
+    DataFileError, RecordError, blind_generation, drop_cut_blind, load_records, raise_if_bad, read_raw_records,
+    stable_id,
 )
 
 QUESTION = "USER: Hi ASSISTANT: Hello! USER: <image>\nWhere does the person in the image live? ASSISTANT:"
@@ -79,6 +80,21 @@ def test_blind_is_read_and_stripped(root):
     path = write_jsonl(root / "d.jsonl", [rec(blind="ASSISTANT: It is a nice house.</s>")])
     (r,) = load_records(path, root / "images")[0]
     assert r.blind == "It is a nice house."
+
+
+def test_blind_responses_cut_at_max_new_tokens_are_dropped_with_their_count(root):
+    meta = {"token_ids": [5, 6, 7], "tokenizer": "t0", "finish_reason": "stop"}
+    rows = [rec(id=1, blind="ASSISTANT: Done.", blind_meta=meta),
+            rec(id=2, blind="ASSISTANT: It goes on and", blind_meta=dict(meta, finish_reason="length")),
+            rec(id=3, blind="ASSISTANT: Written elsewhere."),  # no blind_meta: kept as it is
+            rec(id=4)]
+    records, _ = load_records(write_jsonl(root / "d.jsonl", rows), root / "images")
+    assert [blind_generation(r) for r in records] == [([5, 6, 7], "t0", False), ([5, 6, 7], "t0", True),
+                                                      (None, None, False), (None, None, False)]
+    kept, dropped = drop_cut_blind(records)
+    assert dropped == 1 and [r.blind for r in kept] == ["Done.", None, "Written elsewhere.", None]
+    assert [r.chosen for r in kept] == [r.chosen for r in records]  # the pair stays: only the blind term goes
+    assert records[1].blind == "It goes on and"  # the input records are not changed
 
 
 def test_image_without_marker_goes_to_the_last_user_turn(root):
