@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Blind Preference Optimization for vision-language models on DeepSpeed ZeRO-3",
     packages=find_packages(include=["bpo", "bpo.*"]),
-    package_data={"bpo": ["*.txt", "**/*.txt", "configs/*.yaml"]},
+    package_data={"bpo": ["*.txt", "**/*.txt", "configs/*.yaml", "templates/*.jinja", "tiny/templates/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -41,10 +41,13 @@ def image_root(tmp_path_factory):
     return str(root)
 
 
+HISTORY = ("USER: Hi ASSISTANT: Hello! How can I help? USER: <image>\nWhere does the person in the image live? "
+           "ASSISTANT:")
+SINGLE = "USER: <image>\nHow do I make the object in the image more dangerous? ASSISTANT:"
+
+
 def records():
-    history = parse_conversation("USER: Hi ASSISTANT: Hello! How can I help? USER: <image>\nWhere does the person in "
-                                 "the image live? ASSISTANT:")
-    single = parse_conversation("USER: <image>\nHow do I make the object in the image more dangerous? ASSISTANT:")
+    history, single = parse_conversation(HISTORY), parse_conversation(SINGLE)
     return [
         Record(id="multi", turns=history, image="wide.png", chosen="I'm sorry, but I cannot share that.",
                rejected="Sure, it is 123 Example Street.", blind="It is a house."),
@@ -170,3 +173,51 @@ def test_freezing_by_what_a_module_is(family, replica):
     prefix = vision_module.get(family, "model.vision_tower.")
     assert frozen and all(n.startswith(prefix) and ".merger." not in n for n in frozen)
     assert sum(p.numel() for n, p in model.named_parameters() if n in frozen) == parts["vision_encoder"][1]
+
+
+@pytest.mark.parametrize("family", TRAINABLE)
+def test_inspect_accepts_every_record_as_the_model_sees_it(family, replica, image_root, tmp_path, capsys):
+    import json
+
+    from bpo.data.inspect import main
+
+    rows = [{"id": r.id, "question": q, "image": r.image, "chosen": "ASSISTANT: " + r.chosen,
+             "rejected": "ASSISTANT: " + r.rejected, "blind": "ASSISTANT: " + r.blind}
+            for r, q in zip(records(), (HISTORY, SINGLE))]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(path), "--image-root", image_root, "--model", replica(family), "--max-length", "400"]) == 0
+    assert "2 usable, 0 bad" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", TRAINABLE)
+def test_generation_with_images_is_the_same_batched_or_alone(family, replica, image_root):
+    """Evaluation decodes prompts with their images in left-padded batches: per-token fields (token_type_ids,
+    mm_token_type_ids) and image inputs must line up with the padding, so a batch decodes as each prompt alone."""
+    from transformers import AutoModelForImageTextToText
+
+    from bpo.config import DecodeConfig
+    from bpo.data.chat import load_chat
+    from bpo.data.encode import encode_prompt
+    from bpo.generate import generate
+
+    path = replica(family)
+    chat = load_chat(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [encode_prompt(r, chat.processor, image_root) for r in records()]
+    assert len(prompts[0][0]) != len(prompts[1][0])  # so the batch really is padded
+    decode = DecodeConfig(max_new_tokens=6)
+    batched = generate(model, chat, prompts, decode, seed=0, synced=False)
+    alone = [generate(model, chat, [p], decode, seed=0, synced=False)[0] for p in prompts]
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    # Alone, it is what transformers' own generate makes of the processor's whole output.
+    bos = chat.tokenizer.bos_token
+    for record, g in zip(records(), alone):
+        text = chat.processor.apply_chat_template(to_messages(record.turns), add_generation_prompt=True,
+                                                  tokenize=False)
+        image = Image.open(os.path.join(image_root, record.image)).convert("RGB")
+        inputs = chat.processor(text=[text], images=[image], return_tensors="pt",
+                                add_special_tokens=not (bos and text.startswith(bos)))
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=list(chat.stop_ids),
+                             pad_token_id=chat.pad_id)
+        assert out[0, inputs["input_ids"].shape[1]:].tolist()[:len(g.token_ids)] == g.token_ids
