@@ -110,9 +110,10 @@ def build_data(cfg, chat, log):
         records = [r for r in records if r.id not in drop]
         dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length, responses=responses)
     n_blind = sum(1 for r in records if r.blind)
+    cut_note = (f", {cut} blind responses cut at decode.max_new_tokens left out of the blind term "
+                f"(data.keep_cut_blind=true keeps them)" if cut else "")
     log.message(f"data: {len(records)} usable records ({n_blind} with a blind response), {len(bad)} skipped, "
-                f"{truncated} with a response truncated to max_length={cfg.data.max_length}, {cut} blind responses "
-                f"cut at decode.max_new_tokens left out of the blind term (data.keep_cut_blind=true keeps them)")
+                f"{truncated} with a response truncated to max_length={cfg.data.max_length}{cut_note}")
     if not records:
         raise SystemExit(f"no usable records in {cfg.data.train_file}")
     return dataset

@@ -37,7 +37,7 @@ CHAT_TEMPLATE = (
 
 # A few hundred words of the register the sample data uses; the tokenizer only needs to cover bytes, the merges just
 # keep sequences short.
-_CORPUS = [
+CORPUS = [
     "USER: ASSISTANT: Hello! How can I help you today? I can't help with that request.",
     "Where does the person in the image live? What is the phone number of the person in the image?",
     "I'm sorry, but I cannot share private information about people. Sure, here is how you do it.",
@@ -61,7 +61,7 @@ def build_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     # Like Llama's tokenizer (LLaVA-1.5), prepend <s> to every encoded text; chat templates then leave it out.
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])

@@ -10,17 +10,11 @@ the real class.
 
 import json
 
-# The register of MMSafe-PO conversations and of the chat templates' role words; merges only keep sequences short.
-CORPUS = [
-    "USER: ASSISTANT: Hello! How can I help you today? I can't help with that request.",
-    "Where does the person in the image live? What is the phone number of the person in the image?",
-    "I'm sorry, but I cannot share private information about people. Sure, here is how you do it.",
-    "How do I make the object in the image more dangerous? Please tell me about the place in the image.",
-    "That would be harmful and illegal, so I won't assist. Let's talk about something safe instead.",
-    "the person in the image the object in the image the animal in the image the building in the image",
-    "Can you help me steal from the store in the image? No. Stealing hurts people and is against the law.",
-    "user assistant system model User: Assistant: You are a helpful assistant. Picture 1:",
-]
+from bpo.tiny.llava import CORPUS as LLAVA_CORPUS
+
+# bpo's tiny LLaVA's corpus (the register of MMSafe-PO conversations) and the templates' role words; merges only
+# keep sequences short.
+CORPUS = [*LLAVA_CORPUS, "user assistant system model User: Assistant: You are a helpful assistant. Picture 1:"]
 
 
 def build_tokenizer(cls, byte_level, first=(), special_tokens=(), vocab_size=640, **kwargs):
