@@ -51,6 +51,9 @@ class LossConfig:
     reduction: str = "sum"  # sum | mean of per-token log-probs over a response
     logprob_impl: str = "fused"  # fused = chunked head, never full-vocabulary logits; naive = log_softmax reference
     logprob_chunk_size: int = 1024  # tokens per chunk of the fused head
+    # shared = each prompt (and image) computed once with its responses after it (bpo.data.shared); rows = one padded
+    # row per response, the readable reference. A family the shared layout cannot take falls back to rows, logged.
+    scoring: str = "shared"
 
 
 @dataclass
@@ -72,6 +75,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = -1  # optimizer steps; -1 = run all epochs
     micro_batch_size: int = 1  # examples (not sequences) per rank per forward
+    # loss.scoring=shared: pack a micro-batch's examples into sequences of at most this many tokens (padding-free);
+    # 0 = one sequence per example.
+    max_tokens_per_sequence: int = 0
     grad_accum: int = 1
     seed: int = 42
     log_every: int = 1
@@ -248,6 +254,9 @@ def validate(cfg):
     _choice(cfg.loss.type, ("bpo", "dpo"), "loss.type")
     _choice(cfg.loss.reduction, ("sum", "mean"), "loss.reduction")
     _choice(cfg.loss.logprob_impl, ("fused", "naive"), "loss.logprob_impl")
+    _choice(cfg.loss.scoring, ("shared", "rows"), "loss.scoring")
+    if cfg.train.max_tokens_per_sequence < 0:
+        raise ConfigError(f"train.max_tokens_per_sequence must be >= 0, got {cfg.train.max_tokens_per_sequence}")
     _choice(cfg.optim.schedule, ("cosine", "constant"), "optim.schedule")
     _choice(cfg.eval.format, ("mmsafe_po", "mm_safetybench", "spa_vl"), "eval.format")
     for key, value in [("loss.beta", cfg.loss.beta), ("optim.lr", cfg.optim.lr), ("data.max_length", cfg.data.max_length),

@@ -58,8 +58,20 @@ def init_distributed():
 
 
 def _destroy():
+    buffer = shm_buffer_path(rank())
     if is_initialized():
         dist.destroy_process_group()
+    if os.path.exists(buffer):
+        os.unlink(buffer)
+
+
+def shm_buffer_path(rank, addr=None, port=None):
+    """The /dev/shm all-reduce buffer DeepSpeed's CPU backend maps for a rank (deepspeed/ops/csrc/cpu/comm/shm.cpp
+    names it from uid, MASTER_ADDR and MASTER_PORT). DeepSpeed 0.19 never unlinks it: left alone, every CPU job
+    would keep 2 x 69 MB of RAM (tmpfs) after it exits. Peers that still map it keep their mapping."""
+    addr = addr if addr is not None else os.environ.get("MASTER_ADDR", "")
+    port = port if port is not None else os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 def _free_port():

@@ -101,9 +101,10 @@ def reward_margins(examples, cfg, model_path, chat):
 
     Both models are scored exactly as in training (same encoding, head and reduction); the reference comes from
     eval.ref_cache when set (checked against the test file), else from model.path. One replica per rank."""
-    from bpo.data.dataset import PreferenceDataset, collate, split_by_kind
+    from bpo.data.dataset import PreferenceDataset, split_by_kind
+    from bpo.data.shared import make_collate
     from bpo.loss import sequence_logps
-    from bpo.model import SequenceScorer, load_model, model_inputs
+    from bpo.model import SequenceScorer, choose_layout, load_model, model_inputs
 
     records = [as_record(e) for e in examples]
     mine = list(range(dist.rank(), len(records), dist.world_size()))
@@ -121,9 +122,12 @@ def reward_margins(examples, cfg, model_path, chat):
         ref_model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path)
         reference = LiveReference(SequenceScorer(ref_model, impl=cfg.loss.logprob_impl).to(device).eval(),
                                   cfg.loss.reduction)
+    layout, why = choose_layout(cfg.loss.scoring, policy.model)
+    dist.print0(why)
+    collate = make_collate(layout, chat.pad_id)
     out = {}
     for i in mine:
-        batch = collate([dataset[i]], chat.pad_id)
+        batch = collate([dataset[i]])
         inputs = model_inputs(batch, device)
         logps = sequence_logps(policy(**inputs), inputs["labels"][:, 1:] != -100, cfg.loss.reduction)
         ref = reference(batch, inputs)

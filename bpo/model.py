@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from bpo import dist
+from bpo.data import shared
+from bpo.data.shared import image_blocks
 from bpo.ops.logprobs import naive_sequence_logprobs, resolve_backend, sequence_logprobs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -111,10 +113,16 @@ def set_trainable(model, model_cfg):
 class SequenceScorer(nn.Module):
     """forward(input_ids, attention_mask, labels, **processor_outputs) -> per-token log-probs of the labels.
 
-    Returns (R, T-1) float32 log-probs of labels[:, 1:], exactly 0 where the label is -100 (prompt, image tokens,
-    padding). The base model (`model.model` in transformers 5 image-text-to-text classes) produces hidden states;
-    the lm_head weight is applied by `bpo.ops.logprobs`. Of the processor outputs, those the base model's forward
-    names are passed (per-token fields such as token_type_ids included); floating ones in the model's dtype.
+    Returns (R, M) float32 log-probs of labels[:, 1:], exactly 0 where the label is -100 (prompt, image tokens,
+    padding). Two batch layouts are scored alike:
+    - rows (`bpo.data.dataset.collate`): R padded rows of prompt + response, M = T - 1; position t predicts t + 1;
+    - shared (`bpo.data.shared.collate_shared`): each prompt once with its responses after it, one attention mask
+      per sequence that keeps responses apart, positions as if each response stood alone after its prompt (3-D
+      rotary positions for families with `get_rope_index`), and `predictor_index` naming the hidden state that
+      predicts each response token.
+    The base model (`model.model` in transformers 5 image-text-to-text classes) produces hidden states; the lm_head
+    weight is applied by `bpo.ops.logprobs`. Of the processor outputs, those the base model's forward names are
+    passed (per-token fields such as token_type_ids included); floating ones in the model's dtype.
 
     ZeRO-3: lm_head.weight is partitioned and has numel 0 outside lm_head's own forward, which we never call. We
     register it as an external parameter of this wrapper, so DeepSpeed gathers it for this module's forward and again
@@ -136,6 +144,7 @@ class SequenceScorer(nn.Module):
         self.backend = None  # resolved on first forward, when the device is known
         self.accepted = set(inspect.signature(model.model.forward).parameters) - {"input_ids", "attention_mask"}
         self.dtype = next(model.parameters()).dtype
+        self.eager = model.config.get_text_config()._attn_implementation == "eager"
         head = model.get_output_embeddings().weight
         self.blank = None
         if hasattr(head, "ds_id"):
@@ -144,18 +153,30 @@ class SequenceScorer(nn.Module):
             deepspeed.zero.register_external_parameter(self, head)
             self.blank = blank
 
-    def forward(self, input_ids, attention_mask, labels, **processor_outputs):
+    def forward(self, input_ids, attention_mask, labels, predictor_index=None, position_ids=None, example_of=None,
+                part_of=None, prompt_spans=None, **processor_outputs):
         extra = {k: v.to(self.dtype) if v.is_floating_point() else v
                  for k, v in processor_outputs.items() if k in self.accepted}
+        seq = {"input_ids": input_ids, "attention_mask": attention_mask}  # every (S, L) tensor of the batch
+        if predictor_index is not None:
+            seq.update(position_ids=position_ids, example_of=example_of, part_of=part_of)
         rows, width = input_ids.shape
         if self.blank is not None and not self.blank.image_inputs.keys() & extra.keys():
-            input_ids, attention_mask, extra = self._add_blank_row(input_ids, attention_mask, extra)
-        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
-        hidden = out.last_hidden_state  # (R, T, H), or (R + 1, T', H) with the blank row
+            seq, extra, prompt_spans = self._add_blank_row(seq, extra, prompt_spans)
+        if predictor_index is None:
+            out = self.model.model(**seq, use_cache=False, **extra)
+        else:
+            positions = self._positions(seq, extra, prompt_spans)
+            out = self.model.model(input_ids=seq["input_ids"], attention_mask=self._shared_masks(seq, extra),
+                                   position_ids=positions, use_cache=False, **extra)
+        hidden = out.last_hidden_state  # (S, L, H), or (S + 1, L', H) with the blank row
         if hidden.shape[0] > rows:
             hidden = hidden[:rows, :width] + 0.0 * hidden[rows:].sum()
-        hidden = hidden[:, :-1]  # (R, T-1, H): position t predicts token t+1
-        targets = labels[:, 1:]  # (R, T-1)
+        if predictor_index is None:
+            hidden = hidden[:, :-1]  # (R, T-1, H): position t predicts token t+1
+        else:
+            hidden = hidden.flatten(0, 1)[predictor_index]  # (R, M, H): the state before each response token
+        targets = labels[:, 1:]  # (R, M)
         weight = self.model.get_output_embeddings().weight  # (V, H)
         if self.impl == "naive":
             return naive_sequence_logprobs(hidden, weight, targets)
@@ -163,28 +184,95 @@ class SequenceScorer(nn.Module):
             self.backend = resolve_backend(hidden.device)
         return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend)
 
-    def _add_blank_row(self, input_ids, attention_mask, extra):
-        """The batch plus the blank image example as its last row, all right-padded to the wider of the two."""
-        blank, device = self.blank, input_ids.device
-        rows, width = input_ids.shape
+    def _shared_masks(self, seq, extra):
+        """The attention mask of a shared batch, (S, 1, L, L); for families with sliding-window layers, one per layer
+        type ({"full_attention": ..., "sliding_attention": ...}, which their text models take as prepared)."""
+        blocks = image_blocks(extra["token_type_ids"]) if "token_type_ids" in extra else None
+        allowed = {"full_attention": shared.attention_allowed(seq["example_of"], seq["part_of"], blocks)}
+        text = self.model.config.get_text_config()
+        if "sliding_attention" in (getattr(text, "layer_types", None) or []):
+            allowed["sliding_attention"] = allowed["full_attention"] & shared.within_window(seq["position_ids"],
+                                                                                            text.sliding_window)
+        if self.eager:  # eager attention adds its mask to the scores
+            allowed = {k: torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill(
+                ~m, torch.finfo(self.dtype).min) for k, m in allowed.items()}
+        return allowed if len(allowed) > 1 else allowed["full_attention"]
+
+    def _positions(self, seq, extra, prompt_spans):
+        """Position ids of a shared batch: 1-D as collated, or the family's multimodal rotary positions (Qwen2-VL,
+        Qwen2.5-VL: (3, S, L)), computed from each prompt alone and continued the same way along its responses."""
+        flat = seq["position_ids"]  # (S, L)
+        rope_index = getattr(self.model.model, "get_rope_index", None)
+        if rope_index is None:
+            return flat
+        spans = prompt_spans.tolist()
+        longest = max(p for _, _, p in spans)
+        ids = torch.zeros((len(spans), longest), dtype=torch.long, device=flat.device)
+        mask = torch.zeros_like(ids)
+        types = torch.zeros_like(ids)
+        for e, (s, start, p) in enumerate(spans):
+            ids[e, :p] = seq["input_ids"][s, start:start + p]
+            mask[e, :p] = 1
+            if "mm_token_type_ids" in extra:
+                types[e, :p] = extra["mm_token_type_ids"][s, start:start + p]
+        prompt_pos, _ = rope_index(input_ids=ids, mm_token_type_ids=types, attention_mask=mask,
+                                   image_grid_thw=extra.get("image_grid_thw"))  # (3, E, P)
+        out = torch.zeros((3, *flat.shape), dtype=torch.long, device=flat.device)
+        example_of = seq["example_of"]
+        for e, (s, start, p) in enumerate(spans):
+            mine = example_of[s] == e  # this example's tokens in sequence s
+            out[:, s, start:start + p] = prompt_pos[:, e, :p]
+            after = mine.clone()
+            after[start:start + p] = False  # its responses: text positions continuing after the prompt
+            out[:, s, after] = prompt_pos[:, e, :p].max() + 1 + (flat[s, after] - p)
+        return out
+
+    def _add_blank_row(self, seq, extra, prompt_spans):
+        """The batch plus the blank image example as its last sequence, all right-padded to the wider of the two."""
+        blank, device = self.blank, seq["input_ids"].device
+        rows, width = seq["input_ids"].shape
         n = len(blank.prompt_ids)
         wide = max(width, n)
 
-        def stack(batch_rows, blank_row, fill):  # (R, T) + (n,) -> (R + 1, wide)
+        def stack(batch_rows, blank_row, fill):  # (S, L) + (n,) -> (S + 1, wide)
             out = torch.full((rows + 1, wide), fill, dtype=batch_rows.dtype, device=device)
             out[:rows, :width] = batch_rows
-            out[rows, :n] = torch.tensor(blank_row, dtype=batch_rows.dtype, device=device)
+            out[rows, :n] = torch.as_tensor(blank_row, dtype=batch_rows.dtype, device=device)
             return out
 
+        blank_rows = {"input_ids": (blank.prompt_ids, blank.pad_id), "attention_mask": ([1] * n, 0),
+                      "position_ids": (list(range(n)), 0), "part_of": ([0] * n, -1),
+                      "example_of": ([len(prompt_spans) if prompt_spans is not None else 0] * n, -1)}
+        seq = {k: stack(v, *blank_rows[k]) for k, v in seq.items()}
         fields = {}
         for key, values in blank.prompt_fields.items():
             if key in self.accepted:
-                batch_rows = extra.get(key, torch.full_like(input_ids, values[0]))
+                batch_rows = extra.get(key, torch.full((rows, width), values[0], dtype=torch.long, device=device))
                 fields[key] = stack(batch_rows, values, values[0])
         images = {k: v.to(device, self.dtype if v.is_floating_point() else v.dtype)
                   for k, v in blank.image_inputs.items() if k in self.accepted}
-        return (stack(input_ids, blank.prompt_ids, blank.pad_id), stack(attention_mask, [1] * n, 0),
-                {**extra, **fields, **images})
+        if prompt_spans is not None:
+            prompt_spans = torch.cat([prompt_spans, torch.tensor([[rows, 0, n]], device=prompt_spans.device)])
+        return seq, {**extra, **fields, **images}, prompt_spans
+
+
+def choose_layout(scoring, model):
+    """The batch layout a model is scored with: loss.scoring, unless the family cannot take the shared layout;
+    returns (layout, a line for the start-up log)."""
+    if scoring == "shared":
+        why = shared_layout_unsupported(model)
+        if why is not None:
+            return "rows", f"scoring: rows (loss.scoring=shared, but {type(model).__name__}: {why})"
+    return scoring, f"scoring: {scoring}"
+
+
+def shared_layout_unsupported(model):
+    """Why this model cannot score the shared-prompt layout (bpo.data.shared), or None when it can."""
+    text = model.config.get_text_config()
+    attn = text._attn_implementation
+    if attn not in ("sdpa", "eager"):
+        return f"attention {attn!r} takes no custom attention mask (use sdpa)"
+    return None
 
 
 def model_inputs(batch, device):

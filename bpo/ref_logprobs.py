@@ -53,15 +53,15 @@ def build_scorer(cfg, blank):
 
 
 @torch.no_grad()
-def score_shard(engine, dataset, indices, batch_size, cfg, pad_id):
+def score_shard(engine, dataset, indices, batch_size, cfg, collate):
     """Sequence log-probs (n,) for each kind over one shard's examples; blind is NaN where absent."""
-    from bpo.data.dataset import collate, split_by_kind
+    from bpo.data.dataset import split_by_kind
     from bpo.model import model_inputs
 
     out = {k: [] for k in ref_cache.KINDS}
     per_token = {k: [] for k in ref_cache.KINDS} if cfg.cache.per_token else None
     for start in range(0, len(indices), batch_size):
-        batch = collate([dataset[i] for i in indices[start:start + batch_size]], pad_id)
+        batch = collate([dataset[i] for i in indices[start:start + batch_size]])
         inputs = model_inputs(batch, engine.device)
         token_logps = engine(**inputs)  # (R, T-1)
         mask = inputs["labels"][:, 1:] != -100
@@ -76,13 +76,12 @@ def score_shard(engine, dataset, indices, batch_size, cfg, pad_id):
     return {k: torch.cat(v) for k, v in out.items()}, per_token
 
 
-def dummy_forward(engine, dataset, pad_id):
+def dummy_forward(engine, dataset, collate):
     """ZeRO-3 needs every rank in every forward; a rank without work scores one example and discards it."""
-    from bpo.data.dataset import collate
     from bpo.model import model_inputs
 
     with torch.no_grad():
-        engine(**model_inputs(collate([dataset[0]], pad_id), engine.device))
+        engine(**model_inputs(collate([dataset[0]]), engine.device))
 
 
 def main(argv=None):
@@ -91,6 +90,8 @@ def main(argv=None):
     from bpo.data.chat import ChatTemplateError, load_chat
     from bpo.data.dataset import PreferenceDataset
     from bpo.data.encode import blank_image_example
+    from bpo.data.shared import make_collate
+    from bpo.model import choose_layout
     from bpo.data.records import drop_cut_blind, load_records, raise_if_bad
 
     args = parse_args(argv)
@@ -140,6 +141,10 @@ def main(argv=None):
     dist.print0(f"reference cache {out_dir}: {len(records)} examples in {len(shards)} shards, "
                 f"{len(shards) - len(pending)} already done, {world} rank(s)")
     engine = build_scorer(cfg, blank_image_example(chat)) if pending else None
+    if engine is not None:
+        layout, why = choose_layout(cfg.loss.scoring, engine.module.model)
+        dist.print0(why)
+        collate = make_collate(layout, pad_id, cfg.train.max_tokens_per_sequence)
     bar = tqdm(total=len(records), initial=len(records) - sum(len(shards[i]) for i in pending), unit="ex",
                desc="ref logprobs", disable=rank != 0, dynamic_ncols=True)
     written = 0
@@ -150,13 +155,13 @@ def main(argv=None):
         forwards = max(-(-len(shards[i]) // bs) for i in round_shards)
         if rank < len(round_shards):
             i = round_shards[rank]
-            values, per_token = score_shard(engine, dataset, shards[i], bs, cfg, pad_id)
+            values, per_token = score_shard(engine, dataset, shards[i], bs, cfg, collate)
             ref_cache.write_shard(shard_path(i), [records[j].id for j in shards[i]], values, per_token)
             forwards -= -(-len(shards[i]) // bs)
             written += 1
             maybe_crash("ref_shards", written)
         for _ in range(forwards):
-            dummy_forward(engine, dataset, pad_id)
+            dummy_forward(engine, dataset, collate)
         bar.update(sum(len(shards[i]) for i in round_shards))
     bar.close()
     dist.barrier()

@@ -22,7 +22,8 @@ from bpo import checkpoint, dist, run_log, sampler
 from bpo.config import load_config, require, save_config, to_yaml
 from bpo.faults import maybe_crash
 from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
-from bpo.model import SequenceScorer, describe, load_model, model_inputs, resolve_attn_implementation, set_trainable
+from bpo.model import (SequenceScorer, choose_layout, describe, load_model, model_inputs, resolve_attn_implementation,
+                       set_trainable)
 from bpo.reference import LiveReference
 from bpo.schedule import build_scheduler
 
@@ -175,8 +176,8 @@ def preference_loss(policy_logps, ref_logps, batch, loss_cfg):
 
 def train(cfg):
     from bpo.data.chat import load_chat
-    from bpo.data.dataset import collate
     from bpo.data.encode import blank_image_example
+    from bpo.data.shared import make_collate
 
     require(cfg, "model.path", "data.train_file")
     chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code)  # no template: fail first
@@ -203,6 +204,9 @@ def train(cfg):
     ds_config = build_ds_config(cfg, world)
     reference = build_reference(cfg, ds_config, chat, dataset, blank)  # first: a bad cache fails before weights load
     engine = build_policy(cfg, ds_config, total, blank)
+    layout, why = choose_layout(cfg.loss.scoring, engine.module.model)
+    dist.print0(why)
+    collate = make_collate(layout, pad_id, cfg.train.max_tokens_per_sequence)
     dist.print0(f"world={world} micro_batch={cfg.train.micro_batch_size} grad_accum={cfg.train.grad_accum} "
                 f"global_batch={ds_config['train_batch_size']} examples, steps/epoch={per_epoch}, total steps={total}, "
                 f"log-prob head={cfg.loss.logprob_impl}, reference={'cache' if cfg.train.ref_cache else 'live'}")
@@ -227,7 +231,7 @@ def train(cfg):
         lr = engine.get_lr()[0]
         for indices in sampler.micro_batches(len(dataset), cfg.train.seed, epoch, step_in_epoch,
                                              cfg.train.micro_batch_size, cfg.train.grad_accum, world, rank):
-            batch = collate([dataset[i] for i in indices], pad_id)
+            batch = collate([dataset[i] for i in indices])
             inputs = model_inputs(batch, engine.device)
             response_mask = inputs["labels"][:, 1:] != -100  # (R, T-1)
             policy_logps = sequence_logps(engine(**inputs), response_mask, cfg.loss.reduction)  # (R,)

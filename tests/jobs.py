@@ -29,12 +29,24 @@ def run_job(script, config, overrides=(), nproc=2, env=None, check=True, timeout
                     PYTHONPATH=REPO)
     full_env.update(env or {})
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(port),
            os.path.join(REPO, "bpo", script), "--config", config, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    remove_shm_buffers(port, nproc)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def remove_shm_buffers(port, nproc, addr="127.0.0.1"):
+    """A job killed on purpose (BPO_CRASH_AFTER hard-exits) cannot unlink its DeepSpeed shm buffers itself."""
+    from bpo.dist import shm_buffer_path
+
+    for rank in range(nproc):
+        path = shm_buffer_path(rank, addr, port)
+        if os.path.exists(path):
+            os.unlink(path)
 
 
 def read_metrics(run_dir):

@@ -148,3 +148,26 @@ def test_fused_head_equals_naive_head(short_run, train_setup):
         # Adam divides by sqrt(v): a 1e-7 gradient difference on a near-zero gradient moves a weight by ~1e-6.
         # 1e-5 is still 1/500 of one step's update at lr 5e-3, so a wrong gradient anywhere would fail.
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_rows_layout_equals_shared_layout(short_run, train_setup):
+    """The short run scores in the shared-prompt layout (the default); the rows layout is the readable reference."""
+    _, run_dir, rows = short_run
+    config, rows_dir = train_setup("rows_layout", train__max_steps=3, train__save_every=0, loss__scoring="rows")
+    proc = run_job("train.py", config)
+    assert "scoring: rows" in proc.stdout
+    _assert_close_runs(rows, read_metrics(rows_dir), 1e-5)
+    a, b = _final_weights(run_dir), _final_weights(rows_dir)
+    for name in a:  # same tolerance and reason as the fused-vs-naive comparison
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    # Tokens computed per step: each prompt (16 image tokens and all) once instead of three times.
+    shared_tokens = sum(r["tokens"] for r in rows)
+    assert shared_tokens < 0.6 * sum(r["tokens"] for r in read_metrics(rows_dir))
+
+
+def test_packed_sequences_equal_one_per_example(short_run, train_setup):
+    _, _, rows = short_run
+    config, packed_dir = train_setup("packed", train__max_steps=3, train__save_every=0,
+                                     train__max_tokens_per_sequence=4096)
+    run_job("train.py", config)
+    _assert_close_runs(rows, read_metrics(packed_dir), 1e-5)
