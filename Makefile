@@ -6,7 +6,7 @@ export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test clean-demo
+.PHONY: venv demo test clean-demo bench-venv
 
 venv: $(VENV)/.installed
 
@@ -27,3 +27,13 @@ test: venv
 
 clean-demo:
 	rm -rf demo
+
+# Benchmarks that run a peer beside bpo (benchmarks/step_bench.py: TRL) use their own environment, so the test
+# environment never carries the peer's packages.
+bench-venv: .venv-bench/.installed
+
+.venv-bench/.installed: setup.py
+	python3 -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	.venv-bench/bin/python -m pip install -q -e ".[bench]" trl
+	touch $@

@@ -224,7 +224,7 @@ def train(cfg):
         return
     log.start(total, initial_step=start)
     engine.train()
-    t_last = time.time()
+    t_last, cpu_last = time.time(), time.process_time()
     for step in range(start, total):
         epoch, step_in_epoch = divmod(step, per_epoch)
         sums = {}
@@ -239,17 +239,19 @@ def train(cfg):
             loss, metrics = preference_loss(policy_logps, ref_logps, batch, cfg.loss)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only on the last micro-step of the accumulation
-            metrics["tokens"] = inputs["attention_mask"].sum()
+            metrics["tokens"] = inputs["attention_mask"].sum()  # tokens the forward computes, padding excluded
+            metrics["positions"] = torch.tensor(float(inputs["input_ids"].numel()), device=engine.device)  # + padding
             for k, v in metrics.items():  # stays on the device: no sync per micro-step
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
 
         # One all-reduce per optimizer step: the only CPU-GPU sync in the loop.
         totals = dist.sum_across_ranks(sums)
-        metrics = finalize_metrics({k: v for k, v in totals.items() if k != "tokens"})
-        now = time.time()
+        metrics = finalize_metrics({k: v for k, v in totals.items() if k not in ("tokens", "positions")})
+        now, cpu_now = time.time(), time.process_time()
         metrics.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0), epoch=epoch,
-                       tokens=float(totals["tokens"]), step_time=now - t_last, peak_mem_mb=peak_memory_mb())
-        t_last = now
+                       tokens=float(totals["tokens"]), positions=float(totals["positions"]), step_time=now - t_last,
+                       peak_mem_mb=peak_memory_mb(), cpu_time=cpu_now - cpu_last)  # cpu_time: this rank's, all threads
+        t_last, cpu_last = now, cpu_now
         log.log(step + 1, metrics)
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
             checkpoint.save(engine, cfg.train.output_dir, step + 1, cfg.train.keep_checkpoints)

@@ -74,57 +74,60 @@ def build_tokenizer():
         extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="left",
         chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
+        model_max_length=4096,  # LLaVA-1.5-shaped inputs (bench: 576 image tokens) fit
     )
 
 
-def build_config(tokenizer, hidden_size=32, num_layers=2):
+def build_config(tokenizer, hidden_size=32, num_layers=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
+    num_patches = (image_size // patch_size) ** 2
     vision = CLIPVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=16,
+        image_size=image_size, patch_size=patch_size, projection_dim=16,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=max(512, 4 * num_patches),  # room for the image tokens and the conversation
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
-    num_patches = (IMAGE_SIZE // PATCH_SIZE) ** 2
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=num_patches, vision_feature_select_strategy="default", vision_feature_layer=-2,
     )
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by the "default" feature strategy
     )
 
 
-def write_tiny_llava(out_dir, seed=0, hidden_size=32, num_layers=2):
-    """Build and save the tiny checkpoint into out_dir (atomically: a temp dir renamed into place)."""
+def write_tiny_llava(out_dir, seed=0, hidden_size=32, num_layers=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE):
+    """Build and save the tiny checkpoint into out_dir (atomically). image_size / patch_size set the vision tower's
+    input and so the image token count ((image_size / patch_size) ** 2; LLaVA-1.5: 336 / 14 -> 576)."""
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers)
+    config = build_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, image_size=image_size,
+                          patch_size=patch_size)
     model = LlavaForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, do_sample=False,
     )
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, image_size=image_size, patch_size=patch_size)
     return save_atomically(out_dir, model, processor)
 
 
