@@ -13,7 +13,8 @@ Per configuration: median wall time of a step, median CPU time (all threads; ste
 shares the cores), peak resident memory, and positions computed per example (padding included: what the forward
 really runs over; the rows layout runs one padded row per response, TRL two, the shared layout one sequence per
 example). bpo runs as users run it (`deepspeed --num_gpus 1 bpo/train.py`, ZeRO-3 on one rank); TRL through its own
-`DPOTrainer` defaults on plain PyTorch.
+`DPOTrainer` defaults on plain PyTorch, which turn gradient checkpointing on, so bpo is also measured with
+`model.gradient_checkpointing=true`: the memory comparison is only fair between those rows.
 """
 
 import argparse
@@ -40,10 +41,14 @@ BPO_RUNS = {  # name -> overrides
     "bpo BPO, rows (3 rows per example)": ["loss.type=bpo", "loss.scoring=rows"],
     "bpo BPO, shared prompt": ["loss.type=bpo", "loss.scoring=shared"],
     "bpo BPO, shared prompt, packed": ["loss.type=bpo", "loss.scoring=shared", "train.max_tokens_per_sequence=4096"],
+    "bpo BPO, shared prompt, gradient checkpointing": ["loss.type=bpo", "loss.scoring=shared",
+                                                       "model.gradient_checkpointing=true"],
     "bpo DPO, rows": ["loss.type=dpo", "loss.scoring=rows"],
     "bpo DPO, shared prompt": ["loss.type=dpo", "loss.scoring=shared"],
+    "bpo DPO, shared prompt, gradient checkpointing": ["loss.type=dpo", "loss.scoring=shared",
+                                                       "model.gradient_checkpointing=true"],
 }
-TRL_RUN = "TRL DPOTrainer (its defaults, plain PyTorch)"
+TRL_RUN = "TRL DPOTrainer (its defaults: plain PyTorch, gradient checkpointing)"
 
 
 def grow(text, filler, tokenizer, target):
