@@ -40,12 +40,16 @@ def resolve_attn_implementation(requested):
     return "sdpa"
 
 
-def load_model(model_cfg, path=None, ds_config=None):
+def load_model(model_cfg, path=None, ds_config=None, quantize=False):
     """Load an image-text-to-text model offline from a directory.
 
     With a ZeRO-3 `ds_config` the model is built partitioned: the `HfDeepSpeedConfig` object must be alive while
     `from_pretrained` runs, which makes transformers construct under `deepspeed.zero.Init` and load each weight
     straight into its shard instead of materialising the whole model on every rank.
+
+    `quantize` (QLoRA, `bpo.lora.quantization_config`): the language model's Linear layers load in 4-bit. transformers
+    never builds a quantized model under `zero.Init`: every rank holds the whole 4-bit model on its GPU until
+    `deepspeed.initialize` partitions it.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -57,12 +61,19 @@ def load_model(model_cfg, path=None, ds_config=None):
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (its existence is the point)
+    extra = {}
+    if quantize:
+        from bpo.lora import quantization_config, require_platform
+
+        require_platform(model_cfg)
+        extra["quantization_config"] = quantization_config(model_cfg)
     model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=DTYPES[model_cfg.dtype],
         attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation),
         trust_remote_code=model_cfg.trust_remote_code,
         local_files_only=True,
+        **extra,
     )
     del keep_alive
     return model
@@ -102,10 +113,15 @@ def set_trainable(model, model_cfg):
         raise ValueError(f"{type(model).__name__}: cannot tell its image encoder from its language model (looked for "
                          f"model.{{{','.join(VISION_ENCODERS)}}} and model.{{{','.join(LANGUAGE_MODELS)}}}); "
                          f"extend bpo/model.py's part names for this family")
+    return parts
+
+
+def set_gradient_checkpointing(model, model_cfg):
+    """Recompute each decoder layer in backward when model.gradient_checkpointing (non-reentrant: it needs no input
+    that requires grad, which a frozen LoRA base would not give it)."""
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return parts
 
 
 class SequenceScorer(nn.Module):
@@ -194,7 +210,8 @@ def model_inputs(batch, device):
 
 
 def describe(model, parts, attn):
+    """The start-up lines: model class, size, attention, and (`parts` from set_trainable) what each part trains."""
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     dist.print0(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, attention={attn}")
-    for part, (train, count, modules) in parts.items():
+    for part, (train, count, modules) in (parts or {}).items():
         dist.print0(f"  {part:<15} {'trained' if train else 'frozen':<8} {count / 1e6:9.3f}M  {', '.join(modules)}")
