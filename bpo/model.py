@@ -57,7 +57,7 @@ def load_model(model_cfg, path=None, ds_config=None, quantize=False):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model directory {path!r} has no config.json; set model.path to a local checkpoint")
     keep_alive = None
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+    if is_zero3(ds_config):
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (its existence is the point)
@@ -142,9 +142,13 @@ class SequenceScorer(nn.Module):
     mismatch on gloo, a hang on NCCL). Given `blank` (`bpo.data.encode.blank_image_example`), such a batch gets one
     extra row, a blank image with its prompt, that runs through the model's own forward; its hidden states join the
     result multiplied by zero, so every part also takes part in backward, with zero gradient.
+
+    `zero3`: whether ZeRO-3 partitions the model. None reads it off the head (a model built under `zero.Init` is
+    partitioned already); a QLoRA model is quantized outside `zero.Init` and partitioned only by
+    `deepspeed.initialize`, after this wrapper exists, so its callers say True.
     """
 
-    def __init__(self, model, impl="fused", chunk_size=1024, blank=None):
+    def __init__(self, model, impl="fused", chunk_size=1024, blank=None, zero3=None):
         super().__init__()
         self.model = model
         self.impl = impl
@@ -154,7 +158,7 @@ class SequenceScorer(nn.Module):
         self.dtype = next(model.parameters()).dtype
         head = model.get_output_embeddings().weight
         self.blank = None
-        if hasattr(head, "ds_id"):
+        if hasattr(head, "ds_id") if zero3 is None else zero3:
             import deepspeed
 
             deepspeed.zero.register_external_parameter(self, head)
@@ -201,6 +205,10 @@ class SequenceScorer(nn.Module):
                   for k, v in blank.image_inputs.items() if k in self.accepted}
         return (stack(input_ids, blank.prompt_ids, blank.pad_id), stack(attention_mask, [1] * n, 0),
                 {**extra, **fields, **images})
+
+
+def is_zero3(ds_config):
+    return ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
 
 
 def model_inputs(batch, device):

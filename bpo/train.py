@@ -22,7 +22,7 @@ from bpo import checkpoint, dist, lora, optim, run_log, sampler
 from bpo.config import load_config, require, save_config, to_yaml
 from bpo.faults import maybe_crash
 from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
-from bpo.model import (SequenceScorer, describe, load_model, model_inputs, resolve_attn_implementation,
+from bpo.model import (SequenceScorer, describe, is_zero3, load_model, model_inputs, resolve_attn_implementation,
                        set_gradient_checkpointing, set_trainable)
 from bpo.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
@@ -134,7 +134,8 @@ def build_policy(cfg, ds_config, total_steps, blank):
     else:
         describe(model, set_trainable(model, cfg.model), attn)
     set_gradient_checkpointing(model, cfg.model)
-    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank)
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank,
+                            zero3=is_zero3(ds_config))
     params = [p for p in scorer.parameters() if p.requires_grad]
     client = optim.build_optimizer(params, cfg.optim)  # None: DeepSpeed builds the ds_config's optimizer
     dist.print0(optim.describe(cfg.optim, ds_config))
@@ -162,7 +163,8 @@ def build_reference(cfg, ds_config, chat, dataset, blank):
     model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ref_ds,
                        quantize=cfg.model.finetune == "qlora")
     model.requires_grad_(False)
-    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank)
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank,
+                            zero3=is_zero3(ref_ds))
     engine, *_ = deepspeed.initialize(model=scorer, config=ref_ds)
     engine.eval()
     return LiveReference(engine, cfg.loss.reduction)

@@ -113,6 +113,23 @@ def test_qlora_is_refused_on_cpu_before_anything_loads(tmp_path):
         train.main(["model.path=/nonexistent", "data.train_file=/nonexistent.jsonl", "model.finetune=qlora"])
 
 
+def test_reference_cache_fingerprint_is_the_base_and_its_quantization(models, sample_data_dir):
+    """A cache of the base's log-probs serves every LoRA run on that base (adapters off = the base, whatever the rank);
+    QLoRA's reference is the 4-bit base, so its cache must differ."""
+    from bpo.config import load_config
+    from bpo.data.chat import load_chat
+    from bpo.lora import QUANTIZATION
+    from bpo.ref_cache import describe_mismatch, fingerprint
+
+    processor = load_chat(models["tiny"]).processor
+    data = os.path.join(sample_data_dir, "train.jsonl")
+    fp = {mode: fingerprint(load_config(None, [f"model.path={models['tiny']}", f"model.finetune={mode}", "lora.r=8"]),
+                            processor, data) for mode in ("full", "lora", "qlora")}
+    assert fp["lora"] == fp["full"]
+    assert describe_mismatch(fp["full"], fp["qlora"]) == [f"base_quantization <absent> in cache vs {QUANTIZATION} "
+                                                          f"in config"]
+
+
 def test_lora_config_is_validated():
     from bpo.config import ConfigError, load_config
 
