@@ -17,8 +17,9 @@ switched off (`adapters_disabled`): no second copy of the model and no cache are
 
 model.finetune=qlora loads the language model's Linear layers in 4-bit NF4 (bitsandbytes, double quantization,
 compute and storage dtype = model.dtype, which lets ZeRO-3 partition the packed weights like any other tensor) and
-keeps the image encoder, connector, embeddings and head in model.dtype. bitsandbytes' 4-bit training kernels need
-CUDA; `require_platform` refuses it elsewhere.
+keeps the image encoder, connector, embeddings and head in model.dtype. bpo runs it on CUDA only, where
+bitsandbytes' 4-bit kernels are what QLoRA is built on; `require_platform` refuses it elsewhere (bitsandbytes' CPU
+4-bit backend is not a platform bpo supports or tests).
 """
 
 import contextlib
@@ -43,14 +44,14 @@ def uses_adapters(model_cfg):
 
 
 def require_platform(model_cfg):
-    """QLoRA's 4-bit layers train only on CUDA: say so before any weights are read."""
+    """QLoRA runs on CUDA only: say so before any weights are read."""
     import torch
 
     if model_cfg.finetune == "qlora" and not torch.cuda.is_available():
         raise PlatformError(
-            "model.finetune=qlora needs a CUDA GPU: the base is loaded in 4-bit with bitsandbytes, whose 4-bit "
-            "training kernels run on CUDA only, and this machine has none. Use model.finetune=lora here (same "
-            "adapters, base in model.dtype).")
+            "model.finetune=qlora needs a CUDA GPU: bpo loads the 4-bit base with bitsandbytes' CUDA kernels and "
+            "trains it on CUDA only, and this machine has no CUDA device. Use model.finetune=lora here (the same "
+            "adapters on a base in model.dtype).")
 
 
 def wanted_parts(model_cfg):
@@ -72,7 +73,8 @@ def target_modules(model, model_cfg):
 
 
 def peft_config(lora_cfg, targets, base_model_path=""):
-    """The peft.LoraConfig for these targets: exact module paths, no bias training, no extra trained modules."""
+    """The peft.LoraConfig for these targets: exact module paths (PEFT may shorten a long list to the suffixes that
+    select the same modules), no bias training, no extra trained modules."""
     from peft import LoraConfig
 
     return LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, bias="none",
@@ -140,7 +142,7 @@ def describe(parts, model_cfg, lora_cfg):
              f"; reference = the same weights with adapters off unless train.ref_cache / train.ref_model_path"]
     for part, (adapted, count, layers, base) in parts.items():
         if adapted:
-            state = f"lora     {count / 1e6:9.3f}M on {layers} Linear layers"
+            state = f"lora     {count:>13,} adapter parameters on {layers} Linear layers"
         elif wanted[part]:
             state = "frozen   (asked for, but it has no nn.Linear layer to adapt)"
         else:

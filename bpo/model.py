@@ -55,6 +55,10 @@ def load_model(model_cfg, path=None, ds_config=None, quantize=False):
 
     path = path or model_cfg.path
     if not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise FileNotFoundError(f"{path!r} is a LoRA adapter directory (PEFT), not a model: export the run with "
+                                    f"`python -m bpo.export RUN/checkpoints OUT --merge` (or train with "
+                                    f"lora.export=merged) for a directory that loads on its own")
         raise FileNotFoundError(f"model directory {path!r} has no config.json; set model.path to a local checkpoint")
     keep_alive = None
     if is_zero3(ds_config):

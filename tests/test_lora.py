@@ -171,13 +171,15 @@ def test_reference_by_adapters_off_equals_a_separate_frozen_copy(models, sample_
 @pytest.fixture(scope="module")
 def lora_runs(models, sample_data_dir, tmp_path_factory):
     """Two LoRA trainings on 2 ranks: bpo's tiny LLaVA (adapter export at the end) and the Qwen2-VL replica
-    (merged export at the end)."""
+    (gradient checkpointing, merged export at the end)."""
     root = tmp_path_factory.mktemp("lora")
     data = add_blind(os.path.join(sample_data_dir, "train.jsonl"), root / "train_blind.jsonl")
     runs = {}
     for name, steps, export in (("tiny", 4, "adapter"), ("qwen2_vl", 2, "merged")):
         config = write_config(root / f"{name}.yaml", {
-            "model": {"path": models[name], "dtype": "fp32", "finetune": "lora"},
+            # Qwen2-VL with gradient checkpointing: non-reentrant recomputation through a frozen base
+            "model": {"path": models[name], "dtype": "fp32", "finetune": "lora",
+                      "gradient_checkpointing": name == "qwen2_vl"},
             "lora": {"r": 4, "alpha": 8, "export": export},
             "data": {"train_file": data, "image_root": os.path.join(sample_data_dir, "images"), "max_length": 256},
             "optim": {"lr": 2e-2, "warmup_steps": 0},
@@ -241,6 +243,11 @@ def test_adapter_export_loads_with_peft_and_merged_export_equals_it(lora_runs, m
     run_dir, _, _ = lora_runs["tiny"]
     adapter_dir = run_dir / "hf_model"  # written by train.export_16bit with lora.export=adapter
     assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    from bpo.config import ModelConfig
+    from bpo.model import load_model
+
+    with pytest.raises(FileNotFoundError, match="is a LoRA adapter directory.*--merge"):  # e.g. eval.model_path
+        load_model(ModelConfig(dtype="fp32"), path=str(adapter_dir))
     peft_model = PeftModel.from_pretrained(_plain(models["tiny"]), str(adapter_dir)).eval()
     merged_dir = export(str(run_dir / "checkpoints"), str(tmp_path / "merged"), dtype="fp32", merge=True,
                         progress=False)

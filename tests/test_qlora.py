@@ -49,8 +49,9 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_exports(setup, tmp_path):
     from bpo.lora import is_adapter_param
 
     model_dir, config = setup
-    cfg, run_dir = config("qlora", model={"finetune": "qlora"}, lora={"r": 8, "alpha": 16, "export": "merged"},
-                          optim={"name": "paged_adamw_8bit"}, train={"export_16bit": True})
+    cfg, run_dir = config("qlora", model={"finetune": "qlora", "gradient_checkpointing": True},
+                          lora={"r": 8, "alpha": 16, "export": "merged"}, optim={"name": "paged_adamw_8bit"},
+                          train={"export_16bit": True})
     proc = run_job("train.py", cfg, nproc=1, env=CUDA)
     assert "4-bit NF4 (QLoRA)" in proc.stdout and "reference=policy with adapters off" in proc.stdout
     rows = read_metrics(run_dir)
