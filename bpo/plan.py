@@ -327,7 +327,7 @@ def estimate(dims, setup):
         raise ValueError("--finetune must be full, lora or qlora")
     if setup.reference == "adapters_off" and not setup.adapters:
         raise ValueError("--reference adapters_off needs --finetune lora or qlora")
-    n, p, pt = setup.ranks, dims.total_params, trainable_params(dims, setup)
+    n, pt = setup.ranks, trainable_params(dims, setup)
     s, t, h = setup.sequences, setup.seq_len, dims.hidden
     z3 = setup.zero == 3
     qlora = setup.finetune == "qlora"
