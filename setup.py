@@ -20,7 +20,8 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
-        "bitsandbytes",
+        "bitsandbytes",  # optim.name=adamw_8bit / paged_adamw_8bit, model.finetune=qlora (bpo/optim.py, bpo/lora.py)
+        "peft>=0.21",  # model.finetune=lora / qlora: adapters (bpo/lora.py) and their export (bpo/export_lora.py)
         "accelerate",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 construction); not used for training
     ],
     extras_require={

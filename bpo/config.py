@@ -26,6 +26,10 @@ class ModelConfig:
     train_vision_tower: bool = False
     train_projector: bool = True
     train_language_model: bool = True
+    # full = train the parts' weights; lora = freeze every weight and train LoRA adapters (section `lora`) on the
+    # nn.Linear layers of the parts marked trained; qlora = lora on a base whose language-model Linear layers are
+    # loaded in 4-bit NF4 (bitsandbytes, CUDA only).
+    finetune: str = "full"
 
 
 @dataclass
@@ -57,7 +61,23 @@ class LossConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters for model.finetune=lora|qlora (PEFT): W x + (alpha / r) B A x on each adapted nn.Linear."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0  # on the adapters' input only
+    # What train.export_16bit writes to OUTPUT_DIR/hf_model: `adapter` = a PEFT adapter directory (adapter_config.json
+    # + adapter_model.safetensors), `merged` = full weights with B A folded in, which load with from_pretrained.
+    export: str = "adapter"
+
+
+@dataclass
 class OptimConfig:
+    # adamw = the ds_config's optimizer section (DeepSpeed's AdamW: FusedAdam on CUDA, torch's on CPU);
+    # adamw_8bit / paged_adamw_8bit = bitsandbytes AdamW with 8-bit moments, handed to DeepSpeed as a client
+    # optimizer over the ZeRO partitions (paged: CUDA unified memory; on CPU bitsandbytes runs it unpaged).
+    name: str = "adamw"
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -143,6 +163,7 @@ class EvalConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -258,6 +279,9 @@ def validate(cfg):
     if cfg.train.max_tokens_per_sequence < 0:
         raise ConfigError(f"train.max_tokens_per_sequence must be >= 0, got {cfg.train.max_tokens_per_sequence}")
     _choice(cfg.optim.schedule, ("cosine", "constant"), "optim.schedule")
+    _choice(cfg.optim.name, ("adamw", "adamw_8bit", "paged_adamw_8bit"), "optim.name")
+    _choice(cfg.model.finetune, ("full", "lora", "qlora"), "model.finetune")
+    _choice(cfg.lora.export, ("adapter", "merged"), "lora.export")
     _choice(cfg.eval.format, ("mmsafe_po", "mm_safetybench", "spa_vl"), "eval.format")
     for key, value in [("loss.beta", cfg.loss.beta), ("optim.lr", cfg.optim.lr), ("data.max_length", cfg.data.max_length),
                        ("train.micro_batch_size", cfg.train.micro_batch_size), ("train.grad_accum", cfg.train.grad_accum),
@@ -265,13 +289,20 @@ def validate(cfg):
                        ("decode.max_new_tokens", cfg.decode.max_new_tokens), ("decode.batch_size", cfg.decode.batch_size),
                        ("decode.temperature", cfg.decode.temperature), ("decode.top_p", cfg.decode.top_p),
                        ("blind.batches_per_shard", cfg.blind.batches_per_shard),
-                       ("cache.shard_size", cfg.cache.shard_size), ("cache.batch_size", cfg.cache.batch_size)]:
+                       ("cache.shard_size", cfg.cache.shard_size), ("cache.batch_size", cfg.cache.batch_size),
+                       ("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha)]:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.optim.warmup_steps < 0 or cfg.loss.blind_weight < 0:
         raise ConfigError("optim.warmup_steps and loss.blind_weight must be >= 0")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.model.finetune != "full" and not (cfg.model.train_language_model or cfg.model.train_projector
+                                             or cfg.model.train_vision_tower):
+        raise ConfigError(f"model.finetune={cfg.model.finetune} adapts the parts model.train_language_model / "
+                          f"train_projector / train_vision_tower mark trained, and all three are false")
 
 
 def to_dict(cfg):

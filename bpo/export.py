@@ -1,7 +1,7 @@
 """Turn a ZeRO-3 training checkpoint into a Hugging Face model directory of safetensors shards, streaming.
 
     python -m bpo.export RUN_DIR/checkpoints OUT_DIR [--tag step_120] [--dtype bf16|fp32] [--max-shard-size 5GB]
-                         [--base-model DIR] [--force]
+                         [--base-model DIR] [--force] [--merge]
 
 The stock converter (zero_to_fp32) builds the whole fp32 state dict in memory, over a terabyte for a 70B model. Here
 every rank's partition file is memory-mapped, each parameter is assembled from its rank slices only when it is
@@ -16,9 +16,14 @@ optimizer: each rank's model-states file keeps its slice in `frozen_param_fragme
 Output: config (dtype updated), generation config, tokenizer/processor files and chat template copied from the base
 model, `model-0000k-of-0000N.safetensors` and `model.safetensors.index.json`, all written to a temporary directory
 that is renamed to OUT_DIR only when complete.
+
+A LoRA run's checkpoint (model.finetune=lora|qlora) becomes a PEFT adapter directory (`PeftModel.from_pretrained(
+base, OUT_DIR)`), or with --merge the same layout as above with each adapter folded into its layer: see
+bpo/export_lora.py.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -134,24 +139,44 @@ def hf_name(name):
 
 
 def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base_model=None, force=False,
-           progress=True):
-    """Write the HF directory; returns its path. See the module docstring for the layout and memory bound."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
+           progress=True, merge=False):
+    """Write the HF directory; returns its path. See the module docstring for the layout and memory bound.
 
+    A LoRA checkpoint (bpo.lora) is written as a PEFT adapter directory, or with `merge` as full weights with every
+    adapter folded into its layer (bpo.export_lora)."""
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not force:
         raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
     ckpt = PartitionedCheckpoint(tag_dir)
     base_model = base_model or _base_model_from_run(ckpt_dir)
-    limit = parse_size(max_shard_size)
     target = DTYPES[dtype]
+    from bpo import export_lora
+
+    if export_lora.is_lora(ckpt):
+        if not merge:
+            return export_lora.write_adapter_dir(ckpt, ckpt_dir, out_dir, target, base_model)
+        tensors = export_lora.merged_tensors(ckpt, ckpt_dir, base_model, out_dir, dtype)
+        if tensors is None:  # merged through PEFT from the base checkpoint (QLoRA)
+            return out_dir
+    elif merge:
+        raise ExportError(f"--merge folds LoRA adapters into their layers, and {tag_dir} holds no lora_A / lora_B "
+                          f"parameters (a full fine-tuning run): export it without --merge")
+    else:
+        tensors = {hf_name(n): (ckpt.shape(n), lambda n=n: ckpt.tensor(n)) for n in ckpt.names()}
+    return write_model_dir(tensors, out_dir, target, parse_size(max_shard_size), base_model, dtype, progress)
+
+
+def write_model_dir(tensors, out_dir, target, limit, base_model, dtype, progress=True):
+    """tensors: {name in the HF model: (shape, function returning the tensor)}, each called only when its shard is
+    written. Shards of at most `limit` bytes, index, base model files; written in a temporary directory renamed to
+    out_dir when complete."""
+    from safetensors.torch import save_file
+    from tqdm import tqdm
 
     # Plan shards by size first, so the file names can carry the total count.
-    names = ckpt.names()
     shards, current, size = [], [], 0
-    for name in names:
-        nbytes = ckpt.shape(name).numel() * target.itemsize
+    for name, (shape, _) in tensors.items():
+        nbytes = torch.Size(shape).numel() * target.itemsize
         if current and size + nbytes > limit:
             shards.append(current)
             current, size = [], 0
@@ -160,33 +185,40 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
     if current:
         shards.append(current)
 
+    with atomic_dir(out_dir) as tmp:
+        weight_map, total = {}, 0
+        bar = tqdm(total=len(tensors), unit="tensor", desc="export", disable=not progress)
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            written = {}
+            for name in shard:
+                written[name] = tensors[name][1]().to(target).contiguous()
+                weight_map[name] = fname
+                total += written[name].numel() * target.itemsize
+                bar.update(1)
+            save_file(written, os.path.join(tmp, fname), metadata={"format": "pt"})
+            del written  # one shard in memory at a time
+        bar.close()
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
+        copy_base_files(base_model, tmp, dtype)
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir):
+    """A temporary directory beside out_dir that replaces it when the block succeeds, and is removed if not."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        weight_map, total = {}, 0
-        bar = tqdm(total=len(names), unit="tensor", desc="export", disable=not progress)
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for name in shard:
-                tensors[hf_name(name)] = ckpt.tensor(name).to(target).contiguous()
-                weight_map[hf_name(name)] = fname
-                total += tensors[hf_name(name)].numel() * target.itemsize
-                bar.update(1)
-            save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-            del tensors  # one shard in memory at a time
-        bar.close()
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
-        _copy_base_files(base_model, tmp, dtype)
+        yield tmp
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _base_model_from_run(ckpt_dir):
@@ -200,7 +232,7 @@ def _base_model_from_run(ckpt_dir):
         return yaml.safe_load(f)["model"]["path"]
 
 
-def _copy_base_files(base_model, out, dtype):
+def copy_base_files(base_model, out, dtype):
     if not os.path.isfile(os.path.join(base_model, "config.json")):
         raise ExportError(f"base model directory {base_model} has no config.json")
     for name in BASE_FILES:
@@ -225,10 +257,13 @@ def main(argv=None):
     parser.add_argument("--base-model", help="directory with the base model's config and tokenizer "
                                              "(default: model.path from the run's config.yaml)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--merge", action="store_true",
+                        help="LoRA runs: write full weights with the adapters folded in (default: a PEFT adapter "
+                             "directory)")
     args = parser.parse_args(argv)
     try:
         path = export(args.ckpt_dir, args.out_dir, args.tag, args.dtype, args.max_shard_size, args.base_model,
-                      args.force)
+                      args.force, merge=args.merge)
     except ExportError as e:
         raise SystemExit(f"export failed: {e}")
     print(f"exported {path}")

@@ -42,29 +42,44 @@ def resolve_attn_implementation(requested):
     return "sdpa"
 
 
-def load_model(model_cfg, path=None, ds_config=None):
+def load_model(model_cfg, path=None, ds_config=None, quantize=False):
     """Load an image-text-to-text model offline from a directory.
 
     With a ZeRO-3 `ds_config` the model is built partitioned: the `HfDeepSpeedConfig` object must be alive while
     `from_pretrained` runs, which makes transformers construct under `deepspeed.zero.Init` and load each weight
     straight into its shard instead of materialising the whole model on every rank.
+
+    `quantize` (QLoRA, `bpo.lora.quantization_config`): the language model's Linear layers load in 4-bit. transformers
+    never builds a quantized model under `zero.Init`: every rank holds the whole 4-bit model on its GPU until
+    `deepspeed.initialize` partitions it.
     """
     from transformers import AutoModelForImageTextToText
 
     path = path or model_cfg.path
     if not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise FileNotFoundError(f"{path!r} is a LoRA adapter directory (PEFT), not a model: export the run with "
+                                    f"`python -m bpo.export RUN/checkpoints OUT --merge` (or train with "
+                                    f"lora.export=merged) for a directory that loads on its own")
         raise FileNotFoundError(f"model directory {path!r} has no config.json; set model.path to a local checkpoint")
     keep_alive = None
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+    if is_zero3(ds_config):
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (its existence is the point)
+    extra = {}
+    if quantize:
+        from bpo.lora import quantization_config, require_platform
+
+        require_platform(model_cfg)
+        extra["quantization_config"] = quantization_config(model_cfg)
     model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=DTYPES[model_cfg.dtype],
         attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation),
         trust_remote_code=model_cfg.trust_remote_code,
         local_files_only=True,
+        **extra,
     )
     del keep_alive
     return model
@@ -104,10 +119,15 @@ def set_trainable(model, model_cfg):
         raise ValueError(f"{type(model).__name__}: cannot tell its image encoder from its language model (looked for "
                          f"model.{{{','.join(VISION_ENCODERS)}}} and model.{{{','.join(LANGUAGE_MODELS)}}}); "
                          f"extend bpo/model.py's part names for this family")
+    return parts
+
+
+def set_gradient_checkpointing(model, model_cfg):
+    """Recompute each decoder layer in backward when model.gradient_checkpointing (non-reentrant: it needs no input
+    that requires grad, which a frozen LoRA base would not give it)."""
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return parts
 
 
 class SequenceScorer(nn.Module):
@@ -134,9 +154,13 @@ class SequenceScorer(nn.Module):
     mismatch on gloo, a hang on NCCL). Given `blank` (`bpo.data.encode.blank_image_example`), such a batch gets one
     extra row, a blank image with its prompt, that runs through the model's own forward; its hidden states join the
     result multiplied by zero, so every part also takes part in backward, with zero gradient.
+
+    `zero3`: whether ZeRO-3 partitions the model. None reads it off the head (a model built under `zero.Init` is
+    partitioned already); a QLoRA model is quantized outside `zero.Init` and partitioned only by
+    `deepspeed.initialize`, after this wrapper exists, so its callers say True.
     """
 
-    def __init__(self, model, impl="fused", chunk_size=1024, blank=None):
+    def __init__(self, model, impl="fused", chunk_size=1024, blank=None, zero3=None):
         super().__init__()
         self.model = model
         self.impl = impl
@@ -147,7 +171,7 @@ class SequenceScorer(nn.Module):
         self.eager = model.config.get_text_config()._attn_implementation == "eager"
         head = model.get_output_embeddings().weight
         self.blank = None
-        if hasattr(head, "ds_id"):
+        if hasattr(head, "ds_id") if zero3 is None else zero3:
             import deepspeed
 
             deepspeed.zero.register_external_parameter(self, head)
@@ -275,6 +299,10 @@ def shared_layout_unsupported(model):
     return None
 
 
+def is_zero3(ds_config):
+    return ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+
+
 def model_inputs(batch, device):
     """The tensors of a collated batch that the model takes, moved to `device`."""
     skip = {"kind", "example_index", "ids", "has_blind"}
@@ -282,7 +310,8 @@ def model_inputs(batch, device):
 
 
 def describe(model, parts, attn):
+    """The start-up lines: model class, size, attention, and (`parts` from set_trainable) what each part trains."""
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     dist.print0(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, attention={attn}")
-    for part, (train, count, modules) in parts.items():
+    for part, (train, count, modules) in (parts or {}).items():
         dist.print0(f"  {part:<15} {'trained' if train else 'frozen':<8} {count / 1e6:9.3f}M  {', '.join(modules)}")

@@ -12,6 +12,9 @@ of T = --seq-len tokens (image tokens included) go through the model in one forw
   parameters     2 P / N      bf16, partitioned by ZeRO-3 (stages 1-2 keep a full copy: 2 P)
   gradients      2 Pt / N     bf16 (stage 1 keeps them whole: 2 Pt)
   optimizer      12 Pt / N    fp32 master weights + Adam m and v, partitioned at every stage
+                 (4 + 2 + 8/256) Pt / N with --optim adamw_8bit / paged_adamw_8bit: m and v in one byte each
+                 plus an fp32 scale per block of 256 (bitsandbytes); paged states are the same bytes, which the
+                 CUDA driver may move to host memory under pressure instead of failing
   ZeRO-3 gather  2 x 2 x max(largest decoder layer, embedding)   the layer in use plus one prefetched, whole
   checkpoints    2 x L x S x T x H         each decoder layer's bf16 input, kept for the backward pass
   one layer      2 x S x T x (18 H + 4 H_kv + 8 I)   the layer recomputed in backward: its activations (bf16 norm
@@ -21,6 +24,13 @@ of T = --seq-len tokens (image tokens included) go through the model in one forw
                  fused: min(chunk, S x T) x V x 10 B (one chunk of the same, the only one alive)
   reference      live: 2 P / N (a second, frozen ZeRO-3 copy in bf16); cached (train.ref_cache): 0
   allowance      a fixed 4 GiB for the CUDA context, NCCL buffers and allocator fragmentation
+
+--finetune lora|qlora (bpo.lora): Pt = r x (in + out) over every Linear of the decoder layers (q, k, v, o, gate,
+up, down) and the projector (and the vision tower with --train-vision-tower); the base is frozen and its weights
+(plus the adapters, 2 Pt) stay as parameters. qlora stores the decoder's Linear weights (Pq) in NF4, (0.5 + 1/64)
+B each, everything else in bf16; the whole NF4 model sits on every GPU while it loads (transformers quantizes
+outside zero.Init), which the verdict also checks. `--reference adapters_off` (LoRA's default without a cache)
+costs no memory, only one more forward.
 
 --offload optimizer moves optimizer states and the fp32 gradient partition the CPU Adam step reads (16 Pt / N per
 rank) to host memory; --offload param also moves the bf16 parameters (2 P / N) there (ZeRO-3 only). Host memory is
@@ -55,6 +65,9 @@ class ModelDims:
     qkv_bias: bool = False
     vision_params: int = 0  # the vision tower (frozen by default)
     projector_params: int = 0  # vision -> text connector (trained)
+    # nn.Linear layers outside the decoder, as (in, out, how many): what LoRA adapts there
+    vision_linears: tuple = ()
+    projector_linears: tuple = ()
 
     @property
     def q_dim(self):
@@ -71,6 +84,18 @@ class ModelDims:
         attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
         bias = self.q_dim + 2 * self.kv_dim if self.qkv_bias else 0
         return attn + bias + 3 * h * self.intermediate + 2 * h
+
+    @property
+    def layer_linears(self):
+        """(in, out) of one decoder layer's Linear layers: q, k, v, o, gate, up, down."""
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return ((h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h))
+
+    @property
+    def quantizable_params(self):
+        """Pq: the decoder layers' Linear weights, which QLoRA stores in 4 bits (biases, norms, embeddings, head and
+        the vision side stay in bf16)."""
+        return self.layers * sum(a * b for a, b in self.layer_linears)
 
     @property
     def embedding_params(self):
@@ -133,6 +158,9 @@ def dims_from_hf_config(config, name=""):
         return dims
     if config.model_type in ("qwen2_vl",):
         vision, projector = _qwen2_vl_vision_params(vc)
+        e, m, merged = vc.embed_dim, vc.embed_dim * vc.mlp_ratio, vc.embed_dim * vc.spatial_merge_size ** 2
+        vision_linears = ((e, 3 * e, vc.depth), (e, e, vc.depth), (e, m, vc.depth), (m, e, vc.depth))
+        projector_linears = ((merged, merged, 1), (merged, vc.hidden_size, 1))
     elif vc.model_type == "clip_vision_model":
         vision = _clip_vision_params(vc)
         layers = config.vision_feature_layer
@@ -142,10 +170,14 @@ def dims_from_hf_config(config, name=""):
         projector = vin * h + h * h + (2 * h if bias else 0)
         if config.model_type == "llava_next":
             projector += h  # image_newline
+        vh, vi, vl = vc.hidden_size, vc.intermediate_size, vc.num_hidden_layers
+        vision_linears = ((vh, vh, 4 * vl), (vh, vi, vl), (vi, vh, vl))
+        projector_linears = ((vin, h, 1), (h, h, 1))
     else:
         raise ValueError(f"bpo.plan knows CLIP (LLaVA-1.5/NeXT) and Qwen2-VL vision towers, not "
                          f"{config.model_type} with a {vc.model_type} vision config")
-    return replace(dims, vision_params=vision, projector_params=projector)
+    return replace(dims, vision_params=vision, projector_params=projector, vision_linears=vision_linears,
+                   projector_linears=projector_linears)
 
 
 _CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
@@ -209,10 +241,13 @@ class Setup:
     responses: int = 3
     chunk_size: int = 1024
     head: str = "fused"  # fused | naive
-    reference: str = "cached"  # cached | live
+    reference: str = "cached"  # cached | live | adapters_off (LoRA: the policy with its adapters off)
     grad_ckpt: bool = True
     train_vision_tower: bool = False
     gpu_mem_gib: float = 80.0
+    optim: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (optim.name)
+    finetune: str = "full"  # full | lora | qlora (model.finetune)
+    lora_r: int = 16
 
     @property
     def ranks(self):
@@ -222,48 +257,109 @@ class Setup:
     def sequences(self):
         return self.micro_batch * self.responses
 
+    @property
+    def adapters(self):
+        return self.finetune in ("lora", "qlora")
+
+
+def lora_params(dims, setup):
+    """r x (in + out) for each nn.Linear LoRA adapts: the decoder layers' and the projector's (bpo.lora leaves the
+    output head alone), and the vision tower's with --train-vision-tower."""
+    linears = [(a, b, dims.layers) for a, b in dims.layer_linears] + list(dims.projector_linears)
+    if setup.train_vision_tower:
+        linears += list(dims.vision_linears)
+    return setup.lora_r * sum((a + b) * count for a, b, count in linears)
+
 
 def trainable_params(dims, setup):
+    if setup.adapters:
+        return lora_params(dims, setup)
     return dims.llm_params + dims.projector_params + (dims.vision_params if setup.train_vision_tower else 0)
 
 
-def checkpoint_bytes(dims, train_vision_tower=False):
-    """Disk for one ZeRO checkpoint: fp32 master + Adam m, v of the trained parameters (12 B each) and the bf16
-    fragments of the frozen ones (2 B each); DeepSpeed's module-state files add little to this."""
-    pt = dims.llm_params + dims.projector_params + (dims.vision_params if train_vision_tower else 0)
-    return 12 * pt + 2 * (dims.total_params - pt)
+# bitsandbytes NF4 with double quantization: 4 bits a weight plus one 8-bit scale per 64 weights (the fp32 scales of
+# those scales, one per 256 blocks, are negligible).
+NF4_BYTES = 0.5 + 1 / 64
+# 8-bit Adam: m and v one byte each, plus one fp32 absmax per block of 256 for each.
+ADAM8_BYTES = 2 + 2 * 4 / 256
+
+
+def weight_bytes(dims, setup):
+    """Bytes of the model's weights, the way they sit on the GPUs (before partitioning): bf16, or with QLoRA the
+    decoder's Linear weights in NF4; LoRA's adapters (bf16) included."""
+    extra = 2 * trainable_params(dims, setup) if setup.adapters else 0
+    if setup.finetune == "qlora":
+        pq = dims.quantizable_params
+        return NF4_BYTES * pq + 2 * (dims.total_params - pq) + extra
+    return 2 * dims.total_params + extra
+
+
+def checkpoint_bytes(dims, setup=Setup()):
+    """Disk for one ZeRO checkpoint: fp32 master + the optimizer's moments for the trained parameters (12 B each
+    with AdamW, 6 with 8-bit Adam) and the frozen parameters as stored (bf16, NF4 for QLoRA's quantized ones);
+    DeepSpeed keeps a LoRA run's whole frozen base in every checkpoint. Its module-state files add little."""
+    pt = trainable_params(dims, setup)
+    state = 4 + (ADAM8_BYTES if setup.optim != "adamw" else 8)
+    return state * pt + weight_bytes(dims, setup) - 2 * pt
+
+
+def _optimizer_row(setup):
+    if setup.optim == "adamw":
+        return "optimizer (fp32 master + Adam m, v)", 12, "12 Pt / N"
+    return ("optimizer (fp32 master + 8-bit Adam m, v)", 4 + ADAM8_BYTES,
+            "(4 + 2 + 8/256) Pt / N")
 
 
 def estimate(dims, setup):
     """Rows (key, label, bytes per GPU, formula) and host bytes per node. Alternatives (the other head, the other
-    reference) are rows too; `total` sums the ones `setup` chooses."""
+    references) are rows too; `total` sums the ones `setup` chooses."""
     if setup.zero not in (1, 2, 3):
         raise ValueError("--zero must be 1, 2 or 3")
     if setup.offload not in ("none", "optimizer", "param"):
         raise ValueError("--offload must be none, optimizer or param")
     if setup.offload == "param" and setup.zero != 3:
         raise ValueError("--offload param needs ZeRO-3")
-    n, p, pt = setup.ranks, dims.total_params, trainable_params(dims, setup)
+    if setup.optim not in ("adamw", "adamw_8bit", "paged_adamw_8bit"):
+        raise ValueError("--optim must be adamw, adamw_8bit or paged_adamw_8bit")
+    if setup.optim != "adamw" and setup.offload != "none":
+        raise ValueError("--optim 8-bit keeps its states on the GPU; with --offload DeepSpeed steps its own CPU Adam")
+    if setup.finetune not in ("full", "lora", "qlora"):
+        raise ValueError("--finetune must be full, lora or qlora")
+    if setup.reference == "adapters_off" and not setup.adapters:
+        raise ValueError("--reference adapters_off needs --finetune lora or qlora")
+    n, pt = setup.ranks, trainable_params(dims, setup)
     s, t, h = setup.sequences, setup.seq_len, dims.hidden
     z3 = setup.zero == 3
+    qlora = setup.finetune == "qlora"
     rows = []
 
     def row(key, label, value, formula):
         rows.append((key, label, value, formula))
 
-    params_gpu = 0 if setup.offload == "param" else (2 * p / n if z3 else 2 * p)
-    row("params", "parameters (bf16)", params_gpu,
-        "on CPU" if setup.offload == "param" else ("2 P / N" if z3 else "2 P"))
+    weights = weight_bytes(dims, setup)
+    if qlora:
+        w_label, w_formula = "parameters (NF4 decoder Linear, bf16 rest)", "((0.5 + 1/64) Pq + 2 (P - Pq + Pt))"
+    elif setup.adapters:
+        w_label, w_formula = "parameters (bf16, base + adapters)", "2 (P + Pt)"
+    else:
+        w_label, w_formula = "parameters (bf16)", "2 P"
+    params_gpu = 0 if setup.offload == "param" else (weights / n if z3 else weights)
+    row("params", w_label, params_gpu, "on CPU" if setup.offload == "param" else w_formula + (" / N" if z3 else ""))
     if setup.offload == "none":
         row("grads", "gradients (bf16)", 2 * pt / n if setup.zero >= 2 else 2 * pt,
             "2 Pt / N" if setup.zero >= 2 else "2 Pt")
-        row("optim", "optimizer (fp32 master + Adam m, v)", 12 * pt / n, "12 Pt / N")
+        label, per, formula = _optimizer_row(setup)
+        row("optim", label, per * pt / n, formula)
     else:
         row("grads", "gradients", 0, "on CPU")
         row("optim", "optimizer (fp32 master + Adam m, v)", 0, "on CPU")
     if z3:
-        row("gather", "ZeRO-3 gathered layers", 2 * 2 * max(dims.layer_params, dims.embedding_params),
-            "2 x 2 x max(layer, embedding)")
+        layer = 2 * dims.layer_params
+        if qlora:
+            pq_layer = sum(a * b for a, b in dims.layer_linears)
+            layer = NF4_BYTES * pq_layer + 2 * (dims.layer_params - pq_layer)
+        row("gather", "ZeRO-3 gathered layers", 2 * max(layer, 2 * dims.embedding_params),
+            "2 x max(layer in NF4 + bf16, 2 embedding)" if qlora else "2 x 2 x max(layer, embedding)")
     per_layer = s * t * (9 * h + 2 * dims.kv_dim + 4 * dims.intermediate) * 2
     if setup.grad_ckpt:
         row("ckpt", "activations: layer-input checkpoints", 2 * dims.layers * s * t * h, "2 L S T H")
@@ -276,28 +372,43 @@ def estimate(dims, setup):
         "chunk V x 10")
     row("head:naive", "log-prob head: naive", s * t * dims.vocab * HEAD_BYTES_PER_LOGIT, "S T V x 10")
     row("ref:cached", "reference: cached", 0, "0")
-    ref_live = 0 if setup.offload == "param" else (2 * p / n if z3 else 2 * p)
-    row("ref:live", "reference: live (frozen bf16 copy)", ref_live,
-        "on CPU" if setup.offload == "param" else ("2 P / N" if z3 else "2 P"))
+    base = weights - (2 * pt if setup.adapters else 0)  # a frozen copy carries no adapters
+    ref_live = 0 if setup.offload == "param" else (base / n if z3 else base)
+    copy = "frozen NF4 + bf16 copy" if qlora else "frozen bf16 copy"
+    row("ref:live", f"reference: live ({copy})", ref_live,
+        "on CPU" if setup.offload == "param" else ("same as parameters, less Pt" if setup.adapters else
+                                                    ("2 P / N" if z3 else "2 P")))
+    if setup.adapters:
+        row("ref:adapters_off", "reference: the policy with adapters off", 0, "0 (one more forward)")
     row("allowance", "CUDA context, NCCL, fragmentation", ALLOWANCE_BYTES, "fixed")
 
     host_per_rank = 0
     if setup.offload != "none":
         host_per_rank += 16 * pt / n
     if setup.offload == "param":
-        host_per_rank += 2 * p / n * (2 if setup.reference == "live" else 1)
+        host_per_rank += weights / n * (2 if setup.reference == "live" else 1)
     return rows, host_per_rank * setup.gpus_per_node
 
 
+def references(setup):
+    return ("cached", "live", "adapters_off") if setup.adapters else ("cached", "live")
+
+
 def chosen(rows, setup):
-    skip = {f"head:{'naive' if setup.head == 'fused' else 'fused'}",
-            f"ref:{'live' if setup.reference == 'cached' else 'cached'}"}
+    skip = {f"head:{'naive' if setup.head == 'fused' else 'fused'}"}
+    skip |= {f"ref:{ref}" for ref in references(setup) if ref != setup.reference}
     return [r for r in rows if r[0] not in skip]
 
 
 def total_bytes(dims, setup):
     rows, _ = estimate(dims, setup)
     return sum(r[2] for r in chosen(rows, setup))
+
+
+def load_bytes(dims, setup):
+    """QLoRA only: transformers quantizes outside zero.Init, so the whole NF4 model sits on every GPU until
+    deepspeed.initialize partitions it (with the fixed allowance). 0 for the other modes, built partitioned."""
+    return weight_bytes(dims, setup) + ALLOWANCE_BYTES if setup.finetune == "qlora" else 0
 
 
 def _fmt_count(x):
@@ -310,46 +421,56 @@ def report(dims, setup, markdown=False):
     picked = {r[0] for r in chosen(rows, setup)}
     total = sum(r[2] for r in rows if r[0] in picked)
     pt = trainable_params(dims, setup)
+    peak = max(total, load_bytes(dims, setup))
+    if setup.adapters:
+        where = "decoder + projector" + (" + vision" if setup.train_vision_tower else "")
+        trained = (f"trained Pt = {_fmt_count(pt)} LoRA parameters (r={setup.lora_r} on every Linear of the "
+                   f"{where}); base frozen" + (", decoder Linear weights in NF4" if setup.finetune == "qlora" else ""))
+    else:
+        trained = f"trained Pt = {_fmt_count(pt)}"
     lines = [
         f"{dims.name}: {_fmt_count(dims.total_params)} parameters (LLM {_fmt_count(dims.llm_params)}, vision "
         f"{_fmt_count(dims.vision_params)} {'trained' if setup.train_vision_tower else 'frozen'}, projector "
-        f"{_fmt_count(dims.projector_params)}); trained Pt = {_fmt_count(pt)}",
+        f"{_fmt_count(dims.projector_params)}); {trained}",
         f"{setup.nodes} node(s) x {setup.gpus_per_node} GPUs = N {setup.ranks}; ZeRO-{setup.zero}, offload "
         f"{setup.offload}; S = {setup.micro_batch} x {setup.responses} sequences of T = {setup.seq_len} tokens; "
-        f"gradient checkpointing {'on' if setup.grad_ckpt else 'off'}",
+        f"gradient checkpointing {'on' if setup.grad_ckpt else 'off'}; optimizer {setup.optim}",
         "",
     ]
     if markdown:
         lines += ["| component | GiB per GPU | formula (bytes) |", "|---|---:|---|"]
     else:
-        lines.append(f"  {'component':<52} {'GiB/GPU':>8}  formula (bytes)")
+        lines.append(f"  {'component':<58} {'GiB/GPU':>8}  formula (bytes)")
     for key, label, value, formula in rows:
         mark = "" if key in picked else " (alternative)"
         if markdown:
             lines.append(f"| {label}{mark} | {value / GiB:.2f} | {formula} |")
         else:
-            lines.append(f"  {label + mark:<52} {value / GiB:>8.2f}  {formula}")
-    verdict = (f"fits in {setup.gpu_mem_gib:g} GiB ({setup.gpu_mem_gib - total / GiB:.1f} GiB spare)"
-               if total <= setup.gpu_mem_gib * GiB else
-               f"DOES NOT FIT in {setup.gpu_mem_gib:g} GiB (short by {total / GiB - setup.gpu_mem_gib:.1f} GiB)")
+            lines.append(f"  {label + mark:<58} {value / GiB:>8.2f}  {formula}")
+    verdict = (f"fits in {setup.gpu_mem_gib:g} GiB ({setup.gpu_mem_gib - peak / GiB:.1f} GiB spare)"
+               if peak <= setup.gpu_mem_gib * GiB else
+               f"DOES NOT FIT in {setup.gpu_mem_gib:g} GiB (short by {peak / GiB - setup.gpu_mem_gib:.1f} GiB)")
     if markdown:
         lines.append(f"| **total ({setup.head} head, {setup.reference} reference)** | **{total / GiB:.2f}** | "
                      f"{verdict} |")
     else:
-        lines.append(f"  {'total (' + setup.head + ' head, ' + setup.reference + ' reference)':<52} "
+        lines.append(f"  {'total (' + setup.head + ' head, ' + setup.reference + ' reference)':<58} "
                      f"{total / GiB:>8.2f}  {verdict}")
     others = []
     for head in ("fused", "naive"):
-        for ref in ("cached", "live"):
+        for ref in references(setup):
             if (head, ref) != (setup.head, setup.reference):
                 other = total_bytes(dims, replace(setup, head=head, reference=ref)) / GiB
                 fits = "fits" if other <= setup.gpu_mem_gib else "does not fit"
                 others.append(f"{head} head + {ref} reference {other:.1f} GiB ({fits})")
     lines += ["", "other choices: " + "; ".join(others)]
+    if setup.finetune == "qlora":
+        lines.append(f"loading: the whole NF4 model sits on every GPU until ZeRO-3 partitions it: "
+                     f"{load_bytes(dims, setup) / GiB:.1f} GiB with the allowance (the verdict counts it)")
     if setup.offload != "none":
         lines.append(f"host memory for offloaded state: {host_node / GiB:.1f} GiB per node")
-    lines.append(f"one checkpoint on disk: {checkpoint_bytes(dims, setup.train_vision_tower) / GiB:.0f} GiB")
-    return "\n".join(lines), total <= setup.gpu_mem_gib * GiB
+    lines.append(f"one checkpoint on disk: {checkpoint_bytes(dims, setup) / GiB:.0f} GiB")
+    return "\n".join(lines), peak <= setup.gpu_mem_gib * GiB
 
 
 def parse_args(argv=None):
@@ -364,10 +485,15 @@ def parse_args(argv=None):
     parser.add_argument("--responses", type=int, default=Setup.responses, help="3 for BPO, 2 for DPO")
     parser.add_argument("--chunk-size", type=int, default=Setup.chunk_size, help="loss.logprob_chunk_size")
     parser.add_argument("--head", default=Setup.head, choices=("fused", "naive"), help="loss.logprob_impl")
-    parser.add_argument("--reference", default=Setup.reference, choices=("cached", "live"),
-                        help="cached = train.ref_cache set")
+    parser.add_argument("--reference", default=Setup.reference, choices=("cached", "live", "adapters_off"),
+                        help="cached = train.ref_cache set; adapters_off = LoRA's default without a cache")
     parser.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
     parser.add_argument("--train-vision-tower", action="store_true")
+    parser.add_argument("--optim", default=Setup.optim, choices=("adamw", "adamw_8bit", "paged_adamw_8bit"),
+                        help="optim.name")
+    parser.add_argument("--finetune", default=Setup.finetune, choices=("full", "lora", "qlora"),
+                        help="model.finetune")
+    parser.add_argument("--lora-r", type=int, default=Setup.lora_r, help="lora.r")
     parser.add_argument("--gpu-mem-gb", type=float, default=Setup.gpu_mem_gib,
                         help="usable memory per GPU in GiB (an H100 80GB reports 79.6 GiB)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
@@ -379,7 +505,8 @@ def main(argv=None):
     setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, zero=args.zero, offload=args.offload,
                   seq_len=args.seq_len, micro_batch=args.micro_batch, responses=args.responses,
                   chunk_size=args.chunk_size, head=args.head, reference=args.reference, grad_ckpt=args.grad_ckpt,
-                  train_vision_tower=args.train_vision_tower, gpu_mem_gib=args.gpu_mem_gb)
+                  train_vision_tower=args.train_vision_tower, gpu_mem_gib=args.gpu_mem_gb, optim=args.optim,
+                  finetune=args.finetune, lora_r=args.lora_r)
     try:
         text, fits = report(load_dims(args.model), setup, markdown=args.markdown)
     except ValueError as e:

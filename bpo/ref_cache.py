@@ -34,7 +34,7 @@ def fingerprint(cfg, processor, data_file, model_path=None):
 
     model_path = model_path or cfg.train.ref_model_path or cfg.model.path
     image_processor = getattr(processor, "image_processor", None)
-    return {
+    fp = {
         "format": FORMAT_VERSION,
         "model_files": digest_of(model_fingerprint(model_path)),
         "dtype": cfg.model.dtype,
@@ -46,6 +46,14 @@ def fingerprint(cfg, processor, data_file, model_path=None):
         "reduction": cfg.loss.reduction,
         "data_file": file_digest(data_file),
     }
+    if cfg.model.finetune == "qlora":
+        # A QLoRA run's reference is its 4-bit base, whose log-probs differ from those of the model.dtype weights.
+        # LoRA's own settings (rank, alpha, targets) are not here: with adapters off they do not enter the numbers,
+        # so one cache serves every adapter configuration trained on the same base.
+        from bpo.lora import QUANTIZATION
+
+        fp["base_quantization"] = QUANTIZATION
+    return fp
 
 
 def describe_mismatch(cached, current):

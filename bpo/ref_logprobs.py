@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from bpo import dist, ref_cache
+from bpo import dist, lora, ref_cache
 from bpo.faults import maybe_crash
 from bpo.config import load_config, require
 from bpo.loss import sequence_logps
@@ -44,9 +44,12 @@ def build_scorer(cfg, blank):
     ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
           "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": cfg.model.dtype == "bf16"},
           "fp16": {"enabled": cfg.model.dtype == "fp16"}}
-    model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ds)
+    # QLoRA's reference is its 4-bit base: the cache holds what training's adapters-off forward would compute.
+    model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ds,
+                       quantize=cfg.model.finetune == "qlora")
     model.requires_grad_(False)
-    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank)
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank,
+                            zero3=True)
     engine, *_ = deepspeed.initialize(model=scorer, config=ds)
     engine.eval()
     return engine
@@ -97,6 +100,10 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     require(cfg, "model.path", "data.train_file", "cache.output_dir")
+    try:
+        lora.require_platform(cfg.model)
+    except lora.PlatformError as e:
+        raise SystemExit(f"error: {e}") from None
     model_path = cfg.train.ref_model_path or cfg.model.path
     try:  # before any process group or weights: a checkpoint without a usable chat template is a config error
         chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)

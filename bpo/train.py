@@ -5,6 +5,7 @@ Multi-node (Slurm):    srun torchrun --nnodes $N --nproc_per_node 8 ... bpo/trai
 CPU, 2 processes:      DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bpo/train.py \
                            --config configs/demo.yaml train.ds_config=ds_configs/zero3_cpu.json
 Resume after a kill:   the same command with train.resume=true
+Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_8bit | paged_adamw_8bit (README)
 """
 
 import argparse
@@ -18,13 +19,13 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import torch
 
-from bpo import checkpoint, dist, run_log, sampler
+from bpo import checkpoint, dist, lora, optim, run_log, sampler
 from bpo.config import load_config, require, save_config, to_yaml
 from bpo.faults import maybe_crash
 from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
-from bpo.model import (SequenceScorer, choose_layout, describe, load_model, model_inputs, resolve_attn_implementation,
-                       set_trainable)
-from bpo.reference import LiveReference
+from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
+                       resolve_attn_implementation, set_gradient_checkpointing, set_trainable)
+from bpo.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
 
 
@@ -65,7 +66,7 @@ def build_ds_config(cfg, world_size):
             zero.pop(key)  # DeepSpeed's own default; transformers sizes these from hidden_size, we keep it simple
     ds.setdefault("bf16", {})["enabled"] = cfg.model.dtype == "bf16"
     ds.setdefault("fp16", {})["enabled"] = cfg.model.dtype == "fp16"
-    return ds
+    return optim.adapt_ds_config(ds, cfg.optim, cfg.train.ds_config)  # a bitsandbytes optimizer replaces its section
 
 
 def build_data(cfg, chat, log):
@@ -121,34 +122,51 @@ def build_data(cfg, chat, log):
 
 
 def build_policy(cfg, ds_config, total_steps, blank):
+    """The trained model as a DeepSpeed engine; returns (engine, the bitsandbytes optimizer or None)."""
     import deepspeed
 
-    model = load_model(cfg.model, ds_config=ds_config)
-    parts = set_trainable(model, cfg.model)
-    describe(model, parts, resolve_attn_implementation(cfg.model.attn_implementation))
-    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank)
+    model = load_model(cfg.model, ds_config=ds_config, quantize=cfg.model.finetune == "qlora")
+    attn = resolve_attn_implementation(cfg.model.attn_implementation)
+    if lora.uses_adapters(cfg.model):
+        peft_config, parts = lora.add_adapters(model, cfg.model, cfg.lora)
+        describe(model, None, attn)
+        dist.print0(lora.describe(parts, cfg.model, cfg.lora))
+        if dist.is_rank0():  # what bpo.export writes into an adapter directory
+            lora.save_config(peft_config, cfg.train.output_dir)
+    else:
+        describe(model, set_trainable(model, cfg.model), attn)
+    set_gradient_checkpointing(model, cfg.model)
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank,
+                            zero3=is_zero3(ds_config))
     params = [p for p in scorer.parameters() if p.requires_grad]
+    client = optim.build_optimizer(params, cfg.optim)  # None: DeepSpeed builds the ds_config's optimizer
+    dist.print0(optim.describe(cfg.optim, ds_config))
     # DeepSpeed steps the scheduler with the optimizer (once per accumulation) and keeps it in checkpoints.
-    engine, *_ = deepspeed.initialize(model=scorer, model_parameters=params, config=ds_config,
+    engine, *_ = deepspeed.initialize(model=scorer, model_parameters=params, optimizer=client, config=ds_config,
                                       lr_scheduler=lambda opt: build_scheduler(opt, total_steps, cfg.optim))
-    return engine
+    return engine, client
 
 
 def build_reference(cfg, ds_config, chat, dataset, blank):
-    """The reference: the offline cache when train.ref_cache is set (no reference weights are read at all), else
-    a frozen ZeRO-3 inference engine holding a second copy of the model."""
+    """The reference: the offline cache when train.ref_cache is set (no reference weights are read at all); with
+    LoRA and no train.ref_model_path, None: the policy itself with its adapters off (AdapterOffReference, built once
+    the policy is); else a frozen ZeRO-3 inference engine holding a second copy of the model."""
     if cfg.train.ref_cache:
         from bpo.ref_cache import CachedReference
 
         reference = CachedReference(cfg.train.ref_cache, cfg, chat.processor, cfg.data.train_file)
         reference.check_ids(dataset.records, dataset.responses)
         return reference
+    if lora.uses_adapters(cfg.model) and not cfg.train.ref_model_path:
+        return None
     import deepspeed
 
     ref_ds = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
-    model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ref_ds)
+    model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ref_ds,
+                       quantize=cfg.model.finetune == "qlora")
     model.requires_grad_(False)
-    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank)
+    scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank,
+                            zero3=is_zero3(ref_ds))
     engine, *_ = deepspeed.initialize(model=scorer, config=ref_ds)
     engine.eval()
     return LiveReference(engine, cfg.loss.reduction)
@@ -180,6 +198,7 @@ def train(cfg):
     from bpo.data.shared import make_collate
 
     require(cfg, "model.path", "data.train_file")
+    lora.require_platform(cfg.model)  # QLoRA needs CUDA: say so before anything starts
     chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code)  # no template: fail first
     dist.init_distributed()
     torch.manual_seed(cfg.train.seed)
@@ -203,20 +222,25 @@ def train(cfg):
 
     ds_config = build_ds_config(cfg, world)
     reference = build_reference(cfg, ds_config, chat, dataset, blank)  # first: a bad cache fails before weights load
-    engine = build_policy(cfg, ds_config, total, blank)
+    engine, client_optimizer = build_policy(cfg, ds_config, total, blank)
     layout, why = choose_layout(cfg.loss.scoring, engine.module.model)
     dist.print0(why)
     collate = make_collate(layout, pad_id, cfg.train.max_tokens_per_sequence)
+    ref_kind = "cache" if cfg.train.ref_cache else "live copy"
+    if reference is None:
+        reference, ref_kind = AdapterOffReference(engine, cfg.loss.reduction), "policy with adapters off"
     dist.print0(f"world={world} micro_batch={cfg.train.micro_batch_size} grad_accum={cfg.train.grad_accum} "
                 f"global_batch={ds_config['train_batch_size']} examples, steps/epoch={per_epoch}, total steps={total}, "
-                f"log-prob head={cfg.loss.logprob_impl}, reference={'cache' if cfg.train.ref_cache else 'live'}")
+                f"log-prob head={cfg.loss.logprob_impl}, reference={ref_kind}")
 
     start = 0
     if cfg.train.resume:
         restored = checkpoint.load(engine, cfg.train.output_dir)
         if restored is not None:
             start = restored
-            dist.print0(f"resumed from step {start}")
+            moved = optim.repage_states(client_optimizer) if client_optimizer is not None else 0
+            dist.print0(f"resumed from step {start}" + (f" ({moved} optimizer states back in paged memory)"
+                                                        if moved else ""))
 
     if start >= total:
         dist.print0(f"run in {cfg.train.output_dir} is already complete ({total} steps); nothing to do")
@@ -234,8 +258,9 @@ def train(cfg):
             batch = collate([dataset[i] for i in indices])
             inputs = model_inputs(batch, engine.device)
             response_mask = inputs["labels"][:, 1:] != -100  # (R, T-1)
-            policy_logps = sequence_logps(engine(**inputs), response_mask, cfg.loss.reduction)  # (R,)
+            # Reference first: its no-grad forward then never runs beside the policy's saved activations.
             ref_logps = reference(batch, inputs)  # (R,)
+            policy_logps = sequence_logps(engine(**inputs), response_mask, cfg.loss.reduction)  # (R,)
             loss, metrics = preference_loss(policy_logps, ref_logps, batch, cfg.loss)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only on the last micro-step of the accumulation
@@ -262,8 +287,10 @@ def train(cfg):
         from bpo.export import export
 
         # From the checkpoint just written, streaming, in the model class's key names: loads with from_pretrained.
+        # A LoRA run writes its adapter directory, or with lora.export=merged full weights with the adapters folded in.
         export(checkpoint.checkpoint_root(cfg.train.output_dir), os.path.join(cfg.train.output_dir, "hf_model"),
-               dtype=cfg.model.dtype, base_model=cfg.model.path, force=True)
+               dtype=cfg.model.dtype, base_model=cfg.model.path, force=True,
+               merge=lora.uses_adapters(cfg.model) and cfg.lora.export == "merged")
     log.close()
     dist.barrier()
     dist.print0(f"done: {total} steps, run directory {cfg.train.output_dir}")
@@ -272,13 +299,15 @@ def train(cfg):
 def main(argv=None):
     from bpo.config import ConfigError
     from bpo.data.chat import ChatTemplateError
+    from bpo.lora import PlatformError
     from bpo.data.records import DataFileError, RecordError
     from bpo.ref_cache import CacheError
 
     args = parse_args(argv)
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, RecordError, DataFileError, CacheError, ChatTemplateError, FileNotFoundError) as e:
+    except (ConfigError, RecordError, DataFileError, CacheError, ChatTemplateError, PlatformError,
+            FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -1,6 +1,7 @@
 """bpo.plan: parameter counts against real transformers models, and memory rows small enough to check by hand."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -135,3 +136,80 @@ def test_cli_prints_a_table_and_exits_1_when_it_does_not_fit(capsys):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(SystemExit, match="no such config.json"):
         plan.load_dims("/nonexistent/model")
+
+
+def test_lora_and_8bit_rows_by_hand():
+    # LoRA r=4 on each decoder layer's q (100->100), k, v (100->50), o (100->100), gate, up (100->300), down (300->100)
+    pt = 4 * 2 * ((100 + 100) + 2 * (100 + 50) + (100 + 100) + 2 * (100 + 300) + (300 + 100))
+    assert pt == 15_200
+    setup = Setup(nodes=1, gpus_per_node=4, finetune="lora", lora_r=4, optim="adamw_8bit", reference="adapters_off")
+    assert plan.trainable_params(DIMS, setup) == pt
+    rows, _ = rows_of(DIMS, setup)
+    assert rows["params"] == 2 * (451_000 + pt) / 4  # the frozen base and the adapters, bf16
+    assert rows["grads"] == 2 * pt / 4
+    assert rows["optim"] == (4 + 1 + 1 + 2 * 4 / 256) * pt / 4  # fp32 master, uint8 m and v, an fp32 scale per 256
+    assert rows["ref:adapters_off"] == 0 and rows["ref:live"] == 2 * 451_000 / 4
+    assert total_bytes(DIMS, setup) == sum(v for k, v in rows.items() if k not in ("head:naive", "ref:live",
+                                                                                    "ref:cached"))
+    assert plan.checkpoint_bytes(DIMS, setup) == 6.03125 * pt + 2 * 451_000  # DeepSpeed keeps the frozen base
+    assert plan.checkpoint_bytes(DIMS, replace(setup, optim="adamw")) == 12 * pt + 2 * 451_000
+    assert plan.load_bytes(DIMS, setup) == 0  # built partitioned
+
+    full8 = Setup(nodes=1, gpus_per_node=4, optim="paged_adamw_8bit")
+    assert rows_of(DIMS, full8)[0]["optim"] == 6.03125 * 441_000 / 4
+
+
+def test_qlora_rows_by_hand():
+    pq = 2 * (100 * 100 + 2 * 100 * 50 + 100 * 100 + 3 * 100 * 300)  # the decoder's Linear weights, in NF4
+    pt = 15_200
+    setup = Setup(nodes=1, gpus_per_node=4, finetune="qlora", lora_r=4)
+    rows, _ = rows_of(DIMS, setup)
+    weights = (0.5 + 1 / 64) * pq + 2 * (451_000 - pq) + 2 * pt
+    assert rows["params"] == weights / 4
+    assert rows["ref:live"] == (weights - 2 * pt) / 4  # a frozen copy, quantized the same way, no adapters
+    layer_linear = pq // 2
+    assert rows["gather"] == 2 * max((0.5 + 1 / 64) * layer_linear + 2 * (120_200 - layer_linear), 2 * 100_000)
+    assert plan.load_bytes(DIMS, setup) == weights + 4 * GiB  # the whole NF4 model on each GPU while it loads
+    text, fits = plan.report(DIMS, setup)
+    assert "loading: the whole NF4 model sits on every GPU" in text and fits
+
+
+def test_bad_combinations_are_refused():
+    with pytest.raises(ValueError, match="adapters_off needs --finetune lora"):
+        estimate(DIMS, Setup(reference="adapters_off"))
+    with pytest.raises(ValueError, match="8-bit keeps its states on the GPU"):
+        estimate(DIMS, Setup(optim="adamw_8bit", offload="optimizer"))
+
+
+@pytest.mark.parametrize("family", ["tiny", "qwen2_vl"])
+def test_lora_count_matches_peft_on_instantiated_models(family, tiny_model_dir, tmp_path):
+    """plan's r x (in + out) per adapted Linear against the adapters PEFT actually adds (bpo.lora) to the model."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
+
+    from bpo.config import LoraConfig, ModelConfig
+    from bpo.lora import add_adapters
+
+    if family == "tiny":
+        dims = plan.load_dims(tiny_model_dir)
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    else:
+        raw = {"model_type": "qwen2_vl", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False,
+               "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 4,
+                                 "in_chans": 3, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}}
+        (tmp_path / "config.json").write_text(json.dumps(raw))
+        dims = plan.load_dims(str(tmp_path))
+        model = Qwen2VLForConditionalGeneration(AutoConfig.for_model(**raw))
+    _, parts = add_adapters(model, ModelConfig(finetune="lora"), LoraConfig(r=4, alpha=8))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == parts["language_model"][1] + parts["connector"][1]
+    assert plan.trainable_params(dims, Setup(finetune="lora", lora_r=4)) == adapters
+    assert parts["connector"][1] > 0  # the projector (Qwen2-VL: the merger) is counted on both sides
+
+
+def test_cli_takes_the_memory_levers(capsys):
+    assert plan.main(["--model", "llava-1.5-7b", "--optim", "adamw_8bit", "--finetune", "qlora", "--lora-r", "8",
+                      "--reference", "adapters_off"]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer (fp32 master + 8-bit Adam m, v)" in out and "LoRA parameters (r=8" in out
+    assert "reference: the policy with adapters off" in out and "parameters (NF4 decoder Linear, bf16 rest)" in out
