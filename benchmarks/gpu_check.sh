@@ -37,6 +37,14 @@ print(torch.cuda.get_device_name(0), 'CUDA', torch.version.cuda, 'torch', torch.
 [ $status = 0 ] || exit 1  # without a GPU every check below would only skip
 cat "$LOGS/environment.log"
 
+# The fused log-prob head: the Triton kernel against the naive head natively on CUDA (CI runs it only under
+# TRITON_INTERPRET=1), then the head benchmark at V = 32000 and 128256 (its table lands in the log folder).
+check triton_head 120 "$PY" -m pytest -q -x -rs tests/ops
+check logprob_bench 180 "$PY" benchmarks/logprob_bench.py --rounds 1 --out "$LOGS/logprob_bench.md"
+
+# A ~1B VLM BPO step on one GPU, bf16, rows vs shared-prompt layout (SDPA with the shared mask on CUDA), with MFU.
+check vlm_step 240 "$PY" benchmarks/gpu_step.py --steps 6 --out "$LOGS/gpu_step.md"
+
 # Issue 12: QLoRA (4-bit NF4 base under ZeRO-3: trains only adapters, exports adapter + merged weights) and
 # paged_adamw_8bit (its states back in paged memory after a resume). Three one-GPU training jobs, ~3 minutes.
 check qlora_paged_8bit 300 "$PY" -m pytest -q -x -rs tests/test_qlora.py
