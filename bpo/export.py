@@ -50,19 +50,15 @@ def parse_size(text):
 
 
 def _safe_load(path):
-    """torch.load without executing pickled code: weights_only=True, with DeepSpeed's few plain state classes
-    allow-listed (an enum and the loss-scaler objects, restored field by field, no code runs). DeepSpeed writes these
-    files with torch.save, so a format without pickle is not available; this is the closest to it."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    """A checkpoint file read without executing pickled code (bpo.safe_load: weights-only, with DeepSpeed's few plain
+    state classes allowed), memory-mapped. DeepSpeed writes these files with torch.save, so a format without pickle
+    is not available; this is the closest to it."""
+    from bpo.safe_load import safe_load
 
     if not os.path.isfile(path):
         raise ExportError(f"checkpoint file missing: {path}")
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except ExportError:
-        raise
+        return safe_load(path, mmap=True)
     except Exception as e:
         raise ExportError(f"cannot read {path} (truncated or not a DeepSpeed checkpoint?): "
                           f"{type(e).__name__}: {str(e)[:300]}") from None

@@ -18,13 +18,14 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import torch
 
-from bpo import checkpoint, dist, run_log, sampler
+from bpo import checkpoint, dist, reshard, run_log, sampler
 from bpo.config import load_config, require, save_config, to_yaml
 from bpo.faults import maybe_crash
 from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
 from bpo.model import SequenceScorer, describe, load_model, model_inputs, resolve_attn_implementation, set_trainable
 from bpo.reference import LiveReference
 from bpo.schedule import build_scheduler
+from bpo.stop import EXIT_CODE as STOPPED_EXIT_CODE, StopRequest
 
 
 def parse_args(argv=None):
@@ -167,6 +168,7 @@ def preference_loss(policy_logps, ref_logps, batch, loss_cfg):
 
 
 def train(cfg):
+    """Run (or resume) training; returns 0 when done, bpo.stop.EXIT_CODE when stopped on request (checkpoint saved)."""
     from transformers import AutoProcessor
 
     from bpo.data.dataset import collate
@@ -175,6 +177,8 @@ def train(cfg):
     torch.manual_seed(cfg.train.seed)
     require(cfg, "model.path", "data.train_file")
     os.makedirs(cfg.train.output_dir, exist_ok=True)
+    # First, before any data or weights load: a refused or damaged checkpoint fails in seconds.
+    point = checkpoint.plan_resume(cfg.train.output_dir, cfg.train.resume)
     if dist.is_rank0():
         save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
     dist.print0(to_yaml(cfg))
@@ -193,6 +197,10 @@ def train(cfg):
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
 
     ds_config = build_ds_config(cfg, world)
+    universal = None
+    if point is not None and point.world != world:
+        ds_config["checkpoint"] = reshard.ds_config_entry()  # the engine must be built knowing it loads universal
+        universal = reshard.prepare(point)
     reference = build_reference(cfg, ds_config, processor, dataset)  # first: a bad cache fails before any weights load
     engine = build_policy(cfg, ds_config, total)
     dist.print0(f"world={world} micro_batch={cfg.train.micro_batch_size} grad_accum={cfg.train.grad_accum} "
@@ -200,16 +208,15 @@ def train(cfg):
                 f"log-prob head={cfg.loss.logprob_impl}, reference={'cache' if cfg.train.ref_cache else 'live'}")
 
     start = 0
-    if cfg.train.resume:
-        restored = checkpoint.load(engine, cfg.train.output_dir)
-        if restored is not None:
-            start = restored
-            dist.print0(f"resumed from step {start}")
+    if point is not None:
+        start = checkpoint.load(engine, point, universal)
+        dist.print0(f"resumed from step {start} ({point.path})")
 
     if start >= total:
         dist.print0(f"run in {cfg.train.output_dir} is already complete ({total} steps); nothing to do")
         log.close()
-        return
+        return 0
+    stop_request = StopRequest(cfg.train.output_dir)
     log.start(total, initial_step=start)
     engine.train()
     t_last = time.time()
@@ -230,20 +237,31 @@ def train(cfg):
             metrics["tokens"] = inputs["attention_mask"].sum()
             for k, v in metrics.items():  # stays on the device: no sync per micro-step
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
+        sums["stop"] = stop_request.flag()
 
-        # One all-reduce per optimizer step: the only CPU-GPU sync in the loop.
+        # One all-reduce per optimizer step: the only CPU-GPU sync in the loop. It also tells every rank whether
+        # any was asked to stop.
         totals = dist.sum_across_ranks(sums)
+        stopping = float(totals.pop("stop")) > 0 and step + 1 < total
         metrics = finalize_metrics({k: v for k, v in totals.items() if k != "tokens"})
         now = time.time()
         metrics.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0), epoch=epoch,
                        tokens=float(totals["tokens"]), step_time=now - t_last, peak_mem_mb=peak_memory_mb())
         t_last = now
         log.log(step + 1, metrics)
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
+        if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total):
             checkpoint.save(engine, cfg.train.output_dir, step + 1, cfg.train.keep_checkpoints)
         maybe_crash("train_steps", step + 1)
+        if stopping:
+            stop_request.clear()
+            log.close()
+            dist.barrier()
+            dist.print0(f"stopped on request after step {step + 1} of {total}: saved "
+                        f"{checkpoint.checkpoint_root(cfg.train.output_dir)}/step_{step + 1}; resume with --resume")
+            return STOPPED_EXIT_CODE
 
     checkpoint.save(engine, cfg.train.output_dir, total, cfg.train.keep_checkpoints)
+    stop_request.clear()  # a request that came with the last step: the run is complete, nothing to stop
     if cfg.train.export_16bit and dist.is_rank0():
         from bpo.export import export
 
@@ -253,18 +271,21 @@ def train(cfg):
     log.close()
     dist.barrier()
     dist.print0(f"done: {total} steps, run directory {cfg.train.output_dir}")
+    return 0
 
 
 def main(argv=None):
+    from bpo.checkpoint import CheckpointError
     from bpo.config import ConfigError
     from bpo.data.records import DataFileError, RecordError
     from bpo.ref_cache import CacheError
 
     args = parse_args(argv)
     try:
-        train(load_config(args.config, args.overrides))
-    except (ConfigError, RecordError, DataFileError, CacheError, FileNotFoundError) as e:
+        code = train(load_config(args.config, args.overrides))
+    except (ConfigError, RecordError, DataFileError, CacheError, CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    sys.exit(code)
 
 
 if __name__ == "__main__":
