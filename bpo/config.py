@@ -267,6 +267,23 @@ def to_yaml(cfg):
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+# The keys holding paths that a run's saved config.yaml is read back for (export takes model.path from it).
+PATH_KEYS = ("model.path", "data.train_file", "data.image_root", "train.output_dir", "train.ds_config",
+             "train.ref_cache", "train.ref_model_path")
+
+
+def with_absolute_paths(cfg):
+    """A copy of cfg with PATH_KEYS made absolute (empty ones stay empty), so a saved config means the same files
+    whatever directory it is read from."""
+    out = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(out, section), name)
+        if value:
+            setattr(getattr(out, section), name, os.path.abspath(value))
+    return out
+
+
 def save_config(cfg, path):
     """Write config.yaml atomically so a killed start never leaves half a config behind."""
     tmp = f"{path}.tmp.{os.getpid()}"

@@ -14,8 +14,14 @@ file), each taking ceil(numel / world) elements (the last rank's slice zero-padd
 optimizer: each rank's model-states file keeps its slice in `frozen_param_fragments`.
 
 Output: config (dtype updated), generation config, tokenizer/processor files and chat template copied from the base
-model, `model-0000k-of-0000N.safetensors` and `model.safetensors.index.json`, all written to a temporary directory
-that is renamed to OUT_DIR only when complete.
+model, `model-0000k-of-0000N.safetensors` and `model.safetensors.index.json` (its metadata marks it as written here),
+all written to OUT_DIR's sibling `.NAME.export-tmp`, which is renamed to OUT_DIR only when complete. A killed export
+leaves that directory; the next export to the same OUT_DIR removes it first. The base model (--base-model, else
+model.path from the run's config.yaml, which training saves as an absolute path) is checked before any shard is
+written.
+
+--force replaces OUT_DIR only when it holds a previous export (the marked index file) and neither the checkpoint
+nor the base model lies inside it; any other non-empty directory is refused, force or not.
 """
 
 import argparse
@@ -23,16 +29,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
 import torch
 
 from bpo.checkpoint import latest_tag
+from bpo.faults import maybe_crash
 
 # The training wrapper (bpo.model.SequenceScorer) holds the HF model as `.model`; its parameter names carry this
 # prefix, which export removes so the directory loads with the model class's own names.
 WRAPPER_PREFIX = "model."
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+INDEX_FILE = "model.safetensors.index.json"
+MARKER = "bpo_export"  # key in the index's metadata: the directory was written by this module
 BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
               "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
@@ -135,10 +143,10 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
     from tqdm import tqdm
 
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not force:
-        raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    base_model = base_model or _base_model_from_run(tag_dir)
+    _check_base_model(base_model)
+    _check_out_dir(out_dir, tag_dir, base_model, force)
     ckpt = PartitionedCheckpoint(tag_dir)
-    base_model = base_model or _base_model_from_run(ckpt_dir)
     limit = parse_size(max_shard_size)
     target = DTYPES[dtype]
 
@@ -155,9 +163,7 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
     if current:
         shards.append(current)
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    tmp = _temp_dir(out_dir)
     try:
         weight_map, total = {}, 0
         bar = tqdm(total=len(names), unit="tensor", desc="export", disable=not progress)
@@ -171,9 +177,11 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
                 bar.update(1)
             save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
             del tensors  # one shard in memory at a time
+            maybe_crash("export_shards", i + 1)
         bar.close()
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total, MARKER: {"checkpoint": os.path.abspath(tag_dir)}},
+                       "weight_map": weight_map}, f, indent=1, sort_keys=True)
         _copy_base_files(base_model, tmp, dtype)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
@@ -184,20 +192,77 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
     return out_dir
 
 
-def _base_model_from_run(ckpt_dir):
-    """The run's config.yaml (next to checkpoints/) names the base model whose tokenizer and config we ship."""
+def _temp_dir(out_dir):
+    """OUT_DIR's sibling `.NAME.export-tmp`, emptied: a name of its own, so a killed export's leftovers (up to a
+    whole model) are found and removed by the next export to the same place."""
+    out = os.path.abspath(out_dir)
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.export-tmp")
+    if os.path.exists(tmp):
+        print(f"removing {tmp}, left by an export that did not finish", flush=True)
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _is_inside(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _is_previous_export(directory):
+    try:
+        with open(os.path.join(directory, INDEX_FILE)) as f:
+            return MARKER in json.load(f).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out_dir(out_dir, tag_dir, base_model, force):
+    """OUT_DIR may be new, empty, or (with force) a previous export that holds neither input."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ExportError(f"{out_dir} exists and is not a directory")
+    if not os.listdir(out_dir):
+        return
+    if not force:
+        raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace a previous export there")
+    for what, path in (("the checkpoint", tag_dir), ("the base model", base_model)):
+        if _is_inside(path, out_dir):
+            raise ExportError(f"refusing --force: {out_dir} holds {what} ({path}), which replacing it would delete; "
+                              f"choose another OUT_DIR")
+    if not _is_previous_export(out_dir):
+        shown = ", ".join(sorted(os.listdir(out_dir))[:5])
+        raise ExportError(f"refusing --force: {out_dir} is not a previous export (no {INDEX_FILE} written by "
+                          f"bpo.export) and holds other files ({shown}, ...); choose another OUT_DIR, or empty it "
+                          f"yourself")
+
+
+def _base_model_from_run(tag_dir):
+    """model.path from the run's config.yaml (RUN/config.yaml for RUN/checkpoints/step_N): the base model whose
+    tokenizer and config we ship. Training saves it absolute; a relative one (an older run) is relative to wherever
+    that training ran, which is not known here."""
     import yaml
 
-    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir.rstrip("/"))), "config.yaml")
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(tag_dir)))
+    path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ExportError(f"cannot find the run's config.yaml at {path}; pass --base-model DIR")
     with open(path) as f:
-        return yaml.safe_load(f)["model"]["path"]
+        model_path = (yaml.safe_load(f) or {}).get("model", {}).get("path", "")
+    if not model_path or not os.path.isabs(model_path):
+        raise ExportError(f"{path} gives model.path {model_path!r}, not an absolute path (training saved it from "
+                          f"another working directory); pass --base-model DIR")
+    return model_path
+
+
+def _check_base_model(base_model):
+    if not os.path.isfile(os.path.join(base_model, "config.json")):
+        raise ExportError(f"base model directory {base_model} has no config.json; pass --base-model DIR (the model "
+                          f"the run started from, for its config and tokenizer)")
 
 
 def _copy_base_files(base_model, out, dtype):
-    if not os.path.isfile(os.path.join(base_model, "config.json")):
-        raise ExportError(f"base model directory {base_model} has no config.json")
     for name in BASE_FILES:
         src = os.path.join(base_model, name)
         if os.path.isfile(src):
@@ -219,7 +284,7 @@ def main(argv=None):
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--base-model", help="directory with the base model's config and tokenizer "
                                              "(default: model.path from the run's config.yaml)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR when it holds a previous export")
     args = parser.parse_args(argv)
     try:
         path = export(args.ckpt_dir, args.out_dir, args.tag, args.dtype, args.max_shard_size, args.base_model,

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 import torch
 
 from bpo import checkpoint, dist, reshard, run_log, sampler
-from bpo.config import load_config, require, save_config, to_yaml
+from bpo.config import load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.faults import maybe_crash
 from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
 from bpo.model import SequenceScorer, describe, load_model, model_inputs, resolve_attn_implementation, set_trainable
@@ -180,7 +180,7 @@ def train(cfg):
     # First, before any data or weights load: a refused or damaged checkpoint fails in seconds.
     point = checkpoint.plan_resume(cfg.train.output_dir, cfg.train.resume)
     if dist.is_rank0():
-        save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
+        save_config(with_absolute_paths(cfg), os.path.join(cfg.train.output_dir, "config.yaml"))
     dist.print0(to_yaml(cfg))
     log = run_log.make_log(cfg.train.output_dir, tensorboard=cfg.train.tensorboard, plot=cfg.train.plot)
 
