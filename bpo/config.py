@@ -35,6 +35,12 @@ class DataConfig:
     max_length: int = 1024  # prompt (never cut) + response (cut at the end) tokens per sequence
     skip_bad: bool = False  # train on the usable records of a file with bad ones, reporting each skip
     check_images: bool = True  # open every image once before training
+    # Larger images are bad records, refused from their header before decoding (a 12000x12000 photo would take
+    # ~2.4 GB on its way through the image processor). 40M pixels is e.g. 8000x5000.
+    max_image_pixels: int = 40_000_000
+    # Read `image` names that are absolute or climb out of image_root (`../x`); refused by default, so a data file
+    # cannot make a job read files elsewhere.
+    allow_outside_image_root: bool = False
 
 
 @dataclass
@@ -300,3 +306,11 @@ def require(cfg, *keys):
             node = getattr(node, part)
         if node in ("", None):
             raise ConfigError(f"{key} is required (set it in the config file or pass {key}=...)")
+
+
+def check_model_dir(path, key):
+    """Fail early, naming the key, unless `path` is a local model directory. bpo never downloads; without this a
+    wrong path reaches transformers, which reads it as a Hub repo id and fails with a raw HFValidationError."""
+    if not path or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{key} {path!r} is not a model directory (no config.json in it); set {key} to a local "
+                          f"checkpoint directory")
