@@ -27,9 +27,9 @@ if __package__ in (None, ""):
 import torch
 
 from bpo import dist
-from bpo.config import load_config
+from bpo.config import check_model_dir, load_config
 from bpo.data.conversation import Turn
-from bpo.data.records import Record
+from bpo.data.records import Record, enforce_max_image_pixels
 from bpo.fingerprint import digest_of, model_fingerprint
 from bpo.generate import generate_texts, load_generator
 from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
@@ -43,11 +43,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_examples(ecfg, image_root):
+def load_examples(ecfg, image_root, dcfg):
     from bpo.eval import adapters
 
     if ecfg.format == "mmsafe_po":
-        examples, bad = adapters.load_mmsafe_po(ecfg.test_file, image_root=image_root)
+        examples, bad = adapters.load_mmsafe_po(ecfg.test_file, image_root=image_root,
+                                                allow_outside_root=dcfg.allow_outside_image_root,
+                                                max_image_pixels=dcfg.max_image_pixels)
     elif ecfg.format == "mm_safetybench":
         examples, bad = adapters.load_mm_safetybench(ecfg.test_file, image_dir=image_root or None)
     else:
@@ -64,7 +66,8 @@ def load_examples(ecfg, image_root):
 def as_record(example, turns=None):
     """An EvalExample seen as a training Record (image path already joined), so prompts encode exactly alike."""
     return Record(id=example.id, turns=turns or example.turns, image=example.image, chosen=example.chosen or "",
-                  rejected=example.rejected or "", blind=None, meta=example.meta, source=example.id)
+                  rejected=example.rejected or "", blind=None, meta=example.meta,
+                  source=example.meta.get("source", example.id))
 
 
 def text_only(example):
@@ -96,6 +99,17 @@ def generation_rows(batch, examples, model, processor, cfg, seed):
     return rows
 
 
+def reward_examples(examples, cfg, processor):
+    """The examples whose pairs can be scored under data.max_length, by the rule every job shares
+    (bpo.data.usable): any other stops the run unless data.skip_bad, which leaves it out of reward accuracy only."""
+    from bpo.data.usable import usable_records
+
+    records, _, _ = usable_records([as_record(e) for e in examples], [], processor, "", cfg.data.max_length,
+                                   ("chosen", "rejected"), cfg.data.skip_bad, cfg.eval.test_file)
+    keep = {r.id for r in records}
+    return [e for e in examples if e.id in keep]
+
+
 @torch.no_grad()
 def reward_margins(examples, cfg, model_path, processor):
     """Per example: (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected), on this rank's slice.
@@ -114,7 +128,8 @@ def reward_margins(examples, cfg, model_path, processor):
     if cfg.eval.ref_cache:
         from bpo.ref_cache import CachedReference
 
-        reference = CachedReference(cfg.eval.ref_cache, cfg, processor, data_file=cfg.eval.test_file)
+        reference = CachedReference(cfg.eval.ref_cache, cfg, processor, data_file=cfg.eval.test_file,
+                                    image_root=cfg.eval.image_root or cfg.data.image_root)
         reference.check_ids(records, ("chosen", "rejected"))
     else:
         from bpo.reference import LiveReference
@@ -158,7 +173,8 @@ def build_report(cfg, examples, rows, verdicts, margins, judge_desc):
     if margins:
         values = list(margins.values())
         report["implicit_reward"] = {"n": len(values), "accuracy": sum(m > 0 for m in values) / len(values),
-                                     "mean_margin": sum(values) / len(values)}
+                                     "mean_margin": sum(values) / len(values),
+                                     "not_scored": len(examples) - len(values)}  # data.skip_bad left them out
     return report
 
 
@@ -178,7 +194,8 @@ def markdown(report):
                      f"{p['unparsable']} unparsable ({pct(p['accuracy_unparsable_wrong'])} counting those wrong) |")
     if "implicit_reward" in report:
         r = report["implicit_reward"]
-        lines.append(f"| implicit reward accuracy | {pct(r['accuracy'])} | {r['n']} pairs, mean margin "
+        skipped = f" ({r['not_scored']} left out by data.skip_bad)" if r.get("not_scored") else ""
+        lines.append(f"| implicit reward accuracy | {pct(r['accuracy'])} | {r['n']} pairs{skipped}, mean margin "
                      f"{r['mean_margin']:.3f} |")
     for key, rate in (("mm_safetybench", "asr"), ("spa_vl", "unsafe_rate")):
         if key in report:
@@ -208,14 +225,20 @@ def main(argv=None):
         raise SystemExit("evaluation keeps one model replica per rank (decode.zero3=false); for a model larger than "
                          "one device, serve it with a tensor-parallel server and evaluate its outputs")
     judge = build_judge(ecfg.judge)  # fail on a bad judge config before any model loads
+    check_model_dir(model_path, "eval.model_path" if ecfg.model_path else "model.path")
+    enforce_max_image_pixels(cfg.data.max_image_pixels)
     dist.init_distributed()
     os.makedirs(ecfg.output_dir, exist_ok=True)
-    examples = load_examples(ecfg, ecfg.image_root or cfg.data.image_root)
+    examples = load_examples(ecfg, ecfg.image_root or cfg.data.image_root, cfg.data)
     processor = AutoProcessor.from_pretrained(model_path, local_files_only=True,
                                               trust_remote_code=cfg.model.trust_remote_code)
+    scored = None  # the examples implicit reward accuracy scores, decided now: not after hours of generation
+    if ecfg.reward_accuracy and all(e.chosen is not None for e in examples):
+        scored = reward_examples(examples, cfg, processor)
 
     parts = os.path.join(ecfg.output_dir, "generations.parts")
-    check_settings(parts, {"model": digest_of(model_fingerprint(model_path)), "test": [e.id for e in examples],
+    model_digest = dist.on_rank0(lambda: digest_of(model_fingerprint(model_path)))  # one rank reads the weights
+    check_settings(parts, {"model": model_digest, "test": [e.id for e in examples],
                            "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
                            "pairwise": [ecfg.pairwise, ecfg.pairwise_seed, ecfg.pairwise_max_new_tokens]})
     model = load_generator(cfg.model, model_path, cfg.decode.zero3)
@@ -226,8 +249,8 @@ def main(argv=None):
     del model
 
     margins = {}
-    if ecfg.reward_accuracy and all(e.chosen is not None for e in examples):
-        margins = gather_dict(reward_margins(examples, cfg, model_path, processor))
+    if scored:
+        margins = gather_dict(reward_margins(scored, cfg, model_path, processor))
 
     if dist.is_rank0():
         verdicts = judge.judge([JudgeItem(r["id"], text_only(e).prompt_text, e.image, r["response"])
@@ -248,4 +271,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from bpo import cli
+
+    cli.run(main)

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bpo import dist
-from bpo.config import load_config, require
+from bpo.config import check_model_dir, load_config, require
 from bpo.fingerprint import digest_of, file_digest, model_fingerprint
 from bpo.generate import generate_texts, load_generator
 from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
@@ -95,10 +95,12 @@ def main(argv=None):
     require(cfg, "blind.output_file")
     if not input_file or not model_path:
         raise SystemExit("set blind.input_file (or data.train_file) and blind.model_path (or model.path)")
+    check_model_dir(model_path, "blind.model_path" if cfg.blind.model_path else "model.path")
     dist.init_distributed()
 
     items = read_raw_records(input_file)  # [(source, dict)] in file order, every line kept
-    records, bad = load_records(input_file, image_root=cfg.data.image_root, check_images=False)
+    records, bad = load_records(input_file, image_root=cfg.data.image_root, check_images=False,
+                                allow_outside_root=cfg.data.allow_outside_image_root)
     by_source = {r.source: r for r in records}
     reasons = {b.source: b.reason for b in bad}
     entries = [(by_source.get(src), reasons.get(src, "record could not be read")) for src, _ in items]
@@ -106,7 +108,8 @@ def main(argv=None):
     items = [raw if isinstance(raw, dict) else {"source": src} for src, raw in items]
 
     settings = {
-        "input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path)),
+        # Hashed by rank 0 alone: every rank reading the model's weights at once multiplies the I/O by the ranks.
+        **dist.on_rank0(lambda: {"input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path))}),
         "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
         "batches_per_shard": cfg.blind.batches_per_shard, "format": 1,
     }
@@ -137,4 +140,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from bpo import cli
+
+    cli.run(main)

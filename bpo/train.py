@@ -19,7 +19,8 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 import torch
 
 from bpo import checkpoint, dist, reshard, run_log, sampler
-from bpo.config import load_config, require, save_config, to_yaml, with_absolute_paths
+from bpo.config import check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
+from bpo.data.records import enforce_max_image_pixels
 from bpo.faults import maybe_crash
 from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
 from bpo.model import SequenceScorer, describe, load_model, model_inputs, resolve_attn_implementation, set_trainable
@@ -69,48 +70,29 @@ def build_ds_config(cfg, world_size):
 
 
 def build_data(cfg, processor, log):
-    """Records -> validated, length-checked dataset. Bad records stop the run unless data.skip_bad."""
+    """Records -> the usable ones (bpo.data.usable, the rule every job shares) as a dataset. Bad records stop the
+    run unless data.skip_bad."""
     from bpo.data.dataset import PreferenceDataset
-    from bpo.data.encode import PromptTooLong
-    from bpo.data.records import BadRecord, load_records, raise_if_bad
+    from bpo.data.records import load_records
+    from bpo.data.usable import usable_records
 
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
-                                check_images=cfg.data.check_images)
+                                check_images=cfg.data.check_images,
+                                allow_outside_root=cfg.data.allow_outside_image_root,
+                                max_image_pixels=cfg.data.max_image_pixels)
     responses = ("chosen", "rejected", "blind") if cfg.loss.type == "bpo" else ("chosen", "rejected")
     if cfg.loss.type == "bpo" and records and not any(r.blind for r in records):
         raise SystemExit(
             f"loss.type=bpo but no record in {cfg.data.train_file} has a `blind` response. Generate them with "
             f"`deepspeed bpo/generate_blind.py --config ...` first, or train with loss.type=dpo.")
-    dataset = PreferenceDataset(records, processor, cfg.data.image_root, cfg.data.max_length, responses=responses)
-
-    # Length check, split over ranks: every prompt must fit (it is never cut); responses may be truncated.
-    too_long, truncated = [], 0
-    for i in range(dist.rank(), len(records), dist.world_size()):
-        try:
-            truncated += any(dataset[i].truncated.values())
-        except PromptTooLong as e:
-            too_long.append(BadRecord(records[i].source, records[i].id, str(e)))
-    gathered = [too_long, truncated]
-    if dist.is_initialized():
-        parts = [None] * dist.world_size()
-        torch.distributed.all_gather_object(parts, gathered)
-        too_long = [b for p in parts for b in p[0]]
-        truncated = sum(p[1] for p in parts)
-    bad = bad + too_long
-    if bad and not cfg.data.skip_bad:
-        raise_if_bad(bad, cfg.data.train_file)
-    for b in bad:
-        log.message(f"skipping {b.source} (id {b.id}): {b.reason}")
-    if too_long:
-        drop = {b.id for b in too_long}
-        records = [r for r in records if r.id not in drop]
-        dataset = PreferenceDataset(records, processor, cfg.data.image_root, cfg.data.max_length, responses=responses)
+    records, truncated, bad = usable_records(records, bad, processor, cfg.data.image_root, cfg.data.max_length,
+                                             responses, cfg.data.skip_bad, cfg.data.train_file, report=log.message)
     n_blind = sum(1 for r in records if r.blind)
     log.message(f"data: {len(records)} usable records ({n_blind} with a blind response), {len(bad)} skipped, "
                 f"{truncated} with a response truncated to max_length={cfg.data.max_length}")
     if not records:
         raise SystemExit(f"no usable records in {cfg.data.train_file}")
-    return dataset
+    return PreferenceDataset(records, processor, cfg.data.image_root, cfg.data.max_length, responses=responses)
 
 
 def build_policy(cfg, ds_config, total_steps):
@@ -173,9 +155,13 @@ def train(cfg):
 
     from bpo.data.dataset import collate
 
+    require(cfg, "model.path", "data.train_file")
+    check_model_dir(cfg.model.path, "model.path")
+    if cfg.train.ref_model_path and not cfg.train.ref_cache:
+        check_model_dir(cfg.train.ref_model_path, "train.ref_model_path")
+    enforce_max_image_pixels(cfg.data.max_image_pixels)
     dist.init_distributed()
     torch.manual_seed(cfg.train.seed)
-    require(cfg, "model.path", "data.train_file")
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     # First, before any data or weights load: a refused or damaged checkpoint fails in seconds.
     point = checkpoint.plan_resume(cfg.train.output_dir, cfg.train.resume)
@@ -275,18 +261,11 @@ def train(cfg):
 
 
 def main(argv=None):
-    from bpo.checkpoint import CheckpointError
-    from bpo.config import ConfigError
-    from bpo.data.records import DataFileError, RecordError
-    from bpo.ref_cache import CacheError
-
     args = parse_args(argv)
-    try:
-        code = train(load_config(args.config, args.overrides))
-    except (ConfigError, RecordError, DataFileError, CacheError, CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
-    sys.exit(code)
+    return train(load_config(args.config, args.overrides))
 
 
 if __name__ == "__main__":
-    main()
+    from bpo import cli
+
+    cli.run(main)
