@@ -76,8 +76,10 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue from output_dir/checkpoints/latest when it exists
+    keep_checkpoints: int = 2  # newest checkpoints kept; 0 = all
+    # Continue from the newest complete checkpoint in output_dir (or start at step 0 when there is none); false into
+    # an output_dir that holds checkpoints is refused rather than overwriting them.
+    resume: bool = False
     ref_cache: str = ""  # directory of cached reference log-probs; empty = live frozen reference model
     ref_model_path: str = ""  # reference weights; empty = model.path (the paper: reference = initial policy)
     export_16bit: bool = False  # also write a Hugging Face model directory (OUTPUT_DIR/hf_model, model.dtype) at the end
@@ -164,6 +166,8 @@ def _coerce(value, annotation, key):
                 return False
             raise ValueError(value)
         if annotation in (int, float, str):
+            if annotation in (int, float) and isinstance(value, bool):
+                raise ValueError(value)  # YAML's true is 1 to int(); train.micro_batch_size=true is a mistake
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return annotation(value)
@@ -206,7 +210,14 @@ def _set_dotted(data, dotted, raw):
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}={raw}: {k!r} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", "") or e).strip()
+        raise ConfigError(f"override {dotted}={raw}: the value is not valid YAML ({problem}); quote a string, "
+                          f"write a list as [a, b]") from None
 
 
 def load_config(path=None, overrides=()):
@@ -259,8 +270,17 @@ def validate(cfg):
                        ("cache.shard_size", cfg.cache.shard_size), ("cache.batch_size", cfg.cache.batch_size)]:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if cfg.optim.warmup_steps < 0 or cfg.loss.blind_weight < 0:
-        raise ConfigError("optim.warmup_steps and loss.blind_weight must be >= 0")
+    for key, value in [("train.epochs", cfg.train.epochs), ("train.log_every", cfg.train.log_every),
+                       ("data.max_image_pixels", cfg.data.max_image_pixels)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    for key, value in [("train.save_every", cfg.train.save_every), ("train.keep_checkpoints", cfg.train.keep_checkpoints),
+                       ("optim.warmup_steps", cfg.optim.warmup_steps), ("loss.blind_weight", cfg.loss.blind_weight),
+                       ("eval.limit", cfg.eval.limit)]:
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.train.max_steps != -1 and cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be -1 (run all epochs) or at least 1, got {cfg.train.max_steps}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
 

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--config")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
 
 
 def blinded_prompt(entry, processor, image_root):

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run's latest checkpoint when one exists (= train.resume=true)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
     if args.resume:
         args.overrides.append("train.resume=true")
     return args
