@@ -310,8 +310,9 @@ def save(engine, output_dir, step, keep):
     tag = f"step_{step}"
     tag_dir = os.path.join(root, tag)
     writer = _writer(engine)
-    maybe_crash("ckpt_save", step)
     os.makedirs(tag_dir, exist_ok=True)
+    if dist.is_rank0():
+        _clear_stale(tag_dir, dist.world_size())
     rng_path = os.path.join(tag_dir, RNG_FILE.format(dist.rank()))
     try:
         write_atomic(rng_path, lambda tmp: torch.save(_rng_state(), tmp))
@@ -336,6 +337,23 @@ def save(engine, output_dir, step, keep):
         _prune(root, keep, step)
     dist.barrier()
     return tag_dir
+
+
+def _clear_stale(tag_dir, world):
+    """A tag written again (after a resume from an older one) must not keep what its earlier writing left: files of
+    ranks this run does not have, or a universal copy of the old contents (bpo.reshard would load it)."""
+    from bpo.reshard import UNIVERSAL
+
+    for name in os.listdir(tag_dir):
+        m = re.fullmatch(r"(?:zero_pp_rank_(\d+)_mp_rank_00_(?:model|optim)_states|rng_rank(\d+))\.pt", name)
+        if m and int(m.group(1) or m.group(2)) >= world:
+            os.remove(os.path.join(tag_dir, name))
+        elif name.startswith(UNIVERSAL):  # universal/, universal.tmp/, universal.failed
+            path = os.path.join(tag_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
 
 def _prune(root, keep, current):

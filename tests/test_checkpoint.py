@@ -194,3 +194,17 @@ def test_resume_on_one_rank_and_back_equals_the_two_rank_run(base, setup, tmp_pa
     assert a.names() == b.names()
     for name in a.names():
         torch.testing.assert_close(b.tensor(name), a.tensor(name), rtol=1e-5, atol=1e-6)
+
+
+def test_a_tag_written_again_drops_what_its_first_writing_left(base, tmp_path):
+    from bpo.checkpoint import _clear_stale, check_tag
+
+    run_dir, _ = base
+    root = copy_run(run_dir, tmp_path / "run")
+    tag_dir = root / "step_4"
+    (tag_dir / "universal").mkdir()  # a converted copy of the old contents: loading it would undo the new save
+    (tag_dir / "universal.failed").write_text("x")
+    _clear_stale(str(tag_dir), world=1)  # this run has one rank: rank 1's files are another run's
+    assert sorted(os.listdir(tag_dir)) == ["rng_rank0.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                           "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert check_tag(str(root / "step_6")) == (2, None)  # other tags untouched
