@@ -34,7 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="YAML config file (see bpo/config.py for every key and default)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the run's latest checkpoint when one exists (= train.resume=true)")
+                        help="continue from the run's newest complete checkpoint, on any number of ranks "
+                             "(= train.resume=true)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
     if args.resume:
