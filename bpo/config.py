@@ -45,6 +45,12 @@ class DataConfig:
     # term by default; true keeps them, scored as written: without an end token.
     keep_cut_blind: bool = False
     check_images: bool = True  # open every image once before training
+    # Larger images are bad records, refused from their header before decoding (a 12000x12000 photo would take
+    # ~2.4 GB on its way through the image processor). 40M pixels is e.g. 8000x5000.
+    max_image_pixels: int = 40_000_000
+    # Read `image` names that are absolute or climb out of image_root (`../x`); refused by default, so a data file
+    # cannot make a job read files elsewhere.
+    allow_outside_image_root: bool = False
 
 
 @dataclass
@@ -102,8 +108,10 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: bool = False  # continue from output_dir/checkpoints/latest when it exists
+    keep_checkpoints: int = 2  # newest checkpoints kept; 0 = all
+    # Continue from the newest complete checkpoint in output_dir (or start at step 0 when there is none); false into
+    # an output_dir that holds checkpoints is refused rather than overwriting them.
+    resume: bool = False
     ref_cache: str = ""  # directory of cached reference log-probs; empty = live frozen reference model
     ref_model_path: str = ""  # reference weights; empty = model.path (the paper: reference = initial policy)
     export_16bit: bool = False  # also write a Hugging Face model directory (OUTPUT_DIR/hf_model, model.dtype) at the end
@@ -191,6 +199,8 @@ def _coerce(value, annotation, key):
                 return False
             raise ValueError(value)
         if annotation in (int, float, str):
+            if annotation in (int, float) and isinstance(value, bool):
+                raise ValueError(value)  # YAML's true is 1 to int(); train.micro_batch_size=true is a mistake
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return annotation(value)
@@ -233,7 +243,14 @@ def _set_dotted(data, dotted, raw):
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})
-    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}={raw}: {k!r} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        problem = str(getattr(e, "problem", "") or e).strip()
+        raise ConfigError(f"override {dotted}={raw}: the value is not valid YAML ({problem}); quote a string, "
+                          f"write a list as [a, b]") from None
 
 
 def load_config(path=None, overrides=()):
@@ -293,8 +310,17 @@ def validate(cfg):
                        ("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha)]:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if cfg.optim.warmup_steps < 0 or cfg.loss.blind_weight < 0:
-        raise ConfigError("optim.warmup_steps and loss.blind_weight must be >= 0")
+    for key, value in [("train.epochs", cfg.train.epochs), ("train.log_every", cfg.train.log_every),
+                       ("data.max_image_pixels", cfg.data.max_image_pixels)]:
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    for key, value in [("train.save_every", cfg.train.save_every), ("train.keep_checkpoints", cfg.train.keep_checkpoints),
+                       ("optim.warmup_steps", cfg.optim.warmup_steps), ("loss.blind_weight", cfg.loss.blind_weight),
+                       ("eval.limit", cfg.eval.limit)]:
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.train.max_steps != -1 and cfg.train.max_steps < 1:
+        raise ConfigError(f"train.max_steps must be -1 (run all epochs) or at least 1, got {cfg.train.max_steps}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
     if not 0 <= cfg.lora.dropout < 1:
@@ -313,6 +339,23 @@ def to_yaml(cfg):
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+# The keys holding paths that a run's saved config.yaml is read back for (export takes model.path from it).
+PATH_KEYS = ("model.path", "data.train_file", "data.image_root", "train.output_dir", "train.ds_config",
+             "train.ref_cache", "train.ref_model_path")
+
+
+def with_absolute_paths(cfg):
+    """A copy of cfg with PATH_KEYS made absolute (empty ones stay empty), so a saved config means the same files
+    whatever directory it is read from."""
+    out = copy.deepcopy(cfg)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(out, section), name)
+        if value:
+            setattr(getattr(out, section), name, os.path.abspath(value))
+    return out
+
+
 def save_config(cfg, path):
     """Write config.yaml atomically so a killed start never leaves half a config behind."""
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -329,3 +372,11 @@ def require(cfg, *keys):
             node = getattr(node, part)
         if node in ("", None):
             raise ConfigError(f"{key} is required (set it in the config file or pass {key}=...)")
+
+
+def check_model_dir(path, key):
+    """Fail early, naming the key, unless `path` is a local model directory. bpo never downloads; without this a
+    wrong path reaches transformers, which reads it as a Hub repo id and fails with a raw HFValidationError."""
+    if not path or not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"{key} {path!r} is not a model directory (no config.json in it); set {key} to a local "
+                          f"checkpoint directory")

@@ -102,3 +102,27 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...]; [obj] without a process group."""
+    if not is_initialized():
+        return [obj]
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def on_rank0(fn):
+    """fn() on rank 0 only, its result given to every rank. An exception fn raises is raised on every rank, so the
+    others never wait in a collective for a rank 0 that has failed."""
+    result, error = None, None
+    if is_rank0():
+        try:
+            result = fn()
+        except Exception as e:  # handed to every rank below, then raised there
+            error = e
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result

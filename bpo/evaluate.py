@@ -27,9 +27,9 @@ if __package__ in (None, ""):
 import torch
 
 from bpo import dist
-from bpo.config import load_config
+from bpo.config import check_model_dir, load_config
 from bpo.data.conversation import Turn
-from bpo.data.records import Record
+from bpo.data.records import Record, enforce_max_image_pixels
 from bpo.fingerprint import digest_of, model_fingerprint
 from bpo.generate import generate_texts, load_generator
 from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
@@ -40,14 +40,16 @@ def parse_args(argv=None):
     parser.add_argument("--config")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
 
 
-def load_examples(ecfg, image_root):
+def load_examples(ecfg, image_root, dcfg):
     from bpo.eval import adapters
 
     if ecfg.format == "mmsafe_po":
-        examples, bad = adapters.load_mmsafe_po(ecfg.test_file, image_root=image_root)
+        examples, bad = adapters.load_mmsafe_po(ecfg.test_file, image_root=image_root,
+                                                allow_outside_root=dcfg.allow_outside_image_root,
+                                                max_image_pixels=dcfg.max_image_pixels)
     elif ecfg.format == "mm_safetybench":
         examples, bad = adapters.load_mm_safetybench(ecfg.test_file, image_dir=image_root or None)
     else:
@@ -64,7 +66,8 @@ def load_examples(ecfg, image_root):
 def as_record(example, turns=None):
     """An EvalExample seen as a training Record (image path already joined), so prompts encode exactly alike."""
     return Record(id=example.id, turns=turns or example.turns, image=example.image, chosen=example.chosen or "",
-                  rejected=example.rejected or "", blind=None, meta=example.meta, source=example.id)
+                  rejected=example.rejected or "", blind=None, meta=example.meta,
+                  source=example.meta.get("source", example.id))
 
 
 def text_only(example):
@@ -96,6 +99,17 @@ def generation_rows(batch, examples, model, chat, cfg, seed):
 
 
 @torch.no_grad()
+def reward_examples(examples, cfg, chat):
+    """The examples whose pairs can be scored under data.max_length, by the rule every job shares
+    (bpo.data.usable): any other stops the run unless data.skip_bad, which leaves it out of reward accuracy only."""
+    from bpo.data.usable import usable_records
+
+    records, _, _ = usable_records([as_record(e) for e in examples], [], chat, "", cfg.data.max_length,
+                                   ("chosen", "rejected"), cfg.data.skip_bad, cfg.eval.test_file)
+    keep = {r.id for r in records}
+    return [e for e in examples if e.id in keep]
+
+
 def reward_margins(examples, cfg, model_path, chat):
     """Per example: (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected), on this rank's slice.
 
@@ -114,7 +128,8 @@ def reward_margins(examples, cfg, model_path, chat):
     if cfg.eval.ref_cache:
         from bpo.ref_cache import CachedReference
 
-        reference = CachedReference(cfg.eval.ref_cache, cfg, chat.processor, data_file=cfg.eval.test_file)
+        reference = CachedReference(cfg.eval.ref_cache, cfg, chat.processor, data_file=cfg.eval.test_file,
+                                    image_root=cfg.eval.image_root or cfg.data.image_root)
         reference.check_ids(records, ("chosen", "rejected"))
     else:
         from bpo.reference import LiveReference
@@ -161,7 +176,8 @@ def build_report(cfg, examples, rows, verdicts, margins, judge_desc):
     if margins:
         values = list(margins.values())
         report["implicit_reward"] = {"n": len(values), "accuracy": sum(m > 0 for m in values) / len(values),
-                                     "mean_margin": sum(values) / len(values)}
+                                     "mean_margin": sum(values) / len(values),
+                                     "not_scored": len(examples) - len(values)}  # data.skip_bad left them out
     return report
 
 
@@ -181,7 +197,8 @@ def markdown(report):
                      f"{p['unparsable']} unparsable ({pct(p['accuracy_unparsable_wrong'])} counting those wrong) |")
     if "implicit_reward" in report:
         r = report["implicit_reward"]
-        lines.append(f"| implicit reward accuracy | {pct(r['accuracy'])} | {r['n']} pairs, mean margin "
+        skipped = f" ({r['not_scored']} left out by data.skip_bad)" if r.get("not_scored") else ""
+        lines.append(f"| implicit reward accuracy | {pct(r['accuracy'])} | {r['n']} pairs{skipped}, mean margin "
                      f"{r['mean_margin']:.3f} |")
     for key, rate in (("mm_safetybench", "asr"), ("spa_vl", "unsafe_rate")):
         if key in report:
@@ -197,7 +214,7 @@ def markdown(report):
 
 
 def main(argv=None):
-    from bpo.data.chat import ChatTemplateError, load_chat
+    from bpo.data.chat import load_chat
     from bpo.eval.judges import JudgeItem, build_judge
 
     args = parse_args(argv)
@@ -210,17 +227,20 @@ def main(argv=None):
         raise SystemExit("evaluation keeps one model replica per rank (decode.zero3=false); for a model larger than "
                          "one device, serve it with a tensor-parallel server and evaluate its outputs")
     judge = build_judge(ecfg.judge)  # fail on a bad judge config before any model loads
-    try:
-        chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
-    except ChatTemplateError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_model_dir(model_path, "eval.model_path" if ecfg.model_path else "model.path")
+    enforce_max_image_pixels(cfg.data.max_image_pixels)
+    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)  # ChatTemplateError: stop here
     dist.init_distributed()
     dist.print0(chat.describe())
     os.makedirs(ecfg.output_dir, exist_ok=True)
-    examples = load_examples(ecfg, ecfg.image_root or cfg.data.image_root)
+    examples = load_examples(ecfg, ecfg.image_root or cfg.data.image_root, cfg.data)
+    scored = None  # the examples implicit reward accuracy scores, decided now: not after hours of generation
+    if ecfg.reward_accuracy and all(e.chosen is not None for e in examples):
+        scored = reward_examples(examples, cfg, chat)
 
     parts = os.path.join(ecfg.output_dir, "generations.parts")
-    check_settings(parts, {"model": digest_of(model_fingerprint(model_path)), "test": [e.id for e in examples],
+    model_digest = dist.on_rank0(lambda: digest_of(model_fingerprint(model_path)))  # one rank reads the weights
+    check_settings(parts, {"model": model_digest, "test": [e.id for e in examples],
                            "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
                            "pairwise": [ecfg.pairwise, ecfg.pairwise_seed, ecfg.pairwise_max_new_tokens],
                            "chat_template": digest_of(chat.processor.chat_template)})
@@ -231,8 +251,8 @@ def main(argv=None):
     del model
 
     margins = {}
-    if ecfg.reward_accuracy and all(e.chosen is not None for e in examples):
-        margins = gather_dict(reward_margins(examples, cfg, model_path, chat))
+    if scored:
+        margins = gather_dict(reward_margins(scored, cfg, model_path, chat))
 
     if dist.is_rank0():
         verdicts = judge.judge([JudgeItem(r["id"], text_only(e).prompt_text, e.image, r["response"])
@@ -253,4 +273,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from bpo import cli
+
+    cli.run(main)

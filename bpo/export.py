@@ -14,8 +14,14 @@ file), each taking ceil(numel / world) elements (the last rank's slice zero-padd
 optimizer: each rank's model-states file keeps its slice in `frozen_param_fragments`.
 
 Output: config (dtype updated), generation config, tokenizer/processor files and chat template copied from the base
-model, `model-0000k-of-0000N.safetensors` and `model.safetensors.index.json`, all written to a temporary directory
-that is renamed to OUT_DIR only when complete.
+model, `model-0000k-of-0000N.safetensors` and `model.safetensors.index.json` (its metadata marks it as written here),
+all written to OUT_DIR's sibling `.NAME.export-tmp`, which is renamed to OUT_DIR only when complete. A killed export
+leaves that directory; the next export to the same OUT_DIR removes it first. The base model (--base-model, else
+model.path from the run's config.yaml, which training saves as an absolute path) is checked before any shard is
+written.
+
+--force replaces OUT_DIR only when it holds a previous export (its `.bpo_export` mark, or the marked index file)
+and neither the checkpoint nor the base model lies inside it; any other non-empty directory is refused, force or not.
 
 A LoRA run's checkpoint (model.finetune=lora|qlora) becomes a PEFT adapter directory (`PeftModel.from_pretrained(
 base, OUT_DIR)`), or with --merge the same layout as above with each adapter folded into its layer: see
@@ -28,11 +34,11 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
 import torch
 
 from bpo.checkpoint import latest_tag
+from bpo.faults import maybe_crash
 
 # The training wrapper (bpo.model.SequenceScorer) holds the HF model as `.model`; its parameter names carry this
 # prefix, which export removes so the directory loads with the model class's own names.
@@ -42,6 +48,9 @@ BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
               "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
               "video_preprocessor_config.json")
+INDEX_FILE = "model.safetensors.index.json"
+MARKER = "bpo_export"  # key in the index's metadata: the directory was written by this module
+MARKER_FILE = ".bpo_export"  # the same mark on every directory atomic_dir publishes (adapter and merged-PEFT exports too)
 
 
 class ExportError(RuntimeError):
@@ -56,19 +65,15 @@ def parse_size(text):
 
 
 def _safe_load(path):
-    """torch.load without executing pickled code: weights_only=True, with DeepSpeed's few plain state classes
-    allow-listed (an enum and the loss-scaler objects, restored field by field, no code runs). DeepSpeed writes these
-    files with torch.save, so a format without pickle is not available; this is the closest to it."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
+    """A checkpoint file read without executing pickled code (bpo.safe_load: weights-only, with DeepSpeed's few plain
+    state classes allowed), memory-mapped. DeepSpeed writes these files with torch.save, so a format without pickle
+    is not available; this is the closest to it."""
+    from bpo.safe_load import safe_load
 
     if not os.path.isfile(path):
         raise ExportError(f"checkpoint file missing: {path}")
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except ExportError:
-        raise
+        return safe_load(path, mmap=True)
     except Exception as e:
         raise ExportError(f"cannot read {path} (truncated or not a DeepSpeed checkpoint?): "
                           f"{type(e).__name__}: {str(e)[:300]}") from None
@@ -145,10 +150,10 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
     A LoRA checkpoint (bpo.lora) is written as a PEFT adapter directory, or with `merge` as full weights with every
     adapter folded into its layer (bpo.export_lora)."""
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not force:
-        raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    base_model = base_model or _base_model_from_run(tag_dir)
+    _check_base_model(base_model)
+    _check_out_dir(out_dir, tag_dir, base_model, force)
     ckpt = PartitionedCheckpoint(tag_dir)
-    base_model = base_model or _base_model_from_run(ckpt_dir)
     target = DTYPES[dtype]
     from bpo import export_lora
 
@@ -163,13 +168,13 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
                           f"parameters (a full fine-tuning run): export it without --merge")
     else:
         tensors = {hf_name(n): (ckpt.shape(n), lambda n=n: ckpt.tensor(n)) for n in ckpt.names()}
-    return write_model_dir(tensors, out_dir, target, parse_size(max_shard_size), base_model, dtype, progress)
+    return write_model_dir(tensors, out_dir, target, parse_size(max_shard_size), base_model, dtype, tag_dir, progress)
 
 
-def write_model_dir(tensors, out_dir, target, limit, base_model, dtype, progress=True):
+def write_model_dir(tensors, out_dir, target, limit, base_model, dtype, tag_dir, progress=True):
     """tensors: {name in the HF model: (shape, function returning the tensor)}, each called only when its shard is
-    written. Shards of at most `limit` bytes, index, base model files; written in a temporary directory renamed to
-    out_dir when complete."""
+    written. Shards of at most `limit` bytes, index (marked as this module's, naming the checkpoint tag_dir), base
+    model files; written in a temporary directory renamed to out_dir when complete (`atomic_dir`)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -198,21 +203,30 @@ def write_model_dir(tensors, out_dir, target, limit, base_model, dtype, progress
                 bar.update(1)
             save_file(written, os.path.join(tmp, fname), metadata={"format": "pt"})
             del written  # one shard in memory at a time
+            maybe_crash("export_shards", i + 1)
         bar.close()
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1, sort_keys=True)
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total, MARKER: {"checkpoint": os.path.abspath(tag_dir)}},
+                       "weight_map": weight_map}, f, indent=1, sort_keys=True)
         copy_base_files(base_model, tmp, dtype)
     return out_dir
 
 
 @contextlib.contextmanager
 def atomic_dir(out_dir):
-    """A temporary directory beside out_dir that replaces it when the block succeeds, and is removed if not."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    """OUT_DIR's sibling `.NAME.export-tmp`, emptied, that replaces out_dir when the block succeeds and is removed if
+    it raises. A name of its own, so what a killed export leaves (up to a whole model) is found and removed by the
+    next export to the same place."""
+    out = os.path.abspath(out_dir)
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.export-tmp")
+    if os.path.exists(tmp):
+        print(f"removing {tmp}, left by an export that did not finish", flush=True)
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
     try:
         yield tmp
+        with open(os.path.join(tmp, MARKER_FILE), "w") as f:
+            json.dump({"written_by": "bpo.export"}, f)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)
@@ -221,20 +235,67 @@ def atomic_dir(out_dir):
         raise
 
 
-def _base_model_from_run(ckpt_dir):
-    """The run's config.yaml (next to checkpoints/) names the base model whose tokenizer and config we ship."""
+def _is_inside(path, directory):
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _is_previous_export(directory):
+    if os.path.isfile(os.path.join(directory, MARKER_FILE)):
+        return True
+    try:
+        with open(os.path.join(directory, INDEX_FILE)) as f:
+            return MARKER in json.load(f).get("metadata", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_out_dir(out_dir, tag_dir, base_model, force):
+    """OUT_DIR may be new, empty, or (with force) a previous export that holds neither input."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ExportError(f"{out_dir} exists and is not a directory")
+    if not os.listdir(out_dir):
+        return
+    if not force:
+        raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace a previous export there")
+    for what, path in (("the checkpoint", tag_dir), ("the base model", base_model)):
+        if _is_inside(path, out_dir):
+            raise ExportError(f"refusing --force: {out_dir} holds {what} ({path}), which replacing it would delete; "
+                              f"choose another OUT_DIR")
+    if not _is_previous_export(out_dir):
+        shown = ", ".join(sorted(os.listdir(out_dir))[:5])
+        raise ExportError(f"refusing --force: {out_dir} is not a previous export (no {INDEX_FILE} written by "
+                          f"bpo.export) and holds other files ({shown}, ...); choose another OUT_DIR, or empty it "
+                          f"yourself")
+
+
+def _base_model_from_run(tag_dir):
+    """model.path from the run's config.yaml (RUN/config.yaml for RUN/checkpoints/step_N): the base model whose
+    tokenizer and config we ship. Training saves it absolute; a relative one (an older run) is relative to wherever
+    that training ran, which is not known here."""
     import yaml
 
-    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir.rstrip("/"))), "config.yaml")
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(tag_dir)))
+    path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ExportError(f"cannot find the run's config.yaml at {path}; pass --base-model DIR")
     with open(path) as f:
-        return yaml.safe_load(f)["model"]["path"]
+        model_path = (yaml.safe_load(f) or {}).get("model", {}).get("path", "")
+    if not model_path or not os.path.isabs(model_path):
+        raise ExportError(f"{path} gives model.path {model_path!r}, not an absolute path (training saved it from "
+                          f"another working directory); pass --base-model DIR")
+    return model_path
+
+
+def _check_base_model(base_model):
+    if not os.path.isfile(os.path.join(base_model, "config.json")):
+        raise ExportError(f"base model directory {base_model} has no config.json; pass --base-model DIR (the model "
+                          f"the run started from, for its config and tokenizer)")
 
 
 def copy_base_files(base_model, out, dtype):
-    if not os.path.isfile(os.path.join(base_model, "config.json")):
-        raise ExportError(f"base model directory {base_model} has no config.json")
     for name in BASE_FILES:
         src = os.path.join(base_model, name)
         if os.path.isfile(src):
@@ -256,7 +317,7 @@ def main(argv=None):
     parser.add_argument("--max-shard-size", default="5GB")
     parser.add_argument("--base-model", help="directory with the base model's config and tokenizer "
                                              "(default: model.path from the run's config.yaml)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR when it holds a previous export")
     parser.add_argument("--merge", action="store_true",
                         help="LoRA runs: write full weights with the adapters folded in (default: a PEFT adapter "
                              "directory)")

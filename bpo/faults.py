@@ -1,12 +1,16 @@
-"""Fault injection for the kill-and-resume tests: `BPO_CRASH_AFTER=<point>:<n>` hard-exits a job at a named point.
+"""Fault injection for the kill-and-resume tests: `BPO_CRASH_AFTER=<point>:<n>[@<rank>]` hard-exits a job at a named
+point, on every rank or only on the one named.
 
 The exit is `os._exit`, so no finally-block, atexit hook or buffered write runs: on disk it looks exactly like a
-SIGKILL or a node failure at that moment, which is what the resume paths must survive.
+SIGKILL or a node failure at that moment, which is what the resume paths must survive. `BPO_CRASH_SLEEP_S=<s>` makes
+the crashing rank wait that long first: a slow write that is then killed, while the other ranks carry on.
 """
 
 import os
+import time
 
 ENV = "BPO_CRASH_AFTER"
+SLEEP_ENV = "BPO_CRASH_SLEEP_S"
 EXIT_CODE = 17
 
 
@@ -14,6 +18,10 @@ def maybe_crash(point, count):
     spec = os.environ.get(ENV, "")
     if not spec:
         return
-    name, _, n = spec.partition(":")
+    name, _, rest = spec.partition(":")
+    n, _, only_rank = rest.partition("@")
+    if only_rank and int(only_rank) != int(os.environ.get("RANK", 0)):
+        return
     if name == point and count >= int(n):
+        time.sleep(float(os.environ.get(SLEEP_ENV, "0")))
         os._exit(EXIT_CODE)

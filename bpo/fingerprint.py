@@ -1,8 +1,10 @@
 """Content fingerprints of model directories and data files, for caches and provenance.
 
 Hashing the weights of a 70B checkpoint reads ~140 GB, so a file's digest is computed once and kept in a small
-index keyed by (absolute path, size, mtime) under $BPO_CACHE_DIR (default ~/.cache/bpo); a changed file gets a new
-key and is hashed again. The model directory itself may be read-only and is never written.
+index keyed by (absolute path, size, mtime, ctime, inode) under $BPO_CACHE_DIR (default ~/.cache/bpo); a changed
+file gets a new key and is hashed again. ctime and inode catch an edit whose mtime was put back (touch -d, rsync -t):
+the kernel sets ctime on every change and no user can set it. The model directory may be read-only and is never
+written. In a multi-rank job only rank 0 hashes (callers wrap these in bpo.dist.on_rank0).
 """
 
 import hashlib
@@ -40,18 +42,22 @@ def _save_index(index):
         pass  # a read-only home only costs a re-hash next time
 
 
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_digest(path, index=None):
-    """sha256 of a file's bytes, remembered across runs while its size and mtime stay the same."""
+    """sha256 of a file's bytes, remembered across runs while its size, mtime, ctime and inode stay the same."""
     st = os.stat(path)
-    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
     own = index is None
     index = _load_index() if own else index
     if key not in index:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        index[key] = h.hexdigest()
+        index[key] = _sha256_file(path)
         if own:
             _save_index(index)
     return index[key]
@@ -67,6 +73,48 @@ def model_fingerprint(model_dir):
                                      or name.endswith(".index.json")):
             out[name] = file_digest(path, index)
     _save_index(index)
+    return out
+
+
+def images_fingerprint(data_file, image_root, allow_outside_root=False):
+    """Short digest of the bytes of every image the data file names, by name: repainting one, or pointing
+    image_root at other pictures, changes it; moving the same pictures elsewhere does not. Names the path rule
+    refuses (bpo.data.records.image_name_problem) are not read."""
+    from bpo.data.records import image_name_problem, read_raw_records
+
+    names = sorted({obj["image"] for _, obj in read_raw_records(data_file)
+                    if isinstance(obj, dict) and isinstance(obj.get("image"), str) and obj["image"].strip()})
+    index = _load_index()
+    out = {}
+    for name in names:
+        path = os.path.join(image_root or "", name)
+        if not allow_outside_root and image_name_problem(name):
+            out[name] = "refused"
+        elif os.path.isfile(path):
+            out[name] = file_digest(path, index)
+        else:
+            out[name] = "missing"
+    _save_index(index)
+    return digest_of(out)
+
+
+# The code between a record and its reference log-prob: parsing, prompt rendering, tokenisation and image
+# preprocessing calls, batching, the scorer and its log-prob head, the reduction. Any edit to these files changes the
+# fingerprint (a comment-only edit costs a rebuild; a changed encoding can never slip through).
+SCORING_CODE = ("data/records.py", "data/conversation.py", "data/chat.py", "data/encode.py", "data/dataset.py",
+                "data/shared.py", "model.py",
+                "ops/logprobs.py", "ops/triton_logprobs.py", "loss.py")
+SCORING_LIBRARIES = ("torch", "transformers", "tokenizers", "PIL")
+
+
+def code_fingerprint():
+    """{"code FILE": digest, "version LIB": version} for SCORING_CODE and SCORING_LIBRARIES."""
+    import importlib
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    out = {f"code bpo/{name}": _sha256_file(os.path.join(package, name))[:16] for name in SCORING_CODE}
+    for lib in SCORING_LIBRARIES:
+        out[f"version {lib}"] = getattr(importlib.import_module(lib), "__version__", "?")
     return out
 
 

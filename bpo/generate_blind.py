@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bpo import dist
-from bpo.config import load_config, require
+from bpo.config import check_model_dir, load_config, require
 from bpo.fingerprint import digest_of, file_digest, model_fingerprint
 from bpo.generate import generate, load_generator
 from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
@@ -34,7 +34,7 @@ def parse_args(argv=None):
     parser.add_argument("--config")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
 
 
 def blinded_prompt(entry, chat, image_root):
@@ -93,7 +93,7 @@ def dummy_decode(model, chat, cfg):
 
 
 def main(argv=None):
-    from bpo.data.chat import ChatTemplateError, load_chat
+    from bpo.data.chat import load_chat
     from bpo.data.records import load_records, read_raw_records
 
     args = parse_args(argv)
@@ -103,15 +103,15 @@ def main(argv=None):
     require(cfg, "blind.output_file")
     if not input_file or not model_path:
         raise SystemExit("set blind.input_file (or data.train_file) and blind.model_path (or model.path)")
-    try:  # before any weights load: a checkpoint without a usable chat template is a config error
-        chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
-    except ChatTemplateError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_model_dir(model_path, "blind.model_path" if cfg.blind.model_path else "model.path")
+    # Before any weights load: a checkpoint without a usable chat template is a config error (ChatTemplateError).
+    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
     dist.init_distributed()
     dist.print0(chat.describe())
 
     items = read_raw_records(input_file)  # [(source, dict)] in file order, every line kept
-    records, bad = load_records(input_file, image_root=cfg.data.image_root, check_images=False)
+    records, bad = load_records(input_file, image_root=cfg.data.image_root, check_images=False,
+                                allow_outside_root=cfg.data.allow_outside_image_root)
     by_source = {r.source: r for r in records}
     reasons = {b.source: b.reason for b in bad}
     entries = [(by_source.get(src), reasons.get(src, "record could not be read")) for src, _ in items]
@@ -119,7 +119,8 @@ def main(argv=None):
     items = [raw if isinstance(raw, dict) else {"source": src} for src, raw in items]
 
     settings = {
-        "input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path)),
+        # Hashed by rank 0 alone: every rank reading the model's weights at once multiplies the I/O by the ranks.
+        **dist.on_rank0(lambda: {"input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path))}),
         "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
         "batches_per_shard": cfg.blind.batches_per_shard, "format": 1,
         "chat_template": digest_of(chat.processor.chat_template),
@@ -150,4 +151,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from bpo import cli
+
+    cli.run(main)

@@ -20,8 +20,11 @@ of T = --seq-len tokens (image tokens included) go through the model in one forw
   one layer      2 x S x T x (18 H + 4 H_kv + 8 I)   the layer recomputed in backward: its activations (bf16 norm
                  outputs, q, attention output, k, v, SwiGLU gate/up/act/product, and the two RMSNorms' fp32 copies of
                  their input, in all S·T·(9H + 2H_kv + 4I) x 2 B), doubled for their gradients while it runs
-  log-prob head  naive: S x T x V x 10 B (bf16 logits 2 + fp32 log-softmax 4 + fp32 gradient 4)
-                 fused: min(chunk, S x T) x V x 10 B (one chunk of the same, the only one alive)
+  log-prob head  naive: S x T x V x 10 B (bf16 logits 2 + fp32 log-softmax 4 + fp32 gradient 4) + V x H x 2 B (the
+                 bf16 gradient autograd forms for the whole lm_head weight)
+                 fused: min(chunk, S x T) x V x 10 B (one chunk of the same, the only one alive) + V x H x 6 B (its
+                 backward accumulates the lm_head gradient in an fp32 (V, H) buffer, 4 B, then returns a bf16 copy,
+                 2 B; both are alive at the end of the backward)
   reference      live: 2 P / N (a second, frozen ZeRO-3 copy in bf16); cached (train.ref_cache): 0
   allowance      a fixed 4 GiB for the CUDA context, NCCL buffers and allocator fragmentation
 
@@ -47,6 +50,8 @@ from dataclasses import dataclass, replace
 GiB = 2**30
 ALLOWANCE_BYTES = 4 * GiB
 HEAD_BYTES_PER_LOGIT = 2 + 4 + 4  # bf16 logits + fp32 log-softmax + fp32 gradient
+FUSED_WEIGHT_GRAD_BYTES = 4 + 2  # per lm_head weight: the fp32 gradient accumulator + its bf16 copy (bpo.ops)
+NAIVE_WEIGHT_GRAD_BYTES = 2  # per lm_head weight: the bf16 gradient of the logits matmul
 
 
 @dataclass(frozen=True)
@@ -368,9 +373,11 @@ def estimate(dims, setup):
         row("acts", "activations: every layer (no checkpointing)", dims.layers * (per_layer + 2 * s * t * h),
             "L S T (18H + 4Hkv + 8I + 2H)")
     chunk = min(setup.chunk_size, s * t)
-    row("head:fused", f"log-prob head: fused (chunk {chunk})", chunk * dims.vocab * HEAD_BYTES_PER_LOGIT,
-        "chunk V x 10")
-    row("head:naive", "log-prob head: naive", s * t * dims.vocab * HEAD_BYTES_PER_LOGIT, "S T V x 10")
+    head_weight = dims.vocab * dims.hidden  # V x H: the lm_head gradient each head forms whole
+    row("head:fused", f"log-prob head: fused (chunk {chunk})",
+        chunk * dims.vocab * HEAD_BYTES_PER_LOGIT + FUSED_WEIGHT_GRAD_BYTES * head_weight, "chunk V x 10 + 6 V H")
+    row("head:naive", "log-prob head: naive",
+        s * t * dims.vocab * HEAD_BYTES_PER_LOGIT + NAIVE_WEIGHT_GRAD_BYTES * head_weight, "S T V x 10 + 2 V H")
     row("ref:cached", "reference: cached", 0, "0")
     base = weights - (2 * pt if setup.adapters else 0)  # a frozen copy carries no adapters
     ref_live = 0 if setup.offload == "param" else (base / n if z3 else base)

@@ -4,11 +4,16 @@ A cache directory holds safetensors shards and `manifest.json`:
 
     manifest.json          {"format", "complete", "fingerprint": {...}, "num_shards", "num_examples", ...}
     shard_00000.safetensors  tensors chosen/rejected/blind (n,) float32 sequence log-probs (blind NaN where absent),
-                             optional per-token tensors; metadata "ids" = JSON list of the n example ids
+                             optional per-token tensors; metadata "shard" = JSON {"ids": the n example ids,
+                             "fingerprint": digest of the manifest's fingerprint} (a shard vouches for itself;
+                             one key, because safetensors writes several in no fixed order)
 
-The fingerprint lists everything the numbers depend on. Training recomputes it from its own config and refuses a
-cache that differs, naming each difference, so a cache can never silently score a different model, template,
-truncation or dataset. A directory is usable only once the manifest says `complete`.
+The fingerprint lists everything the numbers depend on: the model files, tokenizer, chat template and image
+processor, max_length, truncation and reduction, the data file's bytes, the bytes of every image it names, and the
+code and library versions between a record and its score (bpo.fingerprint.code_fingerprint). Training recomputes it
+from its own config and refuses a cache that differs, naming each difference, so a cache can never silently score a
+different model, template, truncation, dataset or picture. A directory is usable only once the manifest says
+`complete`; any file that cannot be read is a CacheError naming it and the command that repairs it.
 """
 
 import json
@@ -16,7 +21,9 @@ import os
 
 import torch
 
-FORMAT_VERSION = 1
+from bpo import dist
+
+FORMAT_VERSION = 2
 SHARD_FORMAT = "shard_{:05d}.safetensors"
 KINDS = ("chosen", "rejected", "blind")
 # Human-readable rule, part of the fingerprint: change it whenever encode.py truncates differently.
@@ -28,9 +35,16 @@ class CacheError(RuntimeError):
     pass
 
 
-def fingerprint(cfg, processor, data_file, model_path=None):
-    """Everything the cached numbers depend on, as a flat dict of comparable values."""
-    from bpo.fingerprint import digest_of, file_digest, model_fingerprint, tokenizer_digest
+def fingerprint(cfg, processor, data_file, model_path=None, image_root=None):
+    """Everything the cached numbers depend on, as a flat dict of comparable values. Collective: rank 0 hashes (the
+    weights of a 72B model are 145 GB, read once rather than once per rank) and every rank gets its answer."""
+    image_root = cfg.data.image_root if image_root is None else image_root
+    return dist.on_rank0(lambda: _fingerprint(cfg, processor, data_file, model_path, image_root))
+
+
+def _fingerprint(cfg, processor, data_file, model_path, image_root):
+    from bpo.fingerprint import (code_fingerprint, digest_of, file_digest, images_fingerprint, model_fingerprint,
+                                 tokenizer_digest)
 
     model_path = model_path or cfg.train.ref_model_path or cfg.model.path
     image_processor = getattr(processor, "image_processor", None)
@@ -45,6 +59,8 @@ def fingerprint(cfg, processor, data_file, model_path=None):
         "truncation": TRUNCATION_RULE,
         "reduction": cfg.loss.reduction,
         "data_file": file_digest(data_file),
+        "images": images_fingerprint(data_file, image_root, cfg.data.allow_outside_image_root),
+        **code_fingerprint(),
     }
     if cfg.model.finetune == "qlora":
         # A QLoRA run's reference is its 4-bit base, whose log-probs differ from those of the model.dtype weights.
@@ -54,6 +70,11 @@ def fingerprint(cfg, processor, data_file, model_path=None):
 
         fp["base_quantization"] = QUANTIZATION
     return fp
+
+
+def repair_hint(cache_dir):
+    return (f"rerun `deepspeed bpo/ref_logprobs.py --config CONFIG cache.output_dir={cache_dir}` with the config that "
+            f"built it: it checks every shard and redoes the damaged ones")
 
 
 def describe_mismatch(cached, current):
@@ -71,8 +92,15 @@ def read_manifest(cache_dir):
     if not os.path.isfile(path):
         raise CacheError(f"{cache_dir} is not a reference cache (no manifest.json); build it with "
                          f"`deepspeed bpo/ref_logprobs.py --config ...`")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if (not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), dict)
+                or not isinstance(manifest.get("num_shards"), int)):
+            raise ValueError("not a cache manifest")
+    except (OSError, ValueError) as e:
+        raise CacheError(f"cannot read {path} (truncated?): {type(e).__name__}: {e}; {repair_hint(cache_dir)}") from None
+    return manifest
 
 
 def write_manifest(cache_dir, manifest):
@@ -83,7 +111,7 @@ def write_manifest(cache_dir, manifest):
     os.replace(tmp, path)
 
 
-def write_shard(path, ids, values, per_token=None):
+def write_shard(path, ids, values, per_token=None, fingerprint_digest=""):
     """values: {kind: (n,) float32 tensor}; per_token: optional {kind: list of 1-D tensors}. Atomic."""
     from safetensors.torch import save_file
 
@@ -93,36 +121,70 @@ def write_shard(path, ids, values, per_token=None):
         tensors[f"tokens/{kind}"] = torch.cat(rows).float() if rows else torch.zeros(0)
         tensors[f"tokens/{kind}/lengths"] = lengths
     tmp = f"{path}.tmp.{os.getpid()}"
-    save_file(tensors, tmp, metadata={"ids": json.dumps(list(ids))})
+    about = json.dumps({"ids": list(ids), "fingerprint": fingerprint_digest}, sort_keys=True)
+    save_file(tensors, tmp, metadata={"shard": about})
     os.replace(tmp, path)
 
 
-def read_shard(path):
+def _read(path):
+    """(ids, {kind: (n,) tensor}, metadata), every tensor read in full; raises what safetensors raises."""
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as f:
-        ids = json.loads(f.metadata()["ids"])
+        metadata = json.loads((f.metadata() or {})["shard"])
+        ids = metadata["ids"]
         values = {k: f.get_tensor(k) for k in KINDS if k in f.keys()}
+        for k in f.keys():  # per-token tensors too: a torn file fails here, not later
+            f.get_tensor(k)
+    if not isinstance(ids, list) or set(values) != set(KINDS) or any(len(v) != len(ids) for v in values.values()):
+        raise ValueError(f"holds {len(ids) if isinstance(ids, list) else '?'} ids and columns "
+                         f"{ {k: len(v) for k, v in values.items()} }")
+    return ids, values, metadata
+
+
+def read_shard(path, cache_dir=None):
+    """(ids, {kind: (n,) tensor}); a shard that cannot be read is a CacheError naming it."""
+    try:
+        ids, values, _ = _read(path)
+    except Exception as e:  # safetensors raises its own error type, OSError, or a JSON error for bad metadata
+        hint = repair_hint(cache_dir or os.path.dirname(path))
+        raise CacheError(f"cannot read reference cache shard {path} (truncated?): {type(e).__name__}: "
+                         f"{str(e)[:200]}; {hint}") from None
     return ids, values
+
+
+def shard_problem(path, ids, fingerprint_digest):
+    """None when the shard at `path` is readable, holds exactly `ids` and was made for this fingerprint; else why not."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        got, _, metadata = _read(path)
+    except Exception as e:
+        return f"unreadable ({type(e).__name__}: {str(e)[:200]})"
+    if got != list(ids):
+        return "holds other example ids"
+    if metadata.get("fingerprint") != fingerprint_digest:
+        return "made with other settings"
+    return None
 
 
 class CachedReference:
     """Reference log-probs from a complete cache; same call signature as `reference.LiveReference`."""
 
-    def __init__(self, cache_dir, cfg, processor=None, data_file=None):
+    def __init__(self, cache_dir, cfg, processor=None, data_file=None, image_root=None):
         manifest = read_manifest(cache_dir)
         if not manifest.get("complete"):
             raise CacheError(f"reference cache {cache_dir} is incomplete ({manifest.get('shards_done', '?')} of "
                              f"{manifest.get('num_shards', '?')} shards); rerun bpo/ref_logprobs.py to finish it")
-        if processor is not None:
-            current = fingerprint(cfg, processor, data_file or cfg.data.train_file)
+        if processor is not None:  # collective (fingerprint hashes on rank 0): every rank builds a CachedReference
+            current = fingerprint(cfg, processor, data_file or cfg.data.train_file, image_root=image_root)
             diff = describe_mismatch(manifest["fingerprint"], current)
             if diff:
                 raise CacheError(f"reference cache {cache_dir} does not match this run:\n  " + "\n  ".join(diff)
                                  + "\nRebuild it with bpo/ref_logprobs.py for this config.")
         self.table = {}  # (id, kind) -> float
         for i in range(manifest["num_shards"]):
-            ids, values = read_shard(os.path.join(cache_dir, SHARD_FORMAT.format(i)))
+            ids, values = read_shard(os.path.join(cache_dir, SHARD_FORMAT.format(i)), cache_dir)
             for kind, column in values.items():
                 for rid, v in zip(ids, column.tolist()):
                     if v == v:  # NaN marks a missing blind response

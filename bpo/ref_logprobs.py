@@ -9,8 +9,13 @@ Scores exactly as training does (same dataset encoding, truncation, image prepro
 reduction); the model is sharded with ZeRO-3 inference, so a reference larger than one device fits, and examples are
 split over ranks shard by shard. Train with `train.ref_cache=DIR`.
 
-Resumable: each shard file is written atomically and the manifest is marked complete only after all exist; a
-restart redoes only the missing shards.
+Resumable: each shard file is written atomically and carries the digest of the cache's fingerprint, and the
+manifest is marked complete only after all exist. A restart checks every shard that is there (readable, the
+expected example ids, this fingerprint) and redoes only the missing or damaged ones; a manifest that cannot be read
+is written again, since the shards vouch for themselves.
+
+The records scored are the usable ones by bpo.data.usable, the rule training applies: with data.skip_bad=true the
+same records are left out here and there.
 """
 
 import argparse
@@ -23,8 +28,8 @@ if __package__ in (None, ""):
 import torch
 
 from bpo import dist, lora, ref_cache
+from bpo.config import check_model_dir, load_config, require
 from bpo.faults import maybe_crash
-from bpo.config import load_config, require
 from bpo.loss import sequence_logps
 
 
@@ -33,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--config")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
 
 
 def build_scorer(cfg, blank):
@@ -87,64 +92,86 @@ def dummy_forward(engine, dataset, collate):
         engine(**model_inputs(collate([dataset[0]]), engine.device))
 
 
+def prepare_output(out_dir, manifest, shard_ids, fingerprint_digest):
+    """Rank 0: create or check the cache directory; returns the shard numbers still to do, each damaged one named."""
+    os.makedirs(out_dir, exist_ok=True)
+    old = None
+    if os.path.exists(os.path.join(out_dir, "manifest.json")):
+        try:
+            old = ref_cache.read_manifest(out_dir)
+        except ref_cache.CacheError as e:
+            print(f"warning: {e}\nwriting it again: the shards carry their own fingerprint and are checked one by "
+                  f"one", flush=True)
+    if old is not None:
+        diff = ref_cache.describe_mismatch(old["fingerprint"], manifest["fingerprint"])
+        if diff or old["num_shards"] != manifest["num_shards"]:
+            raise ref_cache.CacheError(
+                f"{out_dir} holds a cache for other settings:\n  "
+                + "\n  ".join(diff or [f"num_shards {old['num_shards']} in cache vs {manifest['num_shards']} now"])
+                + "\nChoose another cache.output_dir or delete it.")
+    pending = []
+    for i, ids in enumerate(shard_ids):
+        path = os.path.join(out_dir, ref_cache.SHARD_FORMAT.format(i))
+        problem = ref_cache.shard_problem(path, ids, fingerprint_digest)
+        if problem is not None:
+            if problem != "missing":
+                print(f"redoing {path}: {problem}", flush=True)
+            pending.append(i)
+    if old is None or (pending and old.get("complete")):
+        ref_cache.write_manifest(out_dir, manifest)  # complete=False until every shard is good again
+    return pending
+
+
 def main(argv=None):
     from tqdm import tqdm
 
-    from bpo.data.chat import ChatTemplateError, load_chat
+    from bpo.data.chat import load_chat
     from bpo.data.dataset import PreferenceDataset
     from bpo.data.encode import blank_image_example
+    from bpo.data.records import RESPONSE_KEYS, drop_cut_blind, enforce_max_image_pixels, load_records
     from bpo.data.shared import make_collate
+    from bpo.data.usable import usable_records
+    from bpo.fingerprint import digest_of
     from bpo.model import choose_layout
-    from bpo.data.records import drop_cut_blind, load_records, raise_if_bad
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     require(cfg, "model.path", "data.train_file", "cache.output_dir")
-    try:
-        lora.require_platform(cfg.model)
-    except lora.PlatformError as e:
-        raise SystemExit(f"error: {e}") from None
+    lora.require_platform(cfg.model)  # QLoRA needs CUDA: say so before anything starts (PlatformError)
     model_path = cfg.train.ref_model_path or cfg.model.path
-    try:  # before any process group or weights: a checkpoint without a usable chat template is a config error
-        chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
-    except ChatTemplateError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_model_dir(model_path, "train.ref_model_path" if cfg.train.ref_model_path else "model.path")
+    enforce_max_image_pixels(cfg.data.max_image_pixels)
+    # Before any process group or weights: a checkpoint without a usable chat template is a config error.
+    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
     dist.init_distributed()
     world, rank = dist.world_size(), dist.rank()
     out_dir = cfg.cache.output_dir
     dist.print0(chat.describe())
     processor, pad_id = chat.processor, chat.pad_id
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
-                                check_images=cfg.data.check_images)
-    if bad and not cfg.data.skip_bad:
-        raise_if_bad(bad, cfg.data.train_file)
+                                check_images=cfg.data.check_images,
+                                allow_outside_root=cfg.data.allow_outside_image_root,
+                                max_image_pixels=cfg.data.max_image_pixels)
     if not cfg.data.keep_cut_blind:  # exactly what training scores
         records, _ = drop_cut_blind(records)
+    records, _, bad = usable_records(records, bad, chat, cfg.data.image_root, cfg.data.max_length, RESPONSE_KEYS,
+                                     cfg.data.skip_bad, cfg.data.train_file)
+    if not records:
+        raise SystemExit(f"no usable records in {cfg.data.train_file}")
     dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length)
 
     fp = ref_cache.fingerprint(cfg, processor, cfg.data.train_file, model_path)
     shard_size = cfg.cache.shard_size
     shards = [list(range(s, min(s + shard_size, len(records)))) for s in range(0, len(records), shard_size)]
+    shard_ids = [[records[j].id for j in shard] for shard in shards]
     manifest = {"format": ref_cache.FORMAT_VERSION, "complete": False, "fingerprint": fp,
                 "num_shards": len(shards), "num_examples": len(records), "per_token": cfg.cache.per_token}
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(os.path.join(out_dir, "manifest.json")):
-            old = ref_cache.read_manifest(out_dir)
-            diff = ref_cache.describe_mismatch(old["fingerprint"], fp)
-            if diff or old["num_shards"] != len(shards):
-                raise SystemExit(f"{out_dir} holds a cache for other settings:\n  " + "\n  ".join(diff or
-                                 [f"num_shards {old['num_shards']} in cache vs {len(shards)} now"])
-                                 + "\nChoose another cache.output_dir or delete it.")
-        else:
-            ref_cache.write_manifest(out_dir, manifest)
-    dist.barrier()
 
     def shard_path(i):
         return os.path.join(out_dir, ref_cache.SHARD_FORMAT.format(i))
 
     # Decided once by rank 0: a rank looking on its own could count shards written moments ago in this same run.
-    pending = dist.broadcast_object([i for i in range(len(shards)) if not os.path.exists(shard_path(i))])
+    pending = dist.on_rank0(lambda: prepare_output(out_dir, manifest, shard_ids, digest_of(fp)))
     dist.print0(f"reference cache {out_dir}: {len(records)} examples in {len(shards)} shards, "
                 f"{len(shards) - len(pending)} already done, {world} rank(s)")
     engine = build_scorer(cfg, blank_image_example(chat)) if pending else None
@@ -163,7 +190,7 @@ def main(argv=None):
         if rank < len(round_shards):
             i = round_shards[rank]
             values, per_token = score_shard(engine, dataset, shards[i], bs, cfg, collate)
-            ref_cache.write_shard(shard_path(i), [records[j].id for j in shards[i]], values, per_token)
+            ref_cache.write_shard(shard_path(i), shard_ids[i], values, per_token, fingerprint_digest=digest_of(fp))
             forwards -= -(-len(shards[i]) // bs)
             written += 1
             maybe_crash("ref_shards", written)
@@ -183,4 +210,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from bpo import cli
+
+    cli.run(main)

@@ -6,6 +6,7 @@ calls the logger unconditionally and never asks which rank it is.
 
 import json
 import os
+import sys
 import time
 
 from bpo import dist
@@ -48,14 +49,18 @@ class RunLog(NullLog):
         self.t0 = time.time()
 
     def _truncate_after(self, step):
-        """On resume, drop lines past the checkpoint: they belong to the run that was killed, and will be redone."""
+        """On resume, drop lines past the checkpoint: they belong to the run that was killed, and will be redone. A
+        line that is not a JSON row (a kill in the middle of an append tears the last one) is dropped with a
+        warning rather than ending the run: the resumed run writes that step again."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        rows, bad = read_metrics(self.path)
+        for lineno in bad:
+            print(f"warning: {self.path}:{lineno} is not a JSON row (torn by a kill?); dropped", file=sys.stderr,
+                  flush=True)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
         os.replace(tmp, self.path)
 
     def log(self, step, metrics):
@@ -90,14 +95,31 @@ def make_log(run_dir, **kwargs):
     return RunLog(run_dir, **kwargs) if dist.is_rank0() else NullLog()
 
 
+def read_metrics(path):
+    """(rows, line numbers that are not a JSON object with a "step") of a metrics.jsonl file."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            else:
+                bad.append(lineno)
+    return rows, bad
+
+
 def plot_metrics(jsonl_path, png_path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(jsonl_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows, _ = read_metrics(jsonl_path)
     if not rows:
         return
     fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4.5 * len(PLOT_KEYS), 3.5))

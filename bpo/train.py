@@ -19,14 +19,16 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import torch
 
-from bpo import checkpoint, dist, lora, optim, run_log, sampler
-from bpo.config import load_config, require, save_config, to_yaml
+from bpo import checkpoint, dist, lora, optim, reshard, run_log, sampler
+from bpo.config import check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
+from bpo.data.records import enforce_max_image_pixels
 from bpo.faults import maybe_crash
 from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
 from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
                        resolve_attn_implementation, set_gradient_checkpointing, set_trainable)
 from bpo.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
+from bpo.stop import EXIT_CODE as STOPPED_EXIT_CODE, StopRequest
 
 
 def parse_args(argv=None):
@@ -34,9 +36,10 @@ def parse_args(argv=None):
     parser.add_argument("--config", help="YAML config file (see bpo/config.py for every key and default)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the run's latest checkpoint when one exists (= train.resume=true)")
+                        help="continue from the run's newest complete checkpoint, on any number of ranks "
+                             "(= train.resume=true)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
     if args.resume:
         args.overrides.append("train.resume=true")
     return args
@@ -70,13 +73,16 @@ def build_ds_config(cfg, world_size):
 
 
 def build_data(cfg, chat, log):
-    """Records -> validated, length-checked dataset. Bad records stop the run unless data.skip_bad."""
+    """Records -> the usable ones (bpo.data.usable, the rule every job shares) as a dataset. Bad records stop the
+    run unless data.skip_bad."""
     from bpo.data.dataset import PreferenceDataset
-    from bpo.data.encode import PromptTooLong, TemplateError, TokenizationMismatch
-    from bpo.data.records import BadRecord, drop_cut_blind, load_records, raise_if_bad
+    from bpo.data.records import drop_cut_blind, load_records
+    from bpo.data.usable import usable_records
 
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
-                                check_images=cfg.data.check_images)
+                                check_images=cfg.data.check_images,
+                                allow_outside_root=cfg.data.allow_outside_image_root,
+                                max_image_pixels=cfg.data.max_image_pixels)
     cut = 0
     if cfg.loss.type == "bpo" and not cfg.data.keep_cut_blind:
         records, cut = drop_cut_blind(records)
@@ -87,30 +93,8 @@ def build_data(cfg, chat, log):
         raise SystemExit(
             f"loss.type=bpo but no record in {cfg.data.train_file} has a usable `blind` response{why}. Generate "
             f"them with `deepspeed bpo/generate_blind.py --config ...` first, or train with loss.type=dpo.")
-    dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length, responses=responses)
-
-    # Length check, split over ranks: every prompt must fit (it is never cut); responses may be truncated.
-    too_long, truncated = [], 0
-    for i in range(dist.rank(), len(records), dist.world_size()):
-        try:
-            truncated += any(dataset[i].truncated.values())
-        except (PromptTooLong, TemplateError, TokenizationMismatch) as e:
-            too_long.append(BadRecord(records[i].source, records[i].id, str(e)))
-    gathered = [too_long, truncated]
-    if dist.is_initialized():
-        parts = [None] * dist.world_size()
-        torch.distributed.all_gather_object(parts, gathered)
-        too_long = [b for p in parts for b in p[0]]
-        truncated = sum(p[1] for p in parts)
-    bad = bad + too_long
-    if bad and not cfg.data.skip_bad:
-        raise_if_bad(bad, cfg.data.train_file)
-    for b in bad:
-        log.message(f"skipping {b.source} (id {b.id}): {b.reason}")
-    if too_long:
-        drop = {b.id for b in too_long}
-        records = [r for r in records if r.id not in drop]
-        dataset = PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length, responses=responses)
+    records, truncated, bad = usable_records(records, bad, chat, cfg.data.image_root, cfg.data.max_length,
+                                             responses, cfg.data.skip_bad, cfg.data.train_file, report=log.message)
     n_blind = sum(1 for r in records if r.blind)
     cut_note = (f", {cut} blind responses cut at decode.max_new_tokens left out of the blind term "
                 f"(data.keep_cut_blind=true keeps them)" if cut else "")
@@ -118,7 +102,7 @@ def build_data(cfg, chat, log):
                 f"{truncated} with a response truncated to max_length={cfg.data.max_length}{cut_note}")
     if not records:
         raise SystemExit(f"no usable records in {cfg.data.train_file}")
-    return dataset
+    return PreferenceDataset(records, chat, cfg.data.image_root, cfg.data.max_length, responses=responses)
 
 
 def build_policy(cfg, ds_config, total_steps, blank):
@@ -193,18 +177,25 @@ def preference_loss(policy_logps, ref_logps, batch, loss_cfg):
 
 
 def train(cfg):
+    """Run (or resume) training; returns 0 when done, bpo.stop.EXIT_CODE when stopped on request (checkpoint saved)."""
     from bpo.data.chat import load_chat
     from bpo.data.encode import blank_image_example
     from bpo.data.shared import make_collate
 
     require(cfg, "model.path", "data.train_file")
+    check_model_dir(cfg.model.path, "model.path")
+    if cfg.train.ref_model_path and not cfg.train.ref_cache:
+        check_model_dir(cfg.train.ref_model_path, "train.ref_model_path")
     lora.require_platform(cfg.model)  # QLoRA needs CUDA: say so before anything starts
+    enforce_max_image_pixels(cfg.data.max_image_pixels)
     chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code)  # no template: fail first
     dist.init_distributed()
     torch.manual_seed(cfg.train.seed)
     os.makedirs(cfg.train.output_dir, exist_ok=True)
+    # First, before any data or weights load: a refused or damaged checkpoint fails in seconds.
+    point = checkpoint.plan_resume(cfg.train.output_dir, cfg.train.resume)
     if dist.is_rank0():
-        save_config(cfg, os.path.join(cfg.train.output_dir, "config.yaml"))
+        save_config(with_absolute_paths(cfg), os.path.join(cfg.train.output_dir, "config.yaml"))
     dist.print0(to_yaml(cfg))
     log = run_log.make_log(cfg.train.output_dir, tensorboard=cfg.train.tensorboard, plot=cfg.train.plot)
 
@@ -221,6 +212,10 @@ def train(cfg):
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
 
     ds_config = build_ds_config(cfg, world)
+    universal = None
+    if point is not None and point.world != world:
+        ds_config["checkpoint"] = reshard.ds_config_entry()  # the engine must be built knowing it loads universal
+        universal = reshard.prepare(point)
     reference = build_reference(cfg, ds_config, chat, dataset, blank)  # first: a bad cache fails before weights load
     engine, client_optimizer = build_policy(cfg, ds_config, total, blank)
     layout, why = choose_layout(cfg.loss.scoring, engine.module.model)
@@ -234,18 +229,17 @@ def train(cfg):
                 f"log-prob head={cfg.loss.logprob_impl}, reference={ref_kind}")
 
     start = 0
-    if cfg.train.resume:
-        restored = checkpoint.load(engine, cfg.train.output_dir)
-        if restored is not None:
-            start = restored
-            moved = optim.repage_states(client_optimizer) if client_optimizer is not None else 0
-            dist.print0(f"resumed from step {start}" + (f" ({moved} optimizer states back in paged memory)"
-                                                        if moved else ""))
+    if point is not None:
+        start = checkpoint.load(engine, point, universal)
+        moved = optim.repage_states(client_optimizer) if client_optimizer is not None else 0
+        dist.print0(f"resumed from step {start} ({point.path})" + (f"; {moved} optimizer states back in paged "
+                                                                   f"memory" if moved else ""))
 
     if start >= total:
         dist.print0(f"run in {cfg.train.output_dir} is already complete ({total} steps); nothing to do")
         log.close()
-        return
+        return 0
+    stop_request = StopRequest(cfg.train.output_dir)
     log.start(total, initial_step=start)
     engine.train()
     t_last, cpu_last = time.time(), time.process_time()
@@ -268,9 +262,12 @@ def train(cfg):
             metrics["positions"] = torch.tensor(float(inputs["input_ids"].numel()), device=engine.device)  # + padding
             for k, v in metrics.items():  # stays on the device: no sync per micro-step
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
+        sums["stop"] = stop_request.flag()
 
-        # One all-reduce per optimizer step: the only CPU-GPU sync in the loop.
+        # One all-reduce per optimizer step: the only CPU-GPU sync in the loop. It also tells every rank whether
+        # any was asked to stop.
         totals = dist.sum_across_ranks(sums)
+        stopping = float(totals.pop("stop")) > 0 and step + 1 < total
         metrics = finalize_metrics({k: v for k, v in totals.items() if k not in ("tokens", "positions")})
         now, cpu_now = time.time(), time.process_time()
         metrics.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0), epoch=epoch,
@@ -278,11 +275,19 @@ def train(cfg):
                        peak_mem_mb=peak_memory_mb(), cpu_time=cpu_now - cpu_last)  # cpu_time: this rank's, all threads
         t_last, cpu_last = now, cpu_now
         log.log(step + 1, metrics)
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total:
+        if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total):
             checkpoint.save(engine, cfg.train.output_dir, step + 1, cfg.train.keep_checkpoints)
         maybe_crash("train_steps", step + 1)
+        if stopping:
+            stop_request.clear()
+            log.close()
+            dist.barrier()
+            dist.print0(f"stopped on request after step {step + 1} of {total}: saved "
+                        f"{checkpoint.checkpoint_root(cfg.train.output_dir)}/step_{step + 1}; resume with --resume")
+            return STOPPED_EXIT_CODE
 
     checkpoint.save(engine, cfg.train.output_dir, total, cfg.train.keep_checkpoints)
+    stop_request.clear()  # a request that came with the last step: the run is complete, nothing to stop
     if cfg.train.export_16bit and dist.is_rank0():
         from bpo.export import export
 
@@ -294,22 +299,15 @@ def train(cfg):
     log.close()
     dist.barrier()
     dist.print0(f"done: {total} steps, run directory {cfg.train.output_dir}")
+    return 0
 
 
 def main(argv=None):
-    from bpo.config import ConfigError
-    from bpo.data.chat import ChatTemplateError
-    from bpo.lora import PlatformError
-    from bpo.data.records import DataFileError, RecordError
-    from bpo.ref_cache import CacheError
-
     args = parse_args(argv)
-    try:
-        train(load_config(args.config, args.overrides))
-    except (ConfigError, RecordError, DataFileError, CacheError, ChatTemplateError, PlatformError,
-            FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+    return train(load_config(args.config, args.overrides))
 
 
 if __name__ == "__main__":
-    main()
+    from bpo import cli
+
+    cli.run(main)

@@ -15,7 +15,8 @@
 #       EVAL_DIR    $RUN_ROOT/eval                 report.json, report.md
 #       EXTRA_OVERRIDES  more `section.key=value` for every job (space-separated)
 #   - inside a job (bpo_job_start): the Slurm -> torch.distributed environment (launch/slurm_env.py), requeue on
-#     USR1, and the functions bpo_preflight and bpo_launch, which run one job step across all nodes.
+#     USR1 (training first saves a checkpoint at its next step: BPO_STOP_FILE, BPO_STOP_GRACE_S), and the functions
+#     bpo_preflight and bpo_launch, which run one job step across all nodes.
 # Launch path: BPO_LAUNCHER=torchrun (default, recommended) | deepspeed (its launcher with --no_ssh, one per node) |
 # srun (one task per GPU). GPUS_PER_NODE: what Slurm granted, else 8; 1 on cpu-tiny.
 
@@ -85,8 +86,8 @@ bpo_step() {  # run a command in the background and wait, so the USR1 trap can a
 }
 
 _bpo_requeue() {
-    echo "bpo: USR1 (time limit near, or preemption): requeueing job $SLURM_JOB_ID; training resumes from its" \
-         "last checkpoint (train.resume=true), blind_gen and ref_logprobs from their finished shards"
+    echo "bpo: requeueing job $SLURM_JOB_ID; training resumes from its last checkpoint (train.resume=true)," \
+         "blind_gen and ref_logprobs from their finished shards"
     if scontrol requeue "$SLURM_JOB_ID"; then
         sleep 600 &  # slurmctld ends this shell and its steps as part of the requeue; exiting first could read as done
         wait $! || true
@@ -95,9 +96,35 @@ _bpo_requeue() {
     exit 1
 }
 
+_bpo_on_usr1() {  # USR1 reaches only this shell (--signal=B:USR1@300): the time limit is near, or a preemption
+    echo "bpo: USR1 (time limit near, or preemption)"
+    if [ -n "${BPO_STOP_FILE:-}" ] && [ -n "${BPO_STEP_PID:-}" ] && kill -0 "$BPO_STEP_PID" 2>/dev/null; then
+        # Training polls this file once a step (bpo/stop.py): it saves a checkpoint at that step and exits 75.
+        # A file instead of forwarding the signal: it reaches the ranks on every node through any launcher.
+        echo "bpo: asking training to save at its next step and stop ($BPO_STOP_FILE)"
+        touch "$BPO_STOP_FILE"
+        local waited=0 rc=0
+        while kill -0 "$BPO_STEP_PID" 2>/dev/null && [ "$waited" -lt "$BPO_STOP_GRACE_S" ]; do
+            sleep 1
+            waited=$((waited + 1))
+        done
+        if kill -0 "$BPO_STEP_PID" 2>/dev/null; then
+            echo "bpo: training did not stop within BPO_STOP_GRACE_S=${BPO_STOP_GRACE_S}s; requeueing anyway"
+        else
+            wait "$BPO_STEP_PID" || rc=$?
+            if [ "$rc" = 0 ]; then
+                echo "bpo: training finished before it had to stop"
+                exit 0
+            fi
+            echo "bpo: training stopped after ${waited}s (exit $rc)"
+        fi
+    fi
+    _bpo_requeue
+}
+
 bpo_job_start() {  # bpo_job_start: call once at the top of a job, after the settings block
     : "${SLURM_JOB_ID:?run this with sbatch (see the command at the top of the script)}"
-    trap _bpo_requeue USR1
+    trap _bpo_on_usr1 USR1
     local exports
     exports=$("$PY" launch/slurm_env.py --gpus-per-node "$GPUS_PER_NODE")  # an assignment, so set -e sees a failure
     eval "$exports"
@@ -155,7 +182,15 @@ bpo_train() {  # the body of bpo_7b.sh and bpo_70b.sh (settings: KEEP_CHECKPOINT
     fi
     bpo_preflight --readable "$MODEL_PATH" "$BLIND_FILE" "$IMAGE_ROOT" "${need[@]}" --writable "$RUN_DIR" \
         --checkpoint-model "$MODEL_PATH" --keep-checkpoints "$KEEP_CHECKPOINTS"
-    # train.resume=true always: a requeued or resubmitted job continues from RUN_DIR/checkpoints/latest.
+    # On USR1, training is asked (through this file) to checkpoint at its next step and exit 75; see _bpo_on_usr1.
+    export BPO_STOP_FILE=$RUN_DIR/stop_requested
+    BPO_STOP_GRACE_S=${BPO_STOP_GRACE_S:-240}  # of the 300 s USR1 leaves: one step plus one checkpoint must fit
+    # train.resume=true always: a requeued or resubmitted job continues from its newest complete checkpoint.
+    local rc=0
     bpo_launch bpo/train.py --config "$CONFIG" "${BPO_OVERRIDES[@]}" data.train_file="$BLIND_FILE" \
-        train.output_dir="$RUN_DIR" train.keep_checkpoints="$KEEP_CHECKPOINTS" "${ref[@]}" train.resume=true
+        train.output_dir="$RUN_DIR" train.keep_checkpoints="$KEEP_CHECKPOINTS" "${ref[@]}" train.resume=true || rc=$?
+    if [ "$rc" = 75 ]; then  # stopped on request (a stop file left from a run that was killed before it acted)
+        _bpo_requeue
+    fi
+    return "$rc"
 }

@@ -26,6 +26,14 @@ def test_file_then_overrides(tmp_path):
     ("loss.beta=-1", "loss.beta must be positive"),
     ("train.micro_batch_size=abc", "train.micro_batch_size: cannot read"),
     ("nonsense", "must look like section.key=value"),
+    ("train.seed=[1", r"override train.seed=\[1: the value is not valid YAML"),
+    ("train.micro_batch_size=true", "train.micro_batch_size: cannot read True as int"),
+    ("loss.beta=false", "loss.beta: cannot read False as float"),
+    ("train.epochs=0", "train.epochs must be at least 1, got 0"),
+    ("train.save_every=-2", "train.save_every must be >= 0, got -2"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
+    ("train.max_steps=0", r"train.max_steps must be -1 \(run all epochs\) or at least 1"),
+    ("data.max_image_pixels=0", "data.max_image_pixels must be at least 1"),
 ])
 def test_bad_settings_name_the_key(override, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -35,3 +43,29 @@ def test_bad_settings_name_the_key(override, msg):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("job", ["train", "ref_logprobs", "evaluate", "generate_blind"])
+def test_overrides_may_follow_any_flag(job):
+    import importlib
+
+    parse_args = importlib.import_module(f"bpo.{job}").parse_args
+    args = parse_args(["loss.beta=0.2", "--config", "c.yaml", "train.seed=3", "--local_rank=1", "optim.lr=1"])
+    assert args.config == "c.yaml" and args.overrides[:3] == ["loss.beta=0.2", "train.seed=3", "optim.lr=1"]
+    if job == "train":
+        args = parse_args(["--config", "c.yaml", "train.seed=3", "--resume", "train.max_steps=9"])
+        assert args.overrides == ["train.seed=3", "train.max_steps=9", "train.resume=true"]
+
+
+def test_job_errors_are_one_line_naming_the_key(tmp_path, capsys):
+    from bpo import cli
+    from bpo.train import main
+
+    for argv, message in [
+        ([f"model.path={tmp_path / 'nope'}", "data.train_file=x.jsonl"],
+         f"error: model.path '{tmp_path / 'nope'}' is not a model directory (no config.json in it)"),
+        (["train.seed=[1"], "error: override train.seed=[1: the value is not valid YAML"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(main, argv)
+        assert str(e.value).startswith(message), e.value

@@ -15,7 +15,9 @@ def run_dir(tiny_model_dir, sample_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = add_blind(os.path.join(sample_data_dir, "train.jsonl"), root / "train_blind.jsonl")
     config = write_config(root / "cfg.yaml", {
-        "model": {"path": str(tiny_model_dir), "dtype": "fp32"},  # vision tower frozen: exercises frozen fragments
+        # Relative to the job's working directory (REPO): the run's config.yaml must still name it for export.
+        # The vision tower is frozen: exercises frozen fragments.
+        "model": {"path": os.path.relpath(tiny_model_dir, REPO), "dtype": "fp32"},
         "data": {"train_file": data, "image_root": os.path.join(sample_data_dir, "images"), "max_length": 160},
         "optim": {"lr": 1e-2, "warmup_steps": 0},
         "train": {"output_dir": str(root / "run"), "ds_config": os.path.join(REPO, "ds_configs/zero3_cpu.json"),
@@ -84,9 +86,63 @@ def test_refuses_non_empty_output(run_dir, tmp_path):
     (out / "precious.txt").write_text("mine")
     with pytest.raises(ExportError, match="--force"):
         export(str(run_dir / "checkpoints"), str(out), progress=False)
+    with pytest.raises(ExportError, match=f"refusing --force: {out} is not a previous export .*precious.txt"):
+        export(str(run_dir / "checkpoints"), str(out), force=True, progress=False)
     assert (out / "precious.txt").read_text() == "mine"
-    export(str(run_dir / "checkpoints"), str(out), dtype="fp32", force=True, progress=False)
-    assert not (out / "precious.txt").exists()
+
+
+def test_force_replaces_only_a_previous_export(run_dir, tmp_path):
+    from bpo.export import ExportError, export
+
+    # The run directory holds the checkpoint: `export RUN/checkpoints RUN --force` once deleted the whole run.
+    with pytest.raises(ExportError, match=f"refusing --force: {run_dir} holds the checkpoint"):
+        export(str(run_dir / "checkpoints"), str(run_dir), force=True, progress=False)
+    assert (run_dir / "checkpoints" / "latest").exists() and (run_dir / "metrics.jsonl").exists()
+    out = tmp_path / "hf"
+    export(str(run_dir / "checkpoints"), str(out), dtype="fp32", progress=False)
+    stamp = (out / "config.json").stat().st_mtime_ns
+    export(str(run_dir / "checkpoints"), str(out), dtype="bf16", force=True, progress=False)
+    assert json.load(open(out / "config.json"))["dtype"] == "bfloat16" and (out / "config.json").stat().st_mtime_ns != stamp
+
+
+def test_base_model_comes_from_the_run_wherever_export_runs(run_dir, tiny_model_dir, tmp_path, monkeypatch):
+    import yaml
+
+    from bpo.export import export
+
+    saved = yaml.safe_load(open(run_dir / "config.yaml"))["model"]["path"]
+    assert saved == os.path.abspath(tiny_model_dir)  # training ran with a relative model.path
+    monkeypatch.chdir(tmp_path)  # not the directory training ran in
+    out = export(str(run_dir / "checkpoints"), "hf", dtype="fp32", progress=False)
+    assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+
+
+def test_bad_base_model_fails_before_any_shard_is_written(run_dir, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from bpo.export import ExportError, export
+
+    written = []
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: written.append(a))
+    with pytest.raises(ExportError, match=f"base model directory {tmp_path} has no config.json"):
+        export(str(run_dir / "checkpoints"), str(tmp_path / "out"), base_model=str(tmp_path), progress=False)
+    assert written == [] and not (tmp_path / "out").exists()
+
+
+def test_killed_export_leaves_nothing_behind_once_rerun(run_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "hf"
+    cmd = [sys.executable, "-m", "bpo.export", str(run_dir / "checkpoints"), str(out), "--max-shard-size", "40KB"]
+    env = dict(os.environ, BPO_CRASH_AFTER="export_shards:2", PYTHONPATH=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 17 and not out.exists()
+    assert os.listdir(tmp_path) != []  # the kill left its partial export (a whole model, at scale)
+    env.pop("BPO_CRASH_AFTER")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
 def _broken_copy(run_dir, tmp_path):

@@ -74,12 +74,21 @@ def test_run_directory_contents(full_run):
 
 
 def test_resume_after_kill_equals_uninterrupted(full_run, train_setup):
+    """Rank 1 is killed in the middle of writing step_6 (slowly, so rank 0 has long finished its own files): `latest`
+    must still name step_4, and the resumed run must redo steps 5-6 and end exactly like the uninterrupted one."""
     _, _, reference_rows = full_run
     config, run_dir = train_setup("killed")
-    proc = run_job("train.py", config, env={"BPO_CRASH_AFTER": "train_steps:5"}, check=False)
+    # ckpt_write counts checkpoint files a rank writes, two per save: the 6th is rank 1's optimizer file of step_6.
+    proc = run_job("train.py", config, env={"BPO_CRASH_AFTER": "ckpt_write:6@1", "BPO_CRASH_SLEEP_S": "3"},
+                   check=False)
     assert proc.returncode != 0
-    assert len(read_metrics(run_dir)) == 5
-    run_job("train.py", config, ["--resume"])  # the flag form of train.resume=true
+    ckpt = os.path.join(run_dir, "checkpoints")
+    assert open(os.path.join(ckpt, "latest")).read() == "step_4"
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in os.listdir(os.path.join(ckpt, "step_6"))  # rank 0's done
+    assert len(read_metrics(run_dir)) == 6
+    proc = run_job("train.py", config, ["--resume"])  # the flag form of train.resume=true
+    assert "passed over step_6: zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in proc.stdout
+    assert "resumed from step 4" in proc.stdout
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 13))
     for got, want in zip(rows, reference_rows):

@@ -7,16 +7,21 @@ conversation is parsed by `bpo.data.conversation`; responses lose their `ASSISTA
 `meta["conversation_key"]` naming the original `question`/`prompt` key.
 
 The format is decided by content: a file whose first non-blank character is `[` is a JSON array, anything else is
-JSONL. Image names are joined to `image_root`; with no root they are relative to the current directory (or absolute),
-the same rule `bpo.data.encode` uses, so what is checked here is what training opens.
+JSONL. Image names are joined to `image_root` (with no root: the current directory), the same rule `bpo.data.encode`
+uses, so what is checked here is what training opens. A name that is absolute or climbs out of the root (`../x`) is
+a bad record unless `allow_outside_root` (data.allow_outside_image_root): a data file must not make a job read files
+elsewhere. Symbolic links inside the root are followed: whoever made the root put them there. An image of more than
+`max_image_pixels` (data.max_image_pixels) is a bad record, refused from its header before it is decoded.
 """
 
 import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
+from bpo.config import DataConfig
 from bpo.data.conversation import ConversationError, Turn, parse_conversation
 
 CONVERSATION_KEYS = ("question", "prompt")
@@ -64,6 +69,28 @@ def image_path(record, image_root):
     return os.path.join(image_root or "", record.image)
 
 
+def image_name_problem(name):
+    """Why an `image` name may not be read without data.allow_outside_image_root, or None."""
+    if os.path.isabs(name):
+        return (f"image path {name!r} is absolute; names are read relative to the image root (set "
+                f"data.allow_outside_image_root=true to allow it)")
+    parts = os.path.normpath(name).split(os.sep)
+    if parts[0] == "..":
+        return (f"image path {name!r} climbs out of the image root (set data.allow_outside_image_root=true to "
+                f"allow it)")
+    return None
+
+
+def enforce_max_image_pixels(max_pixels):
+    """Make every later Image.open in this process refuse more than max_pixels, before decoding: PIL's own limit
+    (89M pixels, and only a warning below twice that) turned into an error at ours. For a job's process; records
+    loaded with check_images=true are refused with a clearer message earlier still."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
 def stable_id(conversation, image, chosen, rejected):
     """Content-derived id for records published without one: the same record always gets the same id."""
     blob = json.dumps([conversation, image, chosen, rejected], ensure_ascii=False)
@@ -75,7 +102,8 @@ def read_raw_records(path):
     return [(source, obj) for source, obj, _ in _read_entries(path)]
 
 
-def load_records(path, image_root=None, check_images=True, progress=False):
+def load_records(path, image_root=None, check_images=True, progress=False, allow_outside_root=False,
+                 max_image_pixels=DataConfig.max_image_pixels):
     """Read every record of a JSON or JSONL file. Returns (good records, bad records), both in file order.
 
     Raises DataFileError when the file cannot be read or parsed as a whole (a broken JSONL line is a bad record)."""
@@ -91,10 +119,12 @@ def load_records(path, image_root=None, check_images=True, progress=False):
             record = _build_record(obj, rid, source)
             if rid in first_source:
                 raise _Bad(f"duplicate id (first at {first_source[rid]})")
+            if record.image is not None and not allow_outside_root and image_name_problem(record.image):
+                raise _Bad(image_name_problem(record.image))
             if check_images and record.image is not None:
                 where = image_path(record, image_root)
                 if where not in image_verdicts:
-                    image_verdicts[where] = _check_image(where)
+                    image_verdicts[where] = _check_image(where, max_image_pixels)
                 if image_verdicts[where]:
                     raise _Bad(image_verdicts[where])
         except _Bad as e:
@@ -144,34 +174,72 @@ def _read_entries(path):
     """[(source, obj, error)] in file order; error is None or why the entry is not a JSON object."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
         raise DataFileError(f"cannot read data file {path}: {e}") from e
-    if not text.strip():
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
+        data = data[3:]
+    if not data.strip():
         raise DataFileError(f"data file {path} holds no records")
 
-    if text.lstrip().startswith("["):
+    start = data.lstrip()[:1]
+    if start == b"[":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise DataFileError(f"data file {path}: line {line} is not UTF-8 (byte {data[e.start]:#04x} at offset "
+                                f"{e.start}); save the file as UTF-8") from None
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataFileError(f"data file {path} starts like a JSON array but is not valid JSON: {e}") from e
-        entries = [(f"{path}[{i}]", obj, None) for i, obj in enumerate(items)]
-    else:
-        entries = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((f"{path}:{lineno}", json.loads(line), None))
-            except json.JSONDecodeError as e:
-                entries.append((f"{path}:{lineno}", None, f"invalid JSON: {e}"))
-        if all(error for _, _, error in entries):
-            raise DataFileError(f"data file {path} is neither a JSON array nor JSONL (no line parses as JSON)")
+        return _checked([(f"{path}[{i}]", obj, None) for i, obj in enumerate(items)])
+    if start == b"{":
+        _refuse_single_object(path, data)  # returns when the file is JSONL (or one record) after all
+    entries = []
+    # Split on newlines only: str.splitlines would also cut a line at U+2028 or \x1c, which JSON strings may hold.
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        source = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            entries.append((source, None, f"not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); save the "
+                                          f"file as UTF-8"))
+            continue
+        try:
+            entries.append((source, json.loads(line), None))
+        except json.JSONDecodeError as e:
+            entries.append((source, None, f"invalid JSON: {e}"))
+    if all(error for _, _, error in entries):
+        raise DataFileError(f"data file {path} is neither a JSON array nor JSONL (no line parses as JSON)")
+    return _checked(entries)
+
+
+def _checked(entries):
     return [
         (source, obj, error or (None if isinstance(obj, dict) else "not a JSON object"))
         for source, obj, error in entries
     ]
+
+
+def _refuse_single_object(path, data):
+    """A file that is one JSON object holding the records (`{"data": [...]}`) gets an error saying so; a file that
+    is not one JSON value (JSONL) or is a single record returns."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if not isinstance(obj, dict) or any(k in obj for k in CONVERSATION_KEYS):
+        return
+    lists = [(k, len(v)) for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    hint = "".join(f"; its key {k!r} holds a list of {n} objects: write that list alone to the file "
+                   f"(e.g. `jq '.{k}' {path}`)" for k, n in lists[:1])
+    raise DataFileError(f"data file {path} is one JSON object (keys {sorted(obj)[:8]}), not records: expected a JSON "
+                        f"array of records or one record per line (JSONL){hint}")
 
 
 def _record_id(obj):
@@ -238,19 +306,30 @@ def _response(obj, key):
     return value
 
 
-def _check_image(where):
-    """None when the image decodes, otherwise the reason. verify() checks the structure, load() decodes the pixels
-    (verify alone misses truncated JPEGs); verify leaves the file object unusable, hence the second open."""
+def _check_image(where, max_pixels):
+    """None when the image decodes, otherwise the reason. The size is read from the header first, so a huge image is
+    refused before it is decoded; verify() checks the structure, load() decodes the pixels (verify alone misses
+    truncated JPEGs); verify leaves the file object unusable, hence the second open."""
     from PIL import Image
 
     if not os.path.isfile(where):
         return f"missing image: {where}"
+    too_large = f"image too large: {where} has more than data.max_image_pixels={max_pixels} pixels"
     try:
-        with Image.open(where) as im:
-            im.verify()
-        with Image.open(where) as im:
-            im.load()
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+        with warnings.catch_warnings():
+            # PIL's own bomb check (a warning, or an error past twice its limit) would speak before ours.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(where) as im:
+                width, height = im.size
+            if width * height > max_pixels:
+                return f"{too_large} ({width}x{height} = {width * height / 1e6:.1f}M)"
+            with Image.open(where) as im:
+                im.verify()
+            with Image.open(where) as im:
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return too_large
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError)
         return f"undecodable image: {where} ({type(e).__name__}: {e})"
     return None
 

@@ -17,6 +17,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from bpo.config import DataConfig
 from bpo.data.conversation import Turn, format_conversation
 
 
@@ -65,11 +66,14 @@ def _check_image(path):
 # MMSafe-PO
 
 
-def load_mmsafe_po(path, image_root=None, check_images=True):
-    """The MMSafe-PO test split (training record format: JSON array or JSONL) with its chosen/rejected pairs."""
+def load_mmsafe_po(path, image_root=None, check_images=True, allow_outside_root=False,
+                   max_image_pixels=DataConfig.max_image_pixels):
+    """The MMSafe-PO test split (training record format: JSON array or JSONL) with its chosen/rejected pairs; the
+    image rules are load_records' (data.allow_outside_image_root, data.max_image_pixels)."""
     from bpo.data.records import load_records
 
-    records, bad = load_records(path, image_root, check_images)
+    records, bad = load_records(path, image_root, check_images, allow_outside_root=allow_outside_root,
+                                max_image_pixels=max_image_pixels)
     examples = []
     for r in records:
         meta = dict(r.meta, source=r.source)

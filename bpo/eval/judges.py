@@ -230,6 +230,16 @@ def _read_error_body(err):
         return ""
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect with the same headers, Authorization included: the API key would go to whatever
+    host the Location names, and that host's reply would be read (and cached) as the verdict. So none is followed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        fp.close()
+        raise JudgeError(f"judge endpoint {req.full_url} answered HTTP {code}, a redirect to {newurl}; redirects are "
+                         f"not followed (the API key would go along): set judge.url to the endpoint itself")
+
+
 class VerdictCache:
     """Verdicts on disk, one small JSON file per key: `<dir>/<key[:2]>/<key>.json`.
 
@@ -275,7 +285,8 @@ class OpenAIJudge:
 
     HTTP 429, 5xx and connection errors are retried up to `max_retries` times, waiting Retry-After when the server
     sends it, else backoff_s * 2**attempt (capped at backoff_max_s) with jitter in its upper half. 401/403 raise at
-    once, naming the environment variable whose key was refused; any other 4xx raises with the reply body. A 200
+    once, naming the environment variable whose key was refused; any other 4xx raises with the reply body; a
+    redirect (3xx) raises naming where it pointed, and is never followed. A 200
     reply without a readable verdict is not an error: it becomes Verdict(label=None, raw=...).
     """
 
@@ -289,6 +300,7 @@ class OpenAIJudge:
             raise ConfigError(f"judge endpoint {cfg.url} needs an API key: set the environment variable {name} "
                               f"(judge.api_key_env names it); only a localhost endpoint may run without a key")
         self.cache = VerdictCache(cfg.cache_dir) if cfg.cache_dir else None
+        self._opener = urllib.request.build_opener(_RefuseRedirects())
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
@@ -372,7 +384,7 @@ class OpenAIJudge:
             self._count("requests")
             wait = None
             try:
-                with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as resp:
+                with self._opener.open(request, timeout=self.cfg.timeout_s) as resp:
                     return resp.read().decode("utf-8", errors="replace")
             except urllib.error.HTTPError as e:
                 text = _read_error_body(e)

@@ -177,3 +177,59 @@ def test_raise_if_bad_lists_every_record_and_the_way_out(root):
     for line, rid, reason in [(1, "1", "empty chosen"), (2, "2", "missing image"), (3, "?", "invalid JSON")]:
         assert f"{path}:{line} (id {rid}): {reason}" in message
     assert "--skip-bad" in message and "data.skip_bad=true" in message
+
+
+def test_image_paths_outside_the_root_are_refused(root):
+    Image.new("RGB", (4, 4)).save(root / "outside.png")  # exists, readable: it must not be read all the same
+    rows = [rec(id=1, image="../outside.png"), rec(id=2, image=str(root / "outside.png")),
+            rec(id=3, image="./ok.png")]
+    path = write_jsonl(root / "d.jsonl", rows)
+    for check_images in (True, False):  # a path rule, not an image check: it holds without opening anything
+        records, bad = load_records(path, image_root=root / "images", check_images=check_images)
+        assert [r.id for r in records] == ["3"]
+        assert [(b.source, b.id) for b in bad] == [(f"{path}:1", "1"), (f"{path}:2", "2")]
+        assert "'../outside.png' climbs out of the image root" in bad[0].reason
+        assert "is absolute" in bad[1].reason
+        assert all("data.allow_outside_image_root=true" in b.reason for b in bad)
+    records, bad = load_records(path, image_root=root / "images", allow_outside_root=True)
+    assert [r.id for r in records] == ["1", "2", "3"] and bad == []
+
+
+def test_an_image_too_large_is_refused_before_decoding(root):
+    from bpo.config import DataConfig
+
+    # 12000 x 12000 = 144M pixels: ~2.4 GB on its way through an image processor. A 1-bit PNG keeps the test cheap.
+    Image.new("1", (12000, 12000)).save(root / "images" / "huge.png")
+    path = write_jsonl(root / "d.jsonl", [rec(id=1, image="huge.png"), rec(id=2)])
+    records, bad = load_records(path, image_root=root / "images")
+    assert [r.id for r in records] == ["2"]
+    (b,) = bad
+    assert b.id == "1" and "huge.png" in b.reason and "12000x12000" in b.reason
+    assert f"data.max_image_pixels={DataConfig.max_image_pixels}" in b.reason
+    records, bad = load_records(path, image_root=root / "images", max_image_pixels=47)  # ok.png is 8x6 = 48
+    assert records == [] and "ok.png has more than data.max_image_pixels=47 pixels (8x6" in bad[1].reason
+
+
+def test_a_line_that_is_not_utf8_is_a_bad_record(root):
+    good = json.dumps(rec(id=1)).encode()
+    broken = json.dumps(rec(id=2, chosen="ASSISTANT: caf_")).encode().replace(b"caf_", b"caf\xe9")  # latin-1 'e'
+    path = root / "d.jsonl"
+    path.write_bytes(good + b"\n" + broken + b"\n" + json.dumps(rec(id=3)).encode() + b"\n")
+    records, bad = load_records(str(path), image_root=root / "images")
+    assert [r.id for r in records] == ["1", "3"]
+    (b,) = bad
+    assert b.source == f"{path}:2" and "not UTF-8 (byte 0xe9" in b.reason
+    (root / "a.json").write_bytes(b"[\n" + good + b",\n" + broken + b"\n]")
+    with pytest.raises(DataFileError, match=r"a.json: line 3 is not UTF-8 \(byte 0xe9"):
+        load_records(str(root / "a.json"))
+
+
+def test_one_object_holding_the_records_is_named(root):
+    path = root / "wrapped.json"
+    path.write_text(json.dumps({"version": 1, "data": [rec(id=1), rec(id=2)]}, indent=2))
+    with pytest.raises(DataFileError, match=r"wrapped.json is one JSON object .*key 'data' holds a list of 2 objects"):
+        load_records(str(path))
+    single = root / "one.json"  # one record alone on one line is JSONL
+    single.write_text(json.dumps(rec(id=5)))
+    records, _ = load_records(str(single), image_root=root / "images")
+    assert [r.id for r in records] == ["5"]

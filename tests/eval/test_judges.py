@@ -3,6 +3,7 @@ local guard-model judge on the tiny random LLaVA."""
 
 import base64
 import json
+import os
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -380,3 +381,49 @@ def test_hf_judge_parses_generated_text(tiny_judge_setup, monkeypatch, answer):
     (v,) = judge.judge([item(image=image)])
     assert v.raw == answer
     assert v.label == (answer if answer in ("safe", "unsafe") else None)
+
+
+class OtherHost:
+    """Another origin (a second port): records every request, of any method, and answers with a verdict."""
+
+    def __init__(self):
+        self.requests = []
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                host.requests.append({"method": self.command, "headers": dict(self.headers)})
+                data = completion("safe").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, args=(0.02,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_redirects_are_refused_and_the_key_stays_home(server, monkeypatch, tmp_path, code):
+    monkeypatch.setenv(KEY_ENV, "sk-secret")
+    other = OtherHost()
+    try:
+        s = server([(code, "", {"Location": other.url + "/chat/completions"})])
+        judge = openai_judge(s.url, cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(JudgeError, match=f"answered HTTP {code}, a redirect to {other.url}/chat/completions"):
+            judge.judge([item()])
+        assert other.requests == []  # neither the key nor the request went to the other host
+        assert [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs] == []  # and nothing was cached
+    finally:
+        other.close()

@@ -2,9 +2,11 @@
 
 `slurm/pipeline.sh` with BPO_PROFILE=cpu-tiny submits blind -> ref cache -> train (slurm/bpo_70b.sh on 2 nodes, one
 gloo rank each) -> export -> eval, chained with afterok. As soon as training has written its first checkpoint, the
-test requeues it (`scontrol requeue`: the job is killed and queued again under the same id); configs/cpu_tiny.yaml
-gives training 200 steps, seconds more than the kill takes, so it is stopped part-way. The rerun must resume from the
-checkpoint, finish, and let the rest of the chain run. Needs root and apt (Slurm is installed when missing);
+test sends USR1 to the training job's batch shell, as Slurm does 5 minutes before the time limit
+(`--signal=B:USR1@300`); configs/cpu_tiny.yaml gives training 200 steps, seconds more than that takes, so it is
+stopped part-way. Training must save at the step it was asked at (not fall back to its last periodic checkpoint),
+the job must requeue itself, and the rerun must resume from exactly that step, finish, and let the rest of the chain
+run. Needs root and apt (Slurm is installed when missing);
 otherwise skipped. Deselect with `-m "not slurm"`.
 """
 
@@ -109,7 +111,7 @@ def pipeline(cluster, tmp_path_factory):
     jobs = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line and line.split("=")[1].isdigit())
     assert list(jobs) == ["blind", "ref", "train", "export"] + ([] if skip_eval else ["eval"]), proc.stdout
 
-    # Requeue training part-way: as soon as a checkpoint exists.
+    # Stop training part-way, the way the time limit does: as soon as a checkpoint exists.
     run_dir = os.path.join(run_root, "train")
     latest = os.path.join(run_dir, "checkpoints", "latest")
     train = jobs["train"]
@@ -131,7 +133,7 @@ def pipeline(cluster, tmp_path_factory):
     wait_for(checkpoint_or_over, DEADLINE_S, "the first training checkpoint")
     with open(latest) as f:
         requeued_after = f.read().strip()
-    cluster.run("scontrol", "requeue", train)
+    cluster.run("scancel", "--batch", "--signal=USR1", train)
 
     wait_for(lambda: failed(cluster, jobs) or set(states(cluster, jobs).values()) == {"COMPLETED"},
              DEADLINE_S - (time.time() - start), "the chain to finish", poll=1)
@@ -160,9 +162,12 @@ def test_requeued_training_resumes_from_its_checkpoint(cluster, pipeline):
     log = job_log(cluster, train)  # --open-mode=append: both runs in one file
     step = int(pipeline["requeued_after"].split("_")[1])
     assert 0 < step < STEPS
+    stopped = [int(line.split("stopped on request after step ")[1].split()[0]) for line in log.splitlines()
+               if "stopped on request after step " in line]
     resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in log.splitlines()
                if "resumed from step " in line]
-    assert resumed and step <= resumed[0] < STEPS, (step, resumed, log[-3000:])
+    assert stopped and step <= stopped[0] < STEPS, (step, stopped, log[-3000:])
+    assert resumed and resumed[0] == stopped[0], (stopped, resumed, log[-3000:])  # no step lost to the requeue
     with open(os.path.join(pipeline["run_dir"], "metrics.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f if line.strip()]
     assert steps == list(range(1, STEPS + 1))  # each step once: the killed run's tail was dropped on resume
