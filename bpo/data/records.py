@@ -317,10 +317,15 @@ def _check_image(where, max_pixels):
     too_large = f"image too large: {where} has more than data.max_image_pixels={max_pixels} pixels"
     try:
         with warnings.catch_warnings():
-            # PIL's own bomb check (a warning, or an error past twice its limit) would speak before ours.
+            # PIL's own bomb check (a warning, or an error past twice its limit, which a job may have lowered with
+            # enforce_max_image_pixels) would speak before ours: reading the header is safe, so it is off for that.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(where) as im:
-                width, height = im.size
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(where) as im:
+                    width, height = im.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
             if width * height > max_pixels:
                 return f"{too_large} ({width}x{height} = {width * height / 1e6:.1f}M)"
             with Image.open(where) as im:
