@@ -3,12 +3,17 @@
 Single process:  python bpo/generate_blind.py --config FILE [section.key=value ...]
 Many GPUs:       deepspeed --num_gpus 8 bpo/generate_blind.py --config FILE blind.output_file=train_blind.jsonl
 CPU, 2 ranks:    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bpo/generate_blind.py --config configs/demo.yaml ...
+On a server:     python bpo/generate_blind.py --config FILE decode.engine=vllm decode.server_url=http://HOST:8000/v1
 
 The blinded input x_b is the same conversation rendered with the model's chat template, minus the image: no image
 token, no pixel input; text such as "the person in the image" stays. Output: JSONL with every input record unchanged
-plus `blind` ("ASSISTANT: ...", the shape of `chosen`) and `blind_meta` (model fingerprint, decoding, seed). A record
+plus `blind` ("ASSISTANT: ...", the shape of `chosen`) and `blind_meta` (model fingerprint, engine, decoding, seed,
+new tokens and finish reason: "length" marks a response cut at decode.max_new_tokens). A record
 that cannot be used (unparsable conversation, empty generation) gets `blind_error` and an empty `blind`, which
 training refuses, instead of silently vanishing.
+
+With decode.engine=vllm the prompts (the same rendered text) go to an OpenAI-compatible server instead
+(bpo/engines/server.py); the local model directory still supplies the tokenizer and chat template.
 
 Resumable: results land in OUTPUT.parts/shard_NNNNNN.jsonl, one file per `blind.batches_per_shard` batches, each
 written atomically; a restart redoes only missing shards, and rank 0 merges them in input order at the end.
@@ -23,10 +28,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bpo import dist
-from bpo.config import load_config, require
+from bpo.config import TRANSPORT_KEYS, load_config, require
+from bpo.engines.server import ServerError, adds_bos, connect
 from bpo.fingerprint import digest_of, file_digest, model_fingerprint
 from bpo.generate import generate_texts, load_generator
-from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
+from bpo.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
 
 
 def parse_args(argv=None):
@@ -49,28 +55,46 @@ def blinded_prompt(entry, processor, image_root):
     return prompt_ids, None
 
 
-def blind_rows(batch_index, batch, items, entries, model, processor, cfg, meta_base):
+def decode_blind(model, processor, cfg, usable, prompts, entries, seed):
+    """{item: (text, new tokens, finish reason, error)} from the configured engine; `model` is the in-process model
+    (decode.engine=hf) or a bpo.engines.server.ServerEngine, which gets the same prompts as rendered text."""
+    if cfg.decode.engine == "hf":
+        out, lengths = generate_texts(model, processor.tokenizer, [prompts[i][0] for i in usable],
+                                      [{} for _ in usable], cfg.decode, seed, synced=cfg.decode.zero3)
+        return {i: (t, n, "length" if n >= cfg.decode.max_new_tokens else "stop", "")
+                for i, t, n in zip(usable, out, lengths)}
+    from bpo.data.encode import render_prompt
+
+    texts = [render_prompt(entries[i][0], processor, with_image=False) for i in usable]
+    replies = model.complete([(t, prompts[i][0], adds_bos(processor.tokenizer, t)) for t, i in zip(texts, usable)],
+                             seeds=[cfg.decode.seed + i for i in usable],  # per record: independent of batching
+                             wheres=[f"record {entries[i][0].id} ({entries[i][0].source})" for i in usable])
+    return {i: (r.text, r.new_tokens, r.finish_reason, r.error) for i, r in zip(usable, replies)}
+
+
+def blind_rows(batch_index, batch, items, entries, model, processor, cfg, meta_base, rate=None):
     """Output rows of one batch: each input record plus its blind response (or the reason it has none)."""
     prompts = {i: blinded_prompt(entries[i], processor, cfg.data.image_root) for i in batch}
     usable = [i for i in batch if prompts[i][0] is not None]
     seed = cfg.decode.seed + batch_index  # per batch, so sampling does not depend on ranks or restarts
     texts = {}
     if usable:
-        out, lengths = generate_texts(model, processor.tokenizer, [prompts[i][0] for i in usable],
-                                      [{} for _ in usable], cfg.decode, seed, synced=cfg.decode.zero3)
-        texts = {i: (t, n) for i, t, n in zip(usable, out, lengths)}
+        texts = decode_blind(model, processor, cfg, usable, prompts, entries, seed)
+        if rate is not None:
+            rate.add(sum(texts[i][1] for i in usable))
     elif cfg.decode.zero3:
         dummy_decode(model, processor, cfg)  # this call still counts as one of the lockstep forwards
     rows = []
     for i in batch:
         row = dict(items[i])
-        error = prompts[i][1]
-        if error is None and not texts[i][0]:
+        error = prompts[i][1] or (texts[i][3] if i in texts else None)
+        if not error and not texts[i][0]:
             error = "empty generation"
         row["blind"] = "" if error else f"ASSISTANT: {texts[i][0]}"
-        meta = dict(meta_base, seed=seed)
-        if error is None:
-            meta.update(new_tokens=texts[i][1], hit_max_new_tokens=texts[i][1] >= cfg.decode.max_new_tokens)
+        meta = dict(meta_base, seed=seed if cfg.decode.engine == "hf" else cfg.decode.seed + i)
+        if not error:
+            meta.update(new_tokens=texts[i][1], hit_max_new_tokens=texts[i][2] == "length",
+                        finish_reason=texts[i][2])
         row["blind_meta"] = meta
         if error:
             row["blind_error"] = error
@@ -107,24 +131,34 @@ def main(argv=None):
 
     settings = {
         "input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path)),
-        "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
+        "decode": {k: v for k, v in vars(cfg.decode).items() if k not in TRANSPORT_KEYS},
         "batches_per_shard": cfg.blind.batches_per_shard, "format": 1,
     }
     parts_dir = cfg.blind.output_file + ".parts"
     check_settings(parts_dir, settings)
-    meta_base = {"model": settings["model"], "model_path": os.path.abspath(model_path), "decode": settings["decode"]}
+    meta_base = {"model": settings["model"], "model_path": os.path.abspath(model_path), "engine": cfg.decode.engine,
+                 "decode": settings["decode"]}
     dist.print0(f"blind responses with {model_path}: {len(bad)} unusable records, decoding "
-                f"{'sampled' if cfg.decode.do_sample else 'greedy'}, zero3={cfg.decode.zero3}")
+                f"{'sampled' if cfg.decode.do_sample else 'greedy'}, engine {cfg.decode.engine}, "
+                f"zero3={cfg.decode.zero3}")
 
     processor = AutoProcessor.from_pretrained(model_path, local_files_only=True,
                                               trust_remote_code=cfg.model.trust_remote_code)
-    model = load_generator(cfg.model, model_path, cfg.decode.zero3)
-    t0 = time.time()
-    rows = run_sharded(
-        parts_dir, len(items), cfg.decode.batch_size, cfg.blind.batches_per_shard,
-        work=lambda k, batch: blind_rows(k, batch, items, entries, model, processor, cfg, meta_base),
-        idle=(lambda: dummy_decode(model, processor, cfg)) if cfg.decode.zero3 else None,
-        desc="blind", crash_point="blind_shards")
+    try:
+        if cfg.decode.engine == "hf":
+            model = load_generator(cfg.model, model_path, cfg.decode.zero3)
+        else:
+            model = connect(cfg.decode, model_path, processor.tokenizer, [processor.tokenizer.eos_token_id])
+            meta_base["server_model"] = model.served_name
+        rate = TokenRate()
+        t0 = time.time()
+        rows = run_sharded(
+            parts_dir, len(items), cfg.decode.batch_size, cfg.blind.batches_per_shard,
+            work=lambda k, batch: blind_rows(k, batch, items, entries, model, processor, cfg, meta_base, rate),
+            idle=(lambda: dummy_decode(model, processor, cfg)) if cfg.decode.zero3 else None,
+            desc="blind", crash_point="blind_shards", postfix=rate.postfix)
+    except ServerError as e:
+        raise SystemExit(f"error: {e}") from None
     if rows is not None:
         write_jsonl_atomic(cfg.blind.output_file, rows)
         errors = [(r.get("id", r.get("source", f"#{i}")), r["blind_error"]) for i, r in enumerate(rows)
