@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from jobs import REPO, free_port
+from jobs import free_port
 
-VLLM_PYTHON = os.environ.get("BPO_VLLM_PYTHON", os.path.join(REPO, ".venv-vllm", "bin", "python"))
+from .vllm_env import VLLM_PYTHON, need_vllm
+
 START_LIMIT_S = 900  # generous: a loaded 2-core machine can take minutes to start the engine; never a test deadline
 
 
@@ -56,22 +57,23 @@ def _stop(proc):
 
 
 @pytest.fixture(scope="session")
-def served_model_dir(tmp_path_factory):
-    from bpo.engines.layout import write_served_copy
+def tiny128_dir(tmp_path_factory):
+    """The tiny LLaVA as bpo.tiny saves it (hidden size 128): vLLM cannot read its vision-tower names."""
     from bpo.tiny import write_tiny_llava
 
-    root = tmp_path_factory.mktemp("served")
-    raw = write_tiny_llava(str(root / "raw"), hidden_size=128)
-    return write_served_copy(raw, str(root / "model"))
+    return write_tiny_llava(str(tmp_path_factory.mktemp("tiny128") / "model"), hidden_size=128)
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tiny128_dir, tmp_path_factory):
+    from bpo.engines.layout import write_served_copy
+
+    return write_served_copy(tiny128_dir, str(tmp_path_factory.mktemp("served") / "model"))
 
 
 @pytest.fixture(scope="session")
 def vllm_server(served_model_dir, tmp_path_factory):
-    if not os.path.exists(VLLM_PYTHON):
-        message = f"no vLLM environment at {VLLM_PYTHON}: run `make vllm-venv` (make test builds it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # CI builds it; missing there means the build step broke
-        pytest.skip(message)
+    need_vllm()
     port = free_port()
     log = str(tmp_path_factory.mktemp("vllm") / "server.log")
     env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
