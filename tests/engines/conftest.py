@@ -6,21 +6,16 @@ comparison is of engines, not of checkpoints. Registers the `server` marker: `py
 tests that start it (about a minute to start on 2 cores).
 """
 
-import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 
 import pytest
 
+from bpo.engines import cpu_server
 from jobs import free_port
 
 from .vllm_env import VLLM_PYTHON, need_vllm
-
-START_LIMIT_S = 900  # generous: a loaded 2-core machine can take minutes to start the engine; never a test deadline
 
 
 def pytest_configure(config):
@@ -34,26 +29,6 @@ class Served:
     model: str  # the model directory, which is also the served name
     log: str
     proc: subprocess.Popen
-
-
-def _healthy(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _stop(proc):
-    """SIGTERM to the server's process group (it forks an engine-core process), then SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -71,29 +46,18 @@ def served_model_dir(tiny128_dir, tmp_path_factory):
     return write_served_copy(tiny128_dir, str(tmp_path_factory.mktemp("served") / "model"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # one module uses it: stopped before the Slurm-stage test starts its own servers
 def vllm_server(served_model_dir, tmp_path_factory):
     need_vllm()
     port = free_port()
     log = str(tmp_path_factory.mktemp("vllm") / "server.log")
-    env = dict(os.environ, VLLM_HOST_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
-               DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env.pop("PYTHONPATH", None)  # the server's own venv, not this checkout's packages
-    # `vllm serve` is this module's CLI; vllm-cpu's console script looks up the distribution "vllm" and fails.
-    cmd = [VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", served_model_dir,
-           "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
-           "--gpu-memory-utilization", "0.1", "--enforce-eager", "--seed", "0"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path_factory.getbasetemp()),
-                                start_new_session=True)
+    proc = cpu_server.start(VLLM_PYTHON, served_model_dir, port, log)
     try:
-        t0 = time.time()
-        while not _healthy(port):
-            if proc.poll() is not None or time.time() - t0 > START_LIMIT_S:
-                tail = open(log).read()[-4000:]
-                pytest.fail(f"vLLM server did not come up (exit {proc.poll()}); log {log}:\n{tail}")
-            time.sleep(2)
-        print(f"vLLM server healthy after {time.time() - t0:.0f}s on port {port}", file=sys.stderr)
+        try:
+            waited = cpu_server.wait_healthy(proc, port, log)
+        except cpu_server.ServerStartError as e:
+            pytest.fail(str(e))
+        print(f"vLLM server healthy after {waited:.0f}s on port {port}", file=sys.stderr)
         yield Served(f"http://127.0.0.1:{port}/v1", served_model_dir, log, proc)
     finally:
-        _stop(proc)
+        cpu_server.stop(proc)

@@ -45,13 +45,20 @@ def answers(url):
 
 
 def start(tiny128_dir, sample_data_dir, tmp_path, wait_for_signal):
+    """The batch shell, its output to tmp_path/out.log: a file, not a pipe, which a left-behind child could hold open."""
+    os.makedirs(tmp_path, exist_ok=True)
     env = dict(os.environ, BPO_PROFILE="cpu-tiny", CONFIG="configs/cpu_tiny.yaml", RUN_ROOT=str(tmp_path / "run"),
                MODEL_PATH=tiny128_dir, DATA_DIR=sample_data_dir, LOG_DIR=str(tmp_path), PY=sys.executable,
                VLLM_PY=VLLM_PYTHON, PYTHONPATH=REPO, WAIT_FOR_SIGNAL=str(int(wait_for_signal)),
                BLIND_FILE=str(tmp_path / "run" / "blind.jsonl"), SLURM_JOB_ID="4242")
     env.pop("ENGINE", None)
-    return subprocess.Popen(["bash", "-c", SCRIPT], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with open(tmp_path / "out.log", "w") as out:
+        return subprocess.Popen(["bash", "-c", SCRIPT], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def output(tmp_path):
+    return open(tmp_path / "out.log").read()
 
 
 def server_of(output):
@@ -77,7 +84,8 @@ def test_server_stage_stops_its_server_on_exit_and_on_requeue(tiny128_dir, sampl
     # 1. A normal end: the EXIT trap stops the server.
     proc = start(tiny128_dir, sample_data_dir, tmp_path / "exit", wait_for_signal=False)
     shells.append(proc)
-    out, _ = proc.communicate(timeout=1800)
+    proc.wait(timeout=1800)
+    out = output(tmp_path / "exit")
     assert proc.returncode == 0, out[-4000:]
     pid, url = server_of(out)
     assert "needs a vLLM-named copy" in out and "vLLM server healthy" in out and "stopping the vLLM server" in out
@@ -90,15 +98,14 @@ def test_server_stage_stops_its_server_on_exit_and_on_requeue(tiny128_dir, sampl
     # 2. USR1 (time limit near, or preemption): the server is stopped before the requeue is asked for.
     proc = start(tiny128_dir, sample_data_dir, tmp_path / "usr1", wait_for_signal=True)
     shells.append(proc)
-    lines = []
-    for line in proc.stdout:  # read until the client is done and the shell waits
-        lines.append(line)
-        if line.startswith("client done"):
-            break
-    pid, url = server_of("".join(lines))
+    while "client done" not in output(tmp_path / "usr1"):  # the client has finished and the shell waits
+        assert proc.poll() is None, output(tmp_path / "usr1")[-4000:]
+        time.sleep(1)
+    pid, url = server_of(output(tmp_path / "usr1"))
     assert alive(pid) and answers(url)
     os.kill(proc.pid, signal.SIGUSR1)
-    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.wait(timeout=300) == 1
+    out = output(tmp_path / "usr1")
     assert "USR1" in out and "stopping the vLLM server" in out
     assert "requeueing job 4242" in out and "scontrol requeue 4242 failed" in out  # no Slurm here: the job stops
     t0 = time.time()
