@@ -168,7 +168,7 @@ def build_report(cfg, examples, rows, verdicts, margins, judge_desc):
     from bpo.eval.pairwise import PairwiseItem, score_pairwise
 
     report = {"model": cfg.eval.model_path or cfg.model.path, "test_file": cfg.eval.test_file,
-              "format": cfg.eval.format, "judge": judge_desc, "n": len(examples),
+              "format": cfg.eval.format, "judge": judge_desc, "n": len(examples), "engine": cfg.decode.engine,
               "safety": adapters.safety_rate(verdicts)}
     if cfg.eval.format == "mm_safetybench":
         report["mm_safetybench"] = adapters.mm_safetybench_asr(examples, verdicts)
@@ -190,7 +190,8 @@ def markdown(report):
 
     s = report["safety"]
     lines = [f"# Evaluation of {report['model']}", "",
-             f"Test set: {report['test_file']} ({report['format']}, {report['n']} examples). Judge: {report['judge']}.",
+             f"Test set: {report['test_file']} ({report['format']}, {report['n']} examples). Judge: {report['judge']}. "
+             f"Generated with the {report['engine']} engine.",
              "", "| metric | value | counts |", "|---|---|---|",
              f"| safety rate | {pct(s['safety_rate'])} | {s['safe']} safe / {s['parsed']} judged, "
              f"{s['unparsable']} unparsable |"]

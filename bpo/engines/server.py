@@ -17,13 +17,14 @@ What keeps it equal to the hf path (bpo.generate), which stays the reference:
   template than the local model directory. The reply text is decoded here from the completion ids with the local
   tokenizer, exactly as the hf path decodes, so equal tokens give equal text (the server's own text differs in
   details such as an incomplete UTF-8 character at a cut). A server that returns no ids (SGLang) is used as it
-  answers: its text, its token count, and `server_ids: false` in each reply.
+  answers, its text and its token count, with a warning (once) that nothing was checked.
 
 Requests run `decode.concurrency` at a time on a thread pool; connection errors, 429 and 5xx are retried with
 back-off (bpo.engines.http). A request the server refuses with HTTP 400 (a prompt longer than its context) becomes
 that row's error; any other refusal, or a server that stays unreachable, stops the job with the reason.
 """
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class ServerEngine:
         self._sleep = sleep
         self._pool = ThreadPoolExecutor(max_workers=decode.concurrency, thread_name_prefix="bpo-server")
         self.server_ids = True  # False once a reply came without token ids (see the module docstring)
+        self._lock = threading.Lock()
 
     def _retry(self):
         return Retry(max_retries=self.decode.server_retries, backoff_s=self.decode.server_backoff_s,
@@ -144,7 +146,11 @@ class ServerEngine:
             raise ServerError(f"{where}: the server ended the reply with finish_reason {finish!r}")
         ids = choice.get("token_ids")
         if ids is None:  # no token ids from this server: take its text and count as they come
-            self.server_ids = False
+            with self._lock:
+                if self.server_ids:
+                    print(f"warning: {self.base} returns no token ids (not vLLM?): prompts are not checked against "
+                          f"the local tokenizer, and replies are the server's own text", flush=True)
+                self.server_ids = False
             text = choice["text"] if "text" in choice else (choice.get("message") or {}).get("content") or ""
             n = int((reply.get("usage") or {}).get("completion_tokens", 0))
         else:
