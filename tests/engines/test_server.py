@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from jobs import run_job, write_config
+from jobs import run_single, write_config
 
 pytestmark = pytest.mark.server
 MAX_NEW = 16
@@ -37,11 +37,11 @@ def blind_runs(vllm_server, sample_data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("blind_server")
     hf_cfg = blind_config(root / "hf.yaml", vllm_server.model, sample_data_dir)
     hf_out = root / "hf.jsonl"
-    run_job("generate_blind.py", hf_cfg, [f"blind.output_file={hf_out}"], nproc=1)
+    run_single("generate_blind.py", hf_cfg, [f"blind.output_file={hf_out}"])
     server_cfg = blind_config(root / "server.yaml", vllm_server.model, sample_data_dir, engine="vllm",
                               server_url=vllm_server.url)
     server_out = root / "server.jsonl"
-    proc = run_job("generate_blind.py", server_cfg, [f"blind.output_file={server_out}"], nproc=1)
+    proc = run_single("generate_blind.py", server_cfg, [f"blind.output_file={server_out}"])
     assert "server engine" in proc.stdout and "tok/s" in proc.stderr  # the bar carries tokens/s
     return hf_out, server_out, server_cfg
 
@@ -102,12 +102,12 @@ def test_blind_prompt_reaches_the_server_without_image(vllm_server, sample_data_
 def test_kill_mid_run_resumes_without_duplicates(blind_runs, tmp_path):
     _, server_out, server_cfg = blind_runs
     out = tmp_path / "resumed.jsonl"
-    proc = run_job("generate_blind.py", server_cfg, [f"blind.output_file={out}"], nproc=1,
-                   env={"BPO_CRASH_AFTER": "blind_shards:3"}, check=False)
+    proc = run_single("generate_blind.py", server_cfg, [f"blind.output_file={out}"],
+                      env={"BPO_CRASH_AFTER": "blind_shards:3"}, check=False)
     assert proc.returncode != 0 and not out.exists()
     done = [p for p in os.listdir(f"{out}.parts") if p.startswith("shard_")]
     assert len(done) == 3  # of 12
-    proc = run_job("generate_blind.py", server_cfg, [f"blind.output_file={out}"], nproc=1)
+    proc = run_single("generate_blind.py", server_cfg, [f"blind.output_file={out}"])
     assert "3 already done" in proc.stdout
     resumed = rows(out)
     assert len({r["id"] for r in resumed}) == len(resumed) == 48
@@ -123,7 +123,7 @@ def test_evaluation_on_the_server_equals_the_hf_path(vllm_server, sample_data_di
             "eval": {"test_file": os.path.join(sample_data_dir, "test.json"), "reward_accuracy": False,
                      "image_root": os.path.join(sample_data_dir, "images"), "output_dir": str(out)},
         })
-        run_job("evaluate.py", config, nproc=1)
+        run_single("evaluate.py", config)
         return rows(out / "results.jsonl"), json.load(open(out / "report.json"))
 
     hf_rows, hf_report = evaluate("hf")
@@ -138,8 +138,8 @@ def test_evaluation_on_the_server_equals_the_hf_path(vllm_server, sample_data_di
 def test_wrong_model_name_is_a_clear_error(vllm_server, sample_data_dir, tmp_path):
     config = blind_config(tmp_path / "cfg.yaml", vllm_server.model, sample_data_dir, engine="vllm",
                           server_url=vllm_server.url, server_model="llava-72b")
-    proc = run_job("generate_blind.py", config, [f"blind.output_file={tmp_path / 'out.jsonl'}"], nproc=1,
-                   check=False)
+    proc = run_single("generate_blind.py", config, [f"blind.output_file={tmp_path / 'out.jsonl'}"],
+                      check=False)
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert f"serves ['{vllm_server.model}'], not 'llava-72b'" in err and "decode.server_model" in err
@@ -152,8 +152,8 @@ def test_dead_server_is_a_clear_error(served_model_dir, sample_data_dir, tmp_pat
         port = s.getsockname()[1]
     config = blind_config(tmp_path / "cfg.yaml", served_model_dir, sample_data_dir, engine="vllm",
                           server_url=f"http://127.0.0.1:{port}/v1", server_retries=1, server_backoff_s=0.1)
-    proc = run_job("generate_blind.py", config, [f"blind.output_file={tmp_path / 'out.jsonl'}"], nproc=1,
-                   check=False)
+    proc = run_single("generate_blind.py", config, [f"blind.output_file={tmp_path / 'out.jsonl'}"],
+                      check=False)
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert f"generation server http://127.0.0.1:{port}/v1 did not answer (2 attempts" in err
