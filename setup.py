@@ -27,6 +27,7 @@ setup(
     extras_require={
         "test": ["pytest", "triton"],
         "gpu": ["flash-attn"],
+        "vllm": ["vllm"],  # the server for decode.engine=vllm; the client side is stdlib (bpo/engines/server.py)
         "bench": ["liger-kernel"],
     },
 )

@@ -130,6 +130,20 @@ class DecodeConfig:
     seed: int = 0
     batch_size: int = 8
     zero3: bool = False  # shard the model with ZeRO-3 inference (for models larger than one device; slow)
+    # hf = transformers `generate` in this process (the reference); vllm = an OpenAI-compatible server (vLLM, SGLang)
+    # at server_url, sent the prompts the hf path would decode (bpo/engines/server.py; README "Generation engines").
+    engine: str = "hf"
+    server_url: str = ""  # base URL of the server's API, e.g. http://127.0.0.1:8000/v1
+    server_model: str = ""  # the name the server serves the model under; empty = the model path as configured
+    concurrency: int = 32  # requests in flight at once (server engine); keep batch_size a few times larger
+    server_timeout_s: float = 600.0  # per request: a 256-token reply from a loaded 72B server can take minutes
+    server_retries: int = 5  # retries after the first attempt, on connection errors, HTTP 429 and 5xx
+    server_backoff_s: float = 2.0  # first retry waits about this long; doubles each retry, with jitter, up to 60 s
+
+
+# Decoding settings that change how requests travel, not what is decoded: a resumed job may change them (a requeued
+# job's server comes up on another node), so they stay out of the settings a parts directory is bound to.
+TRANSPORT_KEYS = ("zero3", "server_url", "concurrency", "server_timeout_s", "server_retries", "server_backoff_s")
 
 
 @dataclass
@@ -300,11 +314,21 @@ def validate(cfg):
     _choice(cfg.model.finetune, ("full", "lora", "qlora"), "model.finetune")
     _choice(cfg.lora.export, ("adapter", "merged"), "lora.export")
     _choice(cfg.eval.format, ("mmsafe_po", "mm_safetybench", "spa_vl"), "eval.format")
+    _choice(cfg.decode.engine, ("hf", "vllm"), "decode.engine")
+    if cfg.decode.engine == "vllm" and not cfg.decode.server_url.startswith(("http://", "https://")):
+        raise ConfigError("decode.engine=vllm needs decode.server_url, the server's API base such as "
+                          f"http://127.0.0.1:8000/v1 (got {cfg.decode.server_url!r})")
+    if cfg.decode.engine == "vllm" and cfg.decode.zero3:
+        raise ConfigError("decode.zero3 shards an in-process model; with decode.engine=vllm the server holds the "
+                          "model, so set decode.zero3=false")
     for key, value in [("loss.beta", cfg.loss.beta), ("optim.lr", cfg.optim.lr), ("data.max_length", cfg.data.max_length),
                        ("train.micro_batch_size", cfg.train.micro_batch_size), ("train.grad_accum", cfg.train.grad_accum),
                        ("loss.logprob_chunk_size", cfg.loss.logprob_chunk_size),
                        ("decode.max_new_tokens", cfg.decode.max_new_tokens), ("decode.batch_size", cfg.decode.batch_size),
                        ("decode.temperature", cfg.decode.temperature), ("decode.top_p", cfg.decode.top_p),
+                       ("decode.concurrency", cfg.decode.concurrency),
+                       ("decode.server_timeout_s", cfg.decode.server_timeout_s),
+                       ("decode.server_backoff_s", cfg.decode.server_backoff_s),
                        ("blind.batches_per_shard", cfg.blind.batches_per_shard),
                        ("cache.shard_size", cfg.cache.shard_size), ("cache.batch_size", cfg.cache.batch_size),
                        ("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha)]:
@@ -321,6 +345,8 @@ def validate(cfg):
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if cfg.train.max_steps != -1 and cfg.train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be -1 (run all epochs) or at least 1, got {cfg.train.max_steps}")
+    if cfg.decode.server_retries < 0:
+        raise ConfigError(f"decode.server_retries must be >= 0, got {cfg.decode.server_retries}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
     if not 0 <= cfg.lora.dropout < 1:

@@ -3,6 +3,7 @@
 Single process:  python bpo/evaluate.py --config FILE eval.model_path=RUN/hf_model eval.test_file=test.json
 Many GPUs:       deepspeed --num_gpus 8 bpo/evaluate.py --config FILE ...
 Test sets:       eval.format=mmsafe_po (file), mm_safetybench (directory), spa_vl (file); see docs/eval_formats.md
+On a server:     python bpo/evaluate.py --config FILE decode.engine=vllm decode.server_url=http://HOST:8000/v1 ...
 Judges:          eval.judge.type=refusal (offline rules) | openai (eval.judge.url, .model, .api_key_env) | hf (.path)
 
 Metrics (the BPO paper's): safety rate = share of responses judged safe; pairwise accuracy = how often the model,
@@ -10,7 +11,9 @@ shown the chosen and rejected responses in a seeded random order, names the harm
 = share of test pairs where beta-free margin (log pi - log pi_ref)(chosen) > (...)(rejected). MM-SafetyBench reports
 attack success rate per scenario and image type, SPA-VL HarmEval its unsafe rate.
 
-Generation is batched, split over ranks and resumable (OUTPUT/generations.parts/); the judge runs on rank 0, and the
+Generation is batched, split over ranks and resumable (OUTPUT/generations.parts/); with decode.engine=vllm each prompt
+goes to an OpenAI-compatible server as chat messages with the image inline (bpo/engines/server.py), and the local
+model directory supplies the tokenizer and chat template the replies are checked against. The judge runs on rank 0, and the
 openai judge caches verdicts on disk so a rerun pays nothing twice. Outputs: OUTPUT/results.jsonl (id, prompt,
 response, verdict, judge output, pairwise answer), OUTPUT/report.json and OUTPUT/report.md.
 """
@@ -27,12 +30,13 @@ if __package__ in (None, ""):
 import torch
 
 from bpo import dist
-from bpo.config import check_model_dir, load_config
+from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config
 from bpo.data.conversation import Turn
 from bpo.data.records import Record, enforce_max_image_pixels
+from bpo.engines.server import ServerError, adds_bos, chat_messages, connect
 from bpo.fingerprint import digest_of, model_fingerprint
-from bpo.generate import generate_texts, load_generator
-from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
+from bpo.generate import generate, load_generator
+from bpo.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
 
 
 def parse_args(argv=None):
@@ -75,30 +79,49 @@ def text_only(example):
     return dataclasses.replace(example, turns=[Turn(t.role, t.text, False) for t in example.turns])
 
 
+def decode_records(model, chat, cfg, records, batch, seed, max_new_tokens):
+    """[(text, new tokens, finish reason, error)] for the records' prompts (with their images) from the configured
+    engine: `model` is the in-process model (decode.engine=hf) or a bpo.engines.server.ServerEngine."""
+    from bpo.data.conversation import to_messages
+    from bpo.data.encode import encode_prompt, render_prompt
+
+    processor = chat.processor
+    prompts = [encode_prompt(r, processor, "", with_image=True) for r in records]
+    if cfg.decode.engine == "hf":
+        decode = type(cfg.decode)(**{**vars(cfg.decode), "max_new_tokens": max_new_tokens})
+        out = generate(model, chat, prompts, decode, seed, synced=cfg.decode.zero3)
+        return [(g.text, g.new_tokens, "stop" if g.stopped else "length", "") for g in out]
+    requests = [(chat_messages(to_messages(r.turns, with_image=True), r.image), ids,
+                 adds_bos(processor.tokenizer, render_prompt(r, processor))) for r, (ids, _, _) in zip(records, prompts)]
+    replies = model.chat(requests, seeds=[cfg.decode.seed + i for i in batch],  # per example, not per batch
+                         wheres=[f"example {r.id}" for r in records], max_new_tokens=max_new_tokens)
+    return [(r.text, r.new_tokens, r.finish_reason, r.error) for r in replies]
+
+
 def generation_rows(batch, examples, model, chat, cfg, seed):
     """Response (and, for pairs, the pairwise answer) of each example in one batch."""
-    from bpo.data.encode import encode_prompt, render_prompt
+    from bpo.data.encode import render_prompt
     from bpo.eval.pairwise import pairwise_prompt
 
     ecfg = cfg.eval
     processor = chat.processor
     exs = [examples[i] for i in batch]
-    prompts = [encode_prompt(as_record(e), processor, "", with_image=True) for e in exs]
-    texts, lengths = generate_texts(model, chat, prompts, cfg.decode, seed, synced=cfg.decode.zero3)
-    rows = [{"id": e.id, "prompt": render_prompt(as_record(e), processor), "image": e.image, "meta": e.meta,
-             "response": t, "new_tokens": n} for e, t, n in zip(exs, texts, lengths)]
+    out = decode_records(model, chat, cfg, [as_record(e) for e in exs], batch, seed, cfg.decode.max_new_tokens)
+    rows = []
+    for e, (text, n, finish, error) in zip(exs, out):
+        rows.append({"id": e.id, "prompt": render_prompt(as_record(e), processor), "image": e.image, "meta": e.meta,
+                     "response": text, "new_tokens": n, "finish_reason": finish})
+        if error:
+            rows[-1]["generation_error"] = error
     if ecfg.pairwise and all(e.chosen is not None for e in examples):
         queries = [pairwise_prompt(text_only(e), ecfg.pairwise_seed) for e in exs]
-        pw = [encode_prompt(as_record(e, [Turn("user", q, e.image is not None)]), processor, "", with_image=True)
-              for e, (q, _) in zip(exs, queries)]
-        short = type(cfg.decode)(**{**vars(cfg.decode), "max_new_tokens": ecfg.pairwise_max_new_tokens})
-        answers, _ = generate_texts(model, chat, pw, short, seed, synced=cfg.decode.zero3)
+        records = [as_record(e, [Turn("user", q, e.image is not None)]) for e, (q, _) in zip(exs, queries)]
+        answers = decode_records(model, chat, cfg, records, batch, seed, ecfg.pairwise_max_new_tokens)
         for row, (_, chosen_first), answer in zip(rows, queries, answers):
-            row.update(pairwise_answer=answer, pairwise_chosen_first=chosen_first)
+            row.update(pairwise_answer=answer[0], pairwise_chosen_first=chosen_first)
     return rows
 
 
-@torch.no_grad()
 def reward_examples(examples, cfg, chat):
     """The examples whose pairs can be scored under data.max_length, by the rule every job shares
     (bpo.data.usable): any other stops the run unless data.skip_bad, which leaves it out of reward accuracy only."""
@@ -110,6 +133,7 @@ def reward_examples(examples, cfg, chat):
     return [e for e in examples if e.id in keep]
 
 
+@torch.no_grad()
 def reward_margins(examples, cfg, model_path, chat):
     """Per example: (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected), on this rank's slice.
 
@@ -164,7 +188,7 @@ def build_report(cfg, examples, rows, verdicts, margins, judge_desc):
     from bpo.eval.pairwise import PairwiseItem, score_pairwise
 
     report = {"model": cfg.eval.model_path or cfg.model.path, "test_file": cfg.eval.test_file,
-              "format": cfg.eval.format, "judge": judge_desc, "n": len(examples),
+              "format": cfg.eval.format, "judge": judge_desc, "n": len(examples), "engine": cfg.decode.engine,
               "safety": adapters.safety_rate(verdicts)}
     if cfg.eval.format == "mm_safetybench":
         report["mm_safetybench"] = adapters.mm_safetybench_asr(examples, verdicts)
@@ -187,7 +211,8 @@ def markdown(report):
 
     s = report["safety"]
     lines = [f"# Evaluation of {report['model']}", "",
-             f"Test set: {report['test_file']} ({report['format']}, {report['n']} examples). Judge: {report['judge']}.",
+             f"Test set: {report['test_file']} ({report['format']}, {report['n']} examples). Judge: {report['judge']}. "
+             f"Generated with the {report['engine']} engine.",
              "", "| metric | value | counts |", "|---|---|---|",
              f"| safety rate | {pct(s['safety_rate'])} | {s['safe']} safe / {s['parsed']} judged, "
              f"{s['unparsable']} unparsable |"]
@@ -225,7 +250,8 @@ def main(argv=None):
         raise SystemExit("set eval.test_file and eval.model_path (or model.path)")
     if cfg.decode.zero3:
         raise SystemExit("evaluation keeps one model replica per rank (decode.zero3=false); for a model larger than "
-                         "one device, serve it with a tensor-parallel server and evaluate its outputs")
+                         "one device, serve it with a tensor-parallel server: decode.engine=vllm "
+                         "decode.server_url=... (slurm/vllm_serve.sh)")
     judge = build_judge(ecfg.judge)  # fail on a bad judge config before any model loads
     check_model_dir(model_path, "eval.model_path" if ecfg.model_path else "model.path")
     enforce_max_image_pixels(cfg.data.max_image_pixels)
@@ -241,14 +267,26 @@ def main(argv=None):
     parts = os.path.join(ecfg.output_dir, "generations.parts")
     model_digest = dist.on_rank0(lambda: digest_of(model_fingerprint(model_path)))  # one rank reads the weights
     check_settings(parts, {"model": model_digest, "test": [e.id for e in examples],
-                           "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
+                           "decode": {k: v for k, v in vars(cfg.decode).items() if k not in TRANSPORT_KEYS},
                            "pairwise": [ecfg.pairwise, ecfg.pairwise_seed, ecfg.pairwise_max_new_tokens],
                            "chat_template": digest_of(chat.processor.chat_template)})
-    model = load_generator(cfg.model, model_path, cfg.decode.zero3)
-    rows = run_sharded(parts, len(examples), cfg.decode.batch_size, 1,
-                       work=lambda k, batch: generation_rows(batch, examples, model, chat, cfg, cfg.decode.seed + k),
-                       idle=None, desc="generate")
-    del model
+    try:
+        if cfg.decode.engine == "hf":
+            model = load_generator(cfg.model, model_path, cfg.decode.zero3)
+        else:
+            model = connect(cfg.decode, model_path, chat.tokenizer, list(chat.stop_ids))
+        rate = TokenRate()
+
+        def work(k, batch):
+            rows = generation_rows(batch, examples, model, chat, cfg, cfg.decode.seed + k)
+            rate.add(sum(r["new_tokens"] for r in rows))
+            return rows
+
+        rows = run_sharded(parts, len(examples), cfg.decode.batch_size, 1, work=work, idle=None, desc="generate",
+                           crash_point="eval_shards", postfix=rate.postfix)
+        model = None  # free the generator before the reward models load
+    except ServerError as e:
+        raise SystemExit(f"error: {e}") from None
 
     margins = {}
     if scored:

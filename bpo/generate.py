@@ -68,13 +68,9 @@ def batch_prompts(prompts, pad_id):
 @dataclass(frozen=True)
 class Generation:
     text: str  # decoded, special tokens and surrounding whitespace stripped
-    token_ids: list  # the generated ids, the stop token included when decoding stopped on one
+    token_ids: list  # the generated ids, the stop token included when decoding stopped on one (None: unknown)
     stopped: bool  # False: cut at max_new_tokens, the model never ended its turn
-
-    @property
-    def new_tokens(self):
-        """Generated tokens, the stop token excluded."""
-        return len(self.token_ids) - self.stopped
+    new_tokens: int  # generated tokens, the stop token excluded
 
 
 @torch.no_grad()
@@ -99,7 +95,7 @@ def generate(model, chat, prompts, gen_cfg, seed, synced):
         stop = torch.isin(row, stops).nonzero()
         ids = row[:int(stop[0]) + 1] if len(stop) else row
         text = chat.tokenizer.decode(ids[:len(ids) - bool(len(stop))], skip_special_tokens=True).strip()
-        results.append(Generation(text, ids.tolist(), bool(len(stop))))
+        results.append(Generation(text, ids.tolist(), bool(len(stop)), len(ids) - bool(len(stop))))
     return results
 
 

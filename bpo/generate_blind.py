@@ -3,12 +3,17 @@
 Single process:  python bpo/generate_blind.py --config FILE [section.key=value ...]
 Many GPUs:       deepspeed --num_gpus 8 bpo/generate_blind.py --config FILE blind.output_file=train_blind.jsonl
 CPU, 2 ranks:    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bpo/generate_blind.py --config configs/demo.yaml ...
+On a server:     python bpo/generate_blind.py --config FILE decode.engine=vllm decode.server_url=http://HOST:8000/v1
 
 The blinded input x_b is the same conversation rendered with the model's chat template, minus the image: no image
 token, no pixel input; text such as "the person in the image" stays. Output: JSONL with every input record unchanged
-plus `blind` ("ASSISTANT: ...", the shape of `chosen`) and `blind_meta` (model fingerprint, decoding, seed). A record
+plus `blind` ("ASSISTANT: ...", the shape of `chosen`) and `blind_meta` (model fingerprint, engine, decoding, seed,
+new tokens and finish reason: "length" marks a response cut at decode.max_new_tokens). A record
 that cannot be used (unparsable conversation, empty generation) gets `blind_error` and an empty `blind`, which
 training refuses, instead of silently vanishing.
+
+With decode.engine=vllm the prompts (the same rendered text) go to an OpenAI-compatible server instead
+(bpo/engines/server.py); the local model directory still supplies the tokenizer and chat template.
 
 Resumable: results land in OUTPUT.parts/shard_NNNNNN.jsonl, one file per `blind.batches_per_shard` batches, each
 written atomically; a restart redoes only missing shards, and rank 0 merges them in input order at the end.
@@ -23,10 +28,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bpo import dist
-from bpo.config import check_model_dir, load_config, require
+from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config, require
+from bpo.engines.server import ServerError, adds_bos, connect
 from bpo.fingerprint import digest_of, file_digest, model_fingerprint
-from bpo.generate import generate, load_generator
-from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
+from bpo.generate import Generation, generate, load_generator
+from bpo.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
 
 
 def parse_args(argv=None):
@@ -55,31 +61,52 @@ def blinded_prompt(entry, chat, image_root):
     return prompt, None
 
 
-def blind_rows(batch_index, batch, items, entries, model, chat, cfg, meta_base):
+def decode_blind(model, chat, cfg, usable, prompts, entries, seed):
+    """{item: (Generation, error)} from the configured engine; `model` is the in-process model (decode.engine=hf)
+    or a bpo.engines.server.ServerEngine, which gets the same prompts as rendered text."""
+    if cfg.decode.engine == "hf":
+        out = generate(model, chat, [prompts[i][0] for i in usable], cfg.decode, seed, synced=cfg.decode.zero3)
+        return {i: (g, "") for i, g in zip(usable, out)}
+    from bpo.data.encode import render_prompt
+
+    processor = chat.processor
+    texts = [render_prompt(entries[i][0], processor, with_image=False) for i in usable]
+    replies = model.complete([(t, prompts[i][0][0], adds_bos(processor.tokenizer, t)) for t, i in zip(texts, usable)],
+                             seeds=[cfg.decode.seed + i for i in usable],  # per record: independent of batching
+                             wheres=[f"record {entries[i][0].id} ({entries[i][0].source})" for i in usable])
+    return {i: (Generation(r.text, r.token_ids, r.finish_reason == "stop", r.new_tokens), r.error)
+            for i, r in zip(usable, replies)}
+
+
+def blind_rows(batch_index, batch, items, entries, model, chat, cfg, meta_base, rate=None):
     """Output rows of one batch: each input record plus its blind response (or the reason it has none)."""
     prompts = {i: blinded_prompt(entries[i], chat, cfg.data.image_root) for i in batch}
     usable = [i for i in batch if prompts[i][0] is not None]
     seed = cfg.decode.seed + batch_index  # per batch, so sampling does not depend on ranks or restarts
     generations = {}
     if usable:
-        out = generate(model, chat, [prompts[i][0] for i in usable], cfg.decode, seed, synced=cfg.decode.zero3)
-        generations = dict(zip(usable, out))
+        generations = decode_blind(model, chat, cfg, usable, prompts, entries, seed)
+        if rate is not None:
+            rate.add(sum(g.new_tokens for g, _ in generations.values()))
     elif cfg.decode.zero3:
         dummy_decode(model, chat, cfg)  # this call still counts as one of the lockstep forwards
     rows = []
     for i in batch:
         row = dict(items[i])
-        error = prompts[i][1]
-        g = generations.get(i)
+        g, served_error = generations.get(i, (None, ""))
+        error = prompts[i][1] or served_error or None
         if error is None and not g.text:
             error = "empty generation"
         row["blind"] = "" if error else f"ASSISTANT: {g.text}"
-        meta = dict(meta_base, seed=seed)
+        meta = dict(meta_base, seed=seed if cfg.decode.engine == "hf" else cfg.decode.seed + i)
         if error is None:
-            # The ids are what the reference model wrote, kept so training scores exactly them; "length": cut at
-            # max_new_tokens, never ended (training leaves such responses out unless data.keep_cut_blind).
-            meta.update(new_tokens=g.new_tokens, finish_reason="stop" if g.stopped else "length",
-                        token_ids=g.token_ids)
+            # "length": cut at max_new_tokens, never ended (training leaves such responses out unless
+            # data.keep_cut_blind). The ids are what the reference model wrote, kept so training scores exactly
+            # them (absent when the server returns none).
+            finish = "stop" if g.stopped else "length"
+            meta.update(new_tokens=g.new_tokens, finish_reason=finish, hit_max_new_tokens=finish == "length")
+            if g.token_ids is not None:
+                meta["token_ids"] = g.token_ids
         row["blind_meta"] = meta
         if error:
             row["blind_error"] = error
@@ -121,24 +148,33 @@ def main(argv=None):
     settings = {
         # Hashed by rank 0 alone: every rank reading the model's weights at once multiplies the I/O by the ranks.
         **dist.on_rank0(lambda: {"input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path))}),
-        "decode": {k: v for k, v in vars(cfg.decode).items() if k != "zero3"},
+        "decode": {k: v for k, v in vars(cfg.decode).items() if k not in TRANSPORT_KEYS},
         "batches_per_shard": cfg.blind.batches_per_shard, "format": 1,
         "chat_template": digest_of(chat.processor.chat_template),
     }
     parts_dir = cfg.blind.output_file + ".parts"
     check_settings(parts_dir, settings)
-    meta_base = {"model": settings["model"], "model_path": os.path.abspath(model_path), "decode": settings["decode"],
-                 "tokenizer": chat.tokenizer_digest}
+    meta_base = {"model": settings["model"], "model_path": os.path.abspath(model_path), "engine": cfg.decode.engine,
+                 "decode": settings["decode"], "tokenizer": chat.tokenizer_digest}
     dist.print0(f"blind responses with {model_path}: {len(bad)} unusable records, decoding "
-                f"{'sampled' if cfg.decode.do_sample else 'greedy'}, zero3={cfg.decode.zero3}")
+                f"{'sampled' if cfg.decode.do_sample else 'greedy'}, engine {cfg.decode.engine}, "
+                f"zero3={cfg.decode.zero3}")
 
-    model = load_generator(cfg.model, model_path, cfg.decode.zero3)
-    t0 = time.time()
-    rows = run_sharded(
-        parts_dir, len(items), cfg.decode.batch_size, cfg.blind.batches_per_shard,
-        work=lambda k, batch: blind_rows(k, batch, items, entries, model, chat, cfg, meta_base),
-        idle=(lambda: dummy_decode(model, chat, cfg)) if cfg.decode.zero3 else None,
-        desc="blind", crash_point="blind_shards")
+    try:
+        if cfg.decode.engine == "hf":
+            model = load_generator(cfg.model, model_path, cfg.decode.zero3)
+        else:
+            model = connect(cfg.decode, model_path, chat.tokenizer, list(chat.stop_ids))
+            meta_base["server_model"] = model.served_name
+        rate = TokenRate()
+        t0 = time.time()
+        rows = run_sharded(
+            parts_dir, len(items), cfg.decode.batch_size, cfg.blind.batches_per_shard,
+            work=lambda k, batch: blind_rows(k, batch, items, entries, model, chat, cfg, meta_base, rate),
+            idle=(lambda: dummy_decode(model, chat, cfg)) if cfg.decode.zero3 else None,
+            desc="blind", crash_point="blind_shards", postfix=rate.postfix)
+    except ServerError as e:
+        raise SystemExit(f"error: {e}") from None
     if rows is not None:
         write_jsonl_atomic(cfg.blind.output_file, rows)
         errors = [(r.get("id", r.get("source", f"#{i}")), r["blind_error"]) for i, r in enumerate(rows)

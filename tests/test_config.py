@@ -69,3 +69,27 @@ def test_job_errors_are_one_line_naming_the_key(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             cli.run(main, argv)
         assert str(e.value).startswith(message), e.value
+
+
+def test_hf_is_the_default_engine():
+    assert load_config().decode.engine == "hf"
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (["decode.engine=sglang"], r"decode.engine must be one of \('hf', 'vllm'\)"),
+    (["decode.engine=vllm"], "decode.engine=vllm needs decode.server_url"),
+    (["decode.engine=vllm", "decode.server_url=127.0.0.1:8000"], "decode.engine=vllm needs decode.server_url"),
+    (["decode.engine=vllm", "decode.server_url=http://h:8000/v1", "decode.zero3=true"], "set decode.zero3=false"),
+    (["decode.concurrency=0"], "decode.concurrency must be positive"),
+    (["decode.server_retries=-1"], "decode.server_retries must be >= 0"),
+])
+def test_bad_engine_settings_name_the_key(overrides, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, overrides)
+
+
+def test_transport_keys_are_decode_keys():
+    """What a resumed generation job may change (bpo.config.TRANSPORT_KEYS) must name real decode settings."""
+    from bpo.config import TRANSPORT_KEYS, DecodeConfig
+
+    assert set(TRANSPORT_KEYS) <= set(vars(DecodeConfig())) and "engine" not in TRANSPORT_KEYS

@@ -24,11 +24,7 @@ apostrophes, any whitespace between words). On test sets whose prompts are all h
 "unsafe": that is the rule's whole premise, so do not run it on benign prompts.
 """
 
-import base64
-import email.utils
 import hashlib
-import http.client
-import ipaddress
 import json
 import os
 import random
@@ -36,13 +32,12 @@ import re
 import threading
 import time
 import typing
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from bpo.config import ConfigError
+from bpo.engines.http import (GaveUp, HTTPStatusError, RedirectRefused, Retry, image_data_url, is_local,
+                              request_json)
 
 LABELS = ("safe", "unsafe")
 PROMPT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt")
@@ -166,9 +161,6 @@ class RefusalJudge:
 # ---------------------------------------------------------------------------------------------------------------
 # openai: OpenAI-compatible chat completions over urllib
 
-MAX_RETRY_AFTER_S = 600.0  # a Retry-After longer than this is treated as this (a typo'd header must not hang a run)
-
-
 @dataclass
 class OpenAIJudgeConfig:
     type: str = "openai"
@@ -183,61 +175,6 @@ class OpenAIJudgeConfig:
     workers: int = 4  # requests in flight at once
     cache_dir: str = ""  # verdict cache directory; empty = no cache
     prompt_file: str = ""  # empty = bpo/eval/judge_prompt.txt
-
-
-def _is_local(url):
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _image_data_url(data):
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        mime = "image/png"
-    elif data.startswith(b"\xff\xd8\xff"):
-        mime = "image/jpeg"
-    elif data[:6] in (b"GIF87a", b"GIF89a"):
-        mime = "image/gif"
-    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        mime = "image/webp"
-    else:
-        raise ValueError("image is not PNG, JPEG, GIF or WebP, the formats chat-completions endpoints take")
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _retry_after_s(value):
-    """Retry-After header (seconds or an HTTP date) -> seconds to wait, or None when absent or unreadable."""
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
-
-
-def _read_error_body(err):
-    try:
-        return err.read().decode("utf-8", errors="replace")
-    except Exception:  # the body of a failed response may itself fail to read; the status code still says enough
-        return ""
-
-
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib follows a redirect with the same headers, Authorization included: the API key would go to whatever
-    host the Location names, and that host's reply would be read (and cached) as the verdict. So none is followed."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        fp.close()
-        raise JudgeError(f"judge endpoint {req.full_url} answered HTTP {code}, a redirect to {newurl}; redirects are "
-                         f"not followed (the API key would go along): set judge.url to the endpoint itself")
 
 
 class VerdictCache:
@@ -295,12 +232,11 @@ class OpenAIJudge:
         self.endpoint = cfg.url.rstrip("/") + "/chat/completions"
         self.template = load_judge_prompt(cfg.prompt_file)
         self.api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        if not self.api_key and not _is_local(cfg.url):
+        if not self.api_key and not is_local(cfg.url):
             name = cfg.api_key_env or "(api_key_env is empty)"
             raise ConfigError(f"judge endpoint {cfg.url} needs an API key: set the environment variable {name} "
                               f"(judge.api_key_env names it); only a localhost endpoint may run without a key")
         self.cache = VerdictCache(cfg.cache_dir) if cfg.cache_dir else None
-        self._opener = urllib.request.build_opener(_RefuseRedirects())
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
@@ -351,7 +287,7 @@ class OpenAIJudge:
             content = text
         else:
             try:
-                url = _image_data_url(image_bytes)
+                url = image_data_url(image_bytes)
             except ValueError as e:
                 raise JudgeError(f"item {item.id}: {item.image_path}: {e}") from None
             content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
@@ -374,41 +310,27 @@ class OpenAIJudge:
             self.stats[name] += 1
 
     def _post(self, payload):
-        data = json.dumps(payload).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        attempt = 0
-        while True:
-            request = urllib.request.Request(self.endpoint, data=data, headers=headers, method="POST")
-            self._count("requests")
-            wait = None
-            try:
-                with self._opener.open(request, timeout=self.cfg.timeout_s) as resp:
-                    return resp.read().decode("utf-8", errors="replace")
-            except urllib.error.HTTPError as e:
-                text = _read_error_body(e)
-                if e.code in (401, 403):
-                    who = (f"the key in ${self.cfg.api_key_env}" if self.api_key
-                           else f"the request without a key (${self.cfg.api_key_env} is unset)")
-                    raise JudgeError(f"judge endpoint {self.endpoint} refused {who}: HTTP {e.code}: "
-                                     f"{text[:500]}") from None
-                if e.code != 429 and e.code < 500:
-                    raise JudgeError(f"judge endpoint {self.endpoint} rejected the request: HTTP {e.code}: "
-                                     f"{text[:2000]}") from None
-                wait = _retry_after_s(e.headers.get("Retry-After") if e.headers else None)
-                last = f"HTTP {e.code}: {text[:200]}"
-            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
-                last = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
-            if attempt >= self.cfg.max_retries:
-                raise JudgeError(f"judge endpoint {self.endpoint}: gave up after {attempt + 1} attempts; "
-                                 f"last error: {last}")
-            if wait is None:
-                cap = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** attempt)
-                wait = cap / 2 + self._rng.uniform(0, cap / 2)
-            self._count("retries")
-            self._sleep(wait)
-            attempt += 1
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        retry = Retry(max_retries=self.cfg.max_retries, backoff_s=self.cfg.backoff_s,
+                      backoff_max_s=self.cfg.backoff_max_s, sleep=self._sleep, rng=self._rng,
+                      on_attempt=lambda: self._count("requests"), on_retry=lambda: self._count("retries"))
+        try:
+            return request_json(self.endpoint, payload, retry=retry, timeout_s=self.cfg.timeout_s, headers=headers)
+        except HTTPStatusError as e:
+            if e.status in (401, 403):
+                who = (f"the key in ${self.cfg.api_key_env}" if self.api_key
+                       else f"the request without a key (${self.cfg.api_key_env} is unset)")
+                raise JudgeError(f"judge endpoint {self.endpoint} refused {who}: HTTP {e.status}: "
+                                 f"{e.body[:500]}") from None
+            raise JudgeError(f"judge endpoint {self.endpoint} rejected the request: HTTP {e.status}: "
+                             f"{e.body[:2000]}") from None
+        except GaveUp as e:
+            raise JudgeError(f"judge endpoint {self.endpoint}: gave up after {e.attempts} attempts; "
+                             f"last error: {e.last}") from None
+        except RedirectRefused as e:  # the key would go along to the other host, and its reply pass as the verdict
+            raise JudgeError(f"judge endpoint {e.url} answered HTTP {e.status}, a redirect to {e.location}; "
+                             f"redirects are not followed (the API key would go along): set judge.url to the "
+                             f"endpoint itself") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

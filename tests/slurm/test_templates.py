@@ -107,3 +107,19 @@ def test_pipeline_chains_on_afterok_with_parsable_ids():
     assert "--parsable" in body and "--dependency=afterok:" in body
     stages = re.findall(r"^\s*submit (\w+) ", body, flags=re.M)
     assert stages == ["blind", "ref", "train", "export", "eval"]
+
+
+def test_70b_generates_on_a_tensor_parallel_server_so_eval_is_submitted():
+    from bpo.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs", "bpo_70b.yaml"))
+    assert cfg.decode.engine == "vllm" and not cfg.decode.zero3 and not cfg.eval.reward_accuracy
+    common = text(os.path.join(REPO, "slurm", "common.sh"))
+    serve = common[common.index("bpo_vllm_serve() {"):common.index("bpo_generate() {")]
+    assert '--tensor-parallel-size "$GPUS_PER_NODE"' in serve and "/health" in serve
+    assert "trap _bpo_vllm_stop EXIT" in serve and "trap '_bpo_vllm_stop; _bpo_requeue' USR1" in serve
+    for job in ("blind_gen.sh", "eval.sh"):
+        assert "bpo_generate " in text(os.path.join(REPO, "slurm", job))
+    # The pipeline skips eval only for ZeRO-3 on the hf engine, which the 70B config no longer uses.
+    pipeline = text(os.path.join(REPO, "slurm", "pipeline.sh"))
+    assert '[ "$ENGINE" = hf ] && [ "$(bpo_config_value decode.zero3)" = True ]' in pipeline
