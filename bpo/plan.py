@@ -6,8 +6,10 @@
 --model is a Hugging Face config.json, a directory holding one (no weights are read), or a built-in name with the
 published dimensions: llava-1.5-7b, llava-next-72b, qwen2-vl-72b. Every figure is bytes per GPU unless it says
 otherwise; N = nodes x GPUs per node; P = all parameters, Pt = trained ones (LLM + projector; the vision tower is
-frozen, as in the paper, unless --train-vision-tower). S = micro_batch x responses sequences (chosen, rejected, blind)
-of T = --seq-len tokens (image tokens included) go through the model in one forward.
+frozen, as in the paper, unless --train-vision-tower). S T = the tokens one forward computes: with the shared-prompt
+layout (--scoring shared, loss.scoring's default) micro_batch x (T + (responses - 1) x R), every prompt once and each
+response after it, with T = --seq-len tokens (image tokens included) of prompt and response and R = --response-len;
+with --scoring rows micro_batch x responses x T, one row of T per response (chosen, rejected, blind).
 
   parameters     2 P / N      bf16, partitioned by ZeRO-3 (stages 1-2 keep a full copy: 2 P)
   gradients      2 Pt / N     bf16 (stage 1 keeps them whole: 2 Pt)
@@ -20,9 +22,9 @@ of T = --seq-len tokens (image tokens included) go through the model in one forw
   one layer      2 x S x T x (18 H + 4 H_kv + 8 I)   the layer recomputed in backward: its activations (bf16 norm
                  outputs, q, attention output, k, v, SwiGLU gate/up/act/product, and the two RMSNorms' fp32 copies of
                  their input, in all S·T·(9H + 2H_kv + 4I) x 2 B), doubled for their gradients while it runs
-  log-prob head  naive: S x T x V x 10 B (bf16 logits 2 + fp32 log-softmax 4 + fp32 gradient 4) + V x H x 2 B (the
+  log-prob head  naive: K x V x 10 B, K the scored positions (rows: S T; shared: responses only) (bf16 logits 2 + fp32 log-softmax 4 + fp32 gradient 4) + V x H x 2 B (the
                  bf16 gradient autograd forms for the whole lm_head weight)
-                 fused: min(chunk, S x T) x V x 10 B (one chunk of the same, the only one alive) + V x H x 6 B (its
+                 fused: min(chunk, K) x V x 10 B (one chunk of the same, the only one alive) + V x H x 6 B (its
                  backward accumulates the lm_head gradient in an fp32 (V, H) buffer, 4 B, then returns a bf16 copy,
                  2 B; both are alive at the end of the backward)
   reference      live: 2 P / N (a second, frozen ZeRO-3 copy in bf16); cached (train.ref_cache): 0
@@ -253,6 +255,8 @@ class Setup:
     optim: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit (optim.name)
     finetune: str = "full"  # full | lora | qlora (model.finetune)
     lora_r: int = 16
+    scoring: str = "shared"  # shared | rows (loss.scoring)
+    response_len: int = 256  # R: tokens of one response, the part the shared layout does not share
 
     @property
     def ranks(self):
@@ -261,6 +265,21 @@ class Setup:
     @property
     def sequences(self):
         return self.micro_batch * self.responses
+
+    @property
+    def tokens(self):
+        """S T: tokens one forward computes (see the module docstring)."""
+        if self.scoring == "rows":
+            return self.sequences * self.seq_len
+        return self.micro_batch * (self.seq_len + (self.responses - 1) * min(self.response_len, self.seq_len))
+
+    @property
+    def head_tokens(self):
+        """Positions the log-prob head scores: every position of every row (rows), or the responses only (shared:
+        the scorer gathers the states that predict response tokens)."""
+        if self.scoring == "rows":
+            return self.sequences * self.seq_len
+        return self.sequences * min(self.response_len, self.seq_len)
 
     @property
     def adapters(self):
@@ -333,7 +352,7 @@ def estimate(dims, setup):
     if setup.reference == "adapters_off" and not setup.adapters:
         raise ValueError("--reference adapters_off needs --finetune lora or qlora")
     n, pt = setup.ranks, trainable_params(dims, setup)
-    s, t, h = setup.sequences, setup.seq_len, dims.hidden
+    st, h = setup.tokens, dims.hidden
     z3 = setup.zero == 3
     qlora = setup.finetune == "qlora"
     rows = []
@@ -365,19 +384,20 @@ def estimate(dims, setup):
             layer = NF4_BYTES * pq_layer + 2 * (dims.layer_params - pq_layer)
         row("gather", "ZeRO-3 gathered layers", 2 * max(layer, 2 * dims.embedding_params),
             "2 x max(layer in NF4 + bf16, 2 embedding)" if qlora else "2 x 2 x max(layer, embedding)")
-    per_layer = s * t * (9 * h + 2 * dims.kv_dim + 4 * dims.intermediate) * 2
+    per_layer = st * (9 * h + 2 * dims.kv_dim + 4 * dims.intermediate) * 2
     if setup.grad_ckpt:
-        row("ckpt", "activations: layer-input checkpoints", 2 * dims.layers * s * t * h, "2 L S T H")
+        row("ckpt", "activations: layer-input checkpoints", 2 * dims.layers * st * h, "2 L S T H")
         row("layer", "activations: one layer + its gradients", 2 * per_layer, "2 S T (18H + 4Hkv + 8I)")
     else:
-        row("acts", "activations: every layer (no checkpointing)", dims.layers * (per_layer + 2 * s * t * h),
+        row("acts", "activations: every layer (no checkpointing)", dims.layers * (per_layer + 2 * st * h),
             "L S T (18H + 4Hkv + 8I + 2H)")
-    chunk = min(setup.chunk_size, s * t)
+    chunk = min(setup.chunk_size, setup.head_tokens)
     head_weight = dims.vocab * dims.hidden  # V x H: the lm_head gradient each head forms whole
     row("head:fused", f"log-prob head: fused (chunk {chunk})",
         chunk * dims.vocab * HEAD_BYTES_PER_LOGIT + FUSED_WEIGHT_GRAD_BYTES * head_weight, "chunk V x 10 + 6 V H")
     row("head:naive", "log-prob head: naive",
-        s * t * dims.vocab * HEAD_BYTES_PER_LOGIT + NAIVE_WEIGHT_GRAD_BYTES * head_weight, "S T V x 10 + 2 V H")
+        setup.head_tokens * dims.vocab * HEAD_BYTES_PER_LOGIT + NAIVE_WEIGHT_GRAD_BYTES * head_weight,
+        "scored positions x V x 10 + 2 V H")
     row("ref:cached", "reference: cached", 0, "0")
     base = weights - (2 * pt if setup.adapters else 0)  # a frozen copy carries no adapters
     ref_live = 0 if setup.offload == "param" else (base / n if z3 else base)
@@ -440,7 +460,9 @@ def report(dims, setup, markdown=False):
         f"{_fmt_count(dims.vision_params)} {'trained' if setup.train_vision_tower else 'frozen'}, projector "
         f"{_fmt_count(dims.projector_params)}); {trained}",
         f"{setup.nodes} node(s) x {setup.gpus_per_node} GPUs = N {setup.ranks}; ZeRO-{setup.zero}, offload "
-        f"{setup.offload}; S = {setup.micro_batch} x {setup.responses} sequences of T = {setup.seq_len} tokens; "
+        f"{setup.offload}; {setup.micro_batch} x {setup.responses} responses, T = {setup.seq_len}, scoring "
+        f"{setup.scoring}{f' (R = {setup.response_len})' if setup.scoring == 'shared' else ''}: S T = {setup.tokens} "
+        f"tokens per forward; "
         f"gradient checkpointing {'on' if setup.grad_ckpt else 'off'}; optimizer {setup.optim}",
         "",
     ]
@@ -493,6 +515,9 @@ def parse_args(argv=None):
     parser.add_argument("--seq-len", type=int, default=Setup.seq_len, help="tokens per sequence, image tokens included")
     parser.add_argument("--micro-batch", type=int, default=Setup.micro_batch, help="examples per GPU per forward")
     parser.add_argument("--responses", type=int, default=Setup.responses, help="3 for BPO, 2 for DPO")
+    parser.add_argument("--scoring", default=Setup.scoring, choices=("shared", "rows"), help="loss.scoring")
+    parser.add_argument("--response-len", type=int, default=Setup.response_len,
+                        help="tokens of one response (the shared layout computes the prompt once)")
     parser.add_argument("--chunk-size", type=int, default=Setup.chunk_size, help="loss.logprob_chunk_size")
     parser.add_argument("--head", default=Setup.head, choices=("fused", "naive"), help="loss.logprob_impl")
     parser.add_argument("--reference", default=Setup.reference, choices=("cached", "live", "adapters_off"),
@@ -516,7 +541,7 @@ def main(argv=None):
                   seq_len=args.seq_len, micro_batch=args.micro_batch, responses=args.responses,
                   chunk_size=args.chunk_size, head=args.head, reference=args.reference, grad_ckpt=args.grad_ckpt,
                   train_vision_tower=args.train_vision_tower, gpu_mem_gib=args.gpu_mem_gb, optim=args.optim,
-                  finetune=args.finetune, lora_r=args.lora_r)
+                  finetune=args.finetune, lora_r=args.lora_r, scoring=args.scoring, response_len=args.response_len)
     try:
         text, fits = report(load_dims(args.model), setup, markdown=args.markdown)
     except ValueError as e:

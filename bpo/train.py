@@ -183,10 +183,10 @@ def train(cfg):
     from bpo.data.shared import make_collate
 
     require(cfg, "model.path", "data.train_file")
+    lora.require_platform(cfg.model)  # QLoRA needs CUDA: say so before anything starts
     check_model_dir(cfg.model.path, "model.path")
     if cfg.train.ref_model_path and not cfg.train.ref_cache:
         check_model_dir(cfg.train.ref_model_path, "train.ref_model_path")
-    lora.require_platform(cfg.model)  # QLoRA needs CUDA: say so before anything starts
     enforce_max_image_pixels(cfg.data.max_image_pixels)
     chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code)  # no template: fail first
     dist.init_distributed()

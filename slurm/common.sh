@@ -217,7 +217,7 @@ bpo_vllm_serve() {  # bpo_vllm_serve MODEL_DIR
         --dtype "$dtype" "${extra[@]}" >> "$log" 2>&1 &
     BPO_VLLM_PID=$!
     trap _bpo_vllm_stop EXIT
-    trap '_bpo_vllm_stop; _bpo_requeue' USR1
+    trap '_bpo_vllm_stop; _bpo_on_usr1' USR1
     local waited=0
     until "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
             "http://127.0.0.1:$port/health" 2>/dev/null; do

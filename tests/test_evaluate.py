@@ -58,9 +58,8 @@ def test_evaluation_writes_report(tiny_model_dir, sample_data_dir, tmp_path):
 
 
 def test_a_prompt_too_long_to_score_stops_evaluation_before_generating(tiny_model_dir, sample_data_dir, tmp_path):
-    from transformers import AutoProcessor
-
     from bpo.config import from_dict
+    from bpo.data.chat import load_chat
     from bpo.data.records import RecordError
     from bpo.evaluate import load_examples, reward_examples
 
@@ -68,4 +67,4 @@ def test_a_prompt_too_long_to_score_stops_evaluation_before_generating(tiny_mode
     cfg = from_dict({"data": {"max_length": 200}, "eval": {"test_file": test_file}})
     examples = load_examples(cfg.eval, os.path.join(sample_data_dir, "images"), cfg.data)
     with pytest.raises(RecordError, match=rf"{test_file}\[16\] \(id {LONG_ID}\): prompt too long: \d+ tokens"):
-        reward_examples(examples, cfg, AutoProcessor.from_pretrained(tiny_model_dir))
+        reward_examples(examples, cfg, load_chat(tiny_model_dir))

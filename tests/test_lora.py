@@ -107,10 +107,10 @@ def test_qlora_keeps_everything_but_the_language_model_unquantized():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_qlora_is_refused_on_cpu_before_anything_loads(tmp_path):
-    from bpo import train
+    from bpo import cli, train
 
     with pytest.raises(SystemExit, match="model.finetune=qlora needs a CUDA GPU"):
-        train.main(["model.path=/nonexistent", "data.train_file=/nonexistent.jsonl", "model.finetune=qlora"])
+        cli.run(train.main, ["model.path=/nonexistent", "data.train_file=/nonexistent.jsonl", "model.finetune=qlora"])
 
 
 def test_reference_cache_fingerprint_is_the_base_and_its_quantization(models, sample_data_dir):
@@ -242,7 +242,8 @@ def test_adapter_export_loads_with_peft_and_merged_export_equals_it(lora_runs, m
 
     run_dir, _, _ = lora_runs["tiny"]
     adapter_dir = run_dir / "hf_model"  # written by train.export_16bit with lora.export=adapter
-    assert sorted(os.listdir(adapter_dir)) == ["adapter_config.json", "adapter_model.safetensors"]
+    # The adapter and its config, and bpo.export's mark (a later --force may replace only a marked export).
+    assert sorted(os.listdir(adapter_dir)) == [".bpo_export", "adapter_config.json", "adapter_model.safetensors"]
     from bpo.config import ModelConfig
     from bpo.model import load_model
 

@@ -31,8 +31,8 @@ def test_parameter_counts_by_hand():
 
 
 def test_memory_rows_by_hand():
-    # N = 2 x 5 = 10 ranks; S = 2 x 3 = 6 sequences of T = 10 tokens.
-    setup = Setup(nodes=2, gpus_per_node=5, seq_len=10, micro_batch=2, chunk_size=16)
+    # N = 2 x 5 = 10 ranks; rows layout: S = 2 x 3 = 6 sequences of T = 10 tokens.
+    setup = Setup(nodes=2, gpus_per_node=5, seq_len=10, micro_batch=2, chunk_size=16, scoring="rows")
     rows, host = rows_of(DIMS, setup)
     assert rows["params"] == 2 * 451_000 / 10
     assert rows["grads"] == 2 * 441_000 / 10
@@ -54,8 +54,22 @@ def test_memory_rows_by_hand():
     assert total_bytes(DIMS, live_naive) == chosen - rows["head:fused"] + rows["head:naive"] + rows["ref:live"]
 
 
+def test_shared_layout_counts_each_prompt_once():
+    """Shared: one sequence per example of T + 2 R tokens (prompt once, three responses after it), and the head
+    scores the 3 R response positions only; rows: three rows of T."""
+    shared = Setup(seq_len=1000, micro_batch=2, response_len=100, chunk_size=10_000)
+    rows = Setup(**{**shared.__dict__, "scoring": "rows"})
+    assert shared.tokens == 2 * (1000 + 2 * 100) and rows.tokens == 2 * 3 * 1000
+    a, _ = rows_of(DIMS, shared)
+    b, _ = rows_of(DIMS, rows)
+    assert a["ckpt"] == 2 * 2 * 2400 * 100 and b["ckpt"] == 2 * 2 * 6000 * 100  # 2 B x L x tokens x H
+    assert a["head:naive"] - 2 * 1000 * 100 == 2 * 3 * 100 * 1000 * 10  # 600 scored positions x V x 10 B
+    assert b["head:naive"] - 2 * 1000 * 100 == 6000 * 1000 * 10
+    assert Setup(seq_len=50, response_len=100).tokens == 50 + 2 * 50  # a response is never longer than T
+
+
 def test_fused_chunk_never_exceeds_the_tokens():
-    rows, _ = rows_of(DIMS, Setup(seq_len=4, micro_batch=1, chunk_size=1024))
+    rows, _ = rows_of(DIMS, Setup(seq_len=4, micro_batch=1, chunk_size=1024, scoring="rows"))
     assert rows["head:fused"] - 6 * 1000 * 100 == rows["head:naive"] - 2 * 1000 * 100 == 3 * 4 * 1000 * 10
 
 
@@ -63,7 +77,7 @@ def test_fused_head_counts_its_weight_gradient_at_72b():
     """The fused head's backward holds an fp32 (V, H) accumulator and its bf16 copy: ~7 GiB at V = 152064,
     H = 8192, which the 70B template's plan left out (50.6 GiB shown, ~57.5 GiB needed)."""
     dims = plan.load_dims("llava-next-72b")
-    setup = Setup(nodes=8, gpus_per_node=8, seq_len=4096)
+    setup = Setup(nodes=8, gpus_per_node=8, seq_len=4096, scoring="rows")
     rows, _ = rows_of(dims, setup)
     assert rows["head:fused"] == 1024 * 152064 * 10 + 6 * 152064 * 8192
     assert 57.0 < total_bytes(dims, setup) / GiB < 58.0
@@ -89,7 +103,7 @@ def test_lower_zero_stages_keep_whole_copies():
 
 
 def test_without_checkpointing_every_layer_keeps_activations():
-    rows, _ = rows_of(DIMS, Setup(seq_len=10, micro_batch=1, grad_ckpt=False))
+    rows, _ = rows_of(DIMS, Setup(seq_len=10, micro_batch=1, grad_ckpt=False, scoring="rows"))
     assert "ckpt" not in rows and rows["acts"] == 2 * 3 * 10 * (18 * 100 + 4 * 50 + 8 * 300 + 2 * 100)
 
 
