@@ -39,8 +39,10 @@ $(VENV)/.installed: setup.py
 demo: venv
 	bash launch/demo.sh
 
+# Two pytest workers, each test module on one of them (its module fixtures built once): most of the suite's time is
+# process start-up and 2-rank jobs waiting on each other, which a second worker overlaps.
 test: venv vllm-venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadscope tests
 
 clean-demo:
 	rm -rf demo

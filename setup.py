@@ -25,7 +25,7 @@ setup(
         "accelerate",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 construction); not used for training
     ],
     extras_require={
-        "test": ["pytest", "triton"],
+        "test": ["pytest", "pytest-xdist", "triton"],
         "gpu": ["flash-attn"],
         "vllm": ["vllm"],  # the server for decode.engine=vllm; the client side is stdlib (bpo/engines/server.py)
         "bench": ["liger-kernel"],

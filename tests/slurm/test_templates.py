@@ -117,7 +117,7 @@ def test_70b_generates_on_a_tensor_parallel_server_so_eval_is_submitted():
     common = text(os.path.join(REPO, "slurm", "common.sh"))
     serve = common[common.index("bpo_vllm_serve() {"):common.index("bpo_generate() {")]
     assert '--tensor-parallel-size "$GPUS_PER_NODE"' in serve and "/health" in serve
-    assert "trap _bpo_vllm_stop EXIT" in serve and "trap '_bpo_vllm_stop; _bpo_requeue' USR1" in serve
+    assert "trap _bpo_vllm_stop EXIT" in serve and "trap '_bpo_vllm_stop; _bpo_on_usr1' USR1" in serve
     for job in ("blind_gen.sh", "eval.sh"):
         assert "bpo_generate " in text(os.path.join(REPO, "slurm", job))
     # The pipeline skips eval only for ZeRO-3 on the hf engine, which the 70B config no longer uses.
