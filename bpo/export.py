@@ -37,6 +37,7 @@ import shutil
 
 import torch
 
+from bpo.atomic import publish_dir
 from bpo.checkpoint import latest_tag
 from bpo.faults import maybe_crash
 
@@ -218,21 +219,10 @@ def atomic_dir(out_dir):
     it raises. A name of its own, so what a killed export leaves (up to a whole model) is found and removed by the
     next export to the same place."""
     out = os.path.abspath(out_dir)
-    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.export-tmp")
-    if os.path.exists(tmp):
-        print(f"removing {tmp}, left by an export that did not finish", flush=True)
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    try:
+    with publish_dir(out, tmp=os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.export-tmp")) as tmp:
         yield tmp
         with open(os.path.join(tmp, MARKER_FILE), "w") as f:
             json.dump({"written_by": "bpo.export"}, f)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _is_inside(path, directory):

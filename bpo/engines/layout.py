@@ -18,7 +18,8 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
+
+from bpo.atomic import publish_dir
 
 # Vision towers whose published checkpoints keep the inner `vision_model.` module.
 WRAPPED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
@@ -89,10 +90,7 @@ def write_served_copy(model_dir, out_dir):
     """Copy model_dir to out_dir with vLLM's weight names, atomically (a temp directory renamed into place)."""
     model_dir, out_dir = os.path.abspath(model_dir), os.path.abspath(out_dir)
     files = _weight_files(model_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".served-", dir=parent)
-    try:
+    with publish_dir(out_dir) as tmp:
         for name in os.listdir(model_dir):
             src, dst = os.path.join(model_dir, name), os.path.join(tmp, name)
             if name in files:
@@ -105,12 +103,6 @@ def write_served_copy(model_dir, out_dir):
                     json.dump(index, f, indent=1, sort_keys=True)
             elif os.path.isfile(src):
                 shutil.copy2(src, dst)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -8,10 +8,7 @@ download), a Vicuna-style chat template and a CLIP image-processor config. Tests
 system runs through the same loading path a 7B or 70B checkpoint takes.
 """
 
-import argparse
 import os
-import shutil
-import tempfile
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -133,17 +130,9 @@ def write_tiny_llava(out_dir, seed=0, hidden_size=32, num_layers=2, image_size=I
 
 def save_atomically(out_dir, model, processor):
     """save_pretrained model and processor into out_dir through a temporary sibling directory renamed into place."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-    try:
+    from bpo.atomic import publish_dir
+
+    with publish_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)

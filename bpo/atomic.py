@@ -1,0 +1,31 @@
+"""Publishing a directory whole or not at all: a user's OUT_DIR never holds half a model."""
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+
+@contextlib.contextmanager
+def publish_dir(out_dir, tmp=None):
+    """Yield a temporary directory beside out_dir. When the block succeeds it replaces out_dir (one rename on the
+    same file system); when it raises, it is removed. `tmp`: a fixed name for it, so what a killed run leaves behind
+    is found and removed by the next run to the same place (the default is a fresh mkdtemp name)."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if tmp is None:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}-", dir=parent)
+    else:
+        if os.path.exists(tmp):
+            print(f"removing {tmp}, left by a run that did not finish", flush=True)
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
