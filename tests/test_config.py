@@ -137,8 +137,37 @@ def test_the_build_job_names_what_it_needs(overrides, msg):
         require_build(load_config(None, overrides).build)
 
 
+def test_build_job_errors_are_one_line(tmp_path):
+    from bpo import cli
+    from bpo.build_data.job import main
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("")
+    base = [f"build.input_file={data}", f"build.output_file={tmp_path / 'out.jsonl'}", "build.entity.backend=given",
+            "build.rewrite.backend=none"]
+    for argv, message in [
+        (base + [f"build.image.bank={tmp_path / 'none'}"], "error: data file"),  # the input is read first
+        (base, "error: build.image.backend=bank needs build.image.bank"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(main, argv)
+        assert str(e.value).startswith(message), e.value
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, base + [f"build.image.bank={tmp_path / 'none'}"])
+    assert str(e.value) == f"error: build.image.bank '{tmp_path / 'none'}' is neither a directory nor an index file"
+
+
 def test_build_transport_keys_are_llm_keys():
     from bpo.config import BUILD_TRANSPORT_KEYS, BuildLLMConfig
 
     assert set(BUILD_TRANSPORT_KEYS) <= set(vars(BuildLLMConfig())) and "model" not in BUILD_TRANSPORT_KEYS
 
+
+def test_the_shipped_build_config_has_what_the_job_needs():
+    from bpo.config import require_build
+    from jobs import REPO
+
+    b = load_config(f"{REPO}/configs/build_hh.yaml").build
+    require_build(b)
+    assert (b.entity.backend, b.image.backend, b.rewrite.backend) == ("llm", "bank", "llm")
