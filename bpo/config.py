@@ -182,6 +182,90 @@ class EvalConfig:
     limit: int = 0  # evaluate only the first N examples (0 = all)
 
 
+# Entity types the data builder knows, each with the phrase that replaces a mention of such an entity (the order is
+# the order the entity prompt lists them in). A type may be added here (build.replace.phrases.animal=...); the
+# entity stage then offers it to the LLM.
+DEFAULT_PHRASES = {
+    "person": "the person in the image",
+    "organization": "the organization shown in the image",
+    "place": "the place shown in the image",
+    "object": "the object in the image",
+    "group": "the group of people shown in the image",
+    "event": "the event shown in the image",
+    "work": "the work shown in the image",
+}
+
+
+@dataclass
+class BuildLLMConfig:
+    """The OpenAI-compatible chat endpoint the entity and rewrite stages ask (vLLM, SGLang, a hosted API)."""
+
+    url: str = ""  # API base, e.g. http://127.0.0.1:8000/v1
+    model: str = ""  # the name the endpoint serves the model under
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the key (never the key); localhost needs none
+    temperature: float = 0.0  # 0 = greedy: the same request gets the same answer, which the cache then keeps
+    max_attempts: int = 3  # answers asked per stage and record (the first + re-asks) before the record is reported
+    workers: int = 8  # requests in flight at once
+    cache_dir: str = ""  # content-hash answer cache; empty = OUTPUT.cache beside build.output_file
+    max_retries: int = 5  # HTTP retries after the first attempt, on connection errors, 429 and 5xx
+    backoff_s: float = 1.0  # first retry waits about this long; doubles each retry, with jitter, up to 60 s
+    timeout_s: float = 120.0  # per request
+
+
+@dataclass
+class BuildEntityConfig:
+    backend: str = "llm"  # llm = ask build.llm; spacy = an installed spaCy model; given = the input's own fields
+    prompt_file: str = ""  # empty = bpo/build_data/prompts/entity_v1.txt
+    max_tokens: int = 64
+    spacy_model: str = ""  # backend spacy: a package name or directory spacy.load takes (never downloaded)
+
+
+@dataclass
+class BuildImageConfig:
+    backend: str = "bank"  # bank = look the entity up in a local image bank; diffusers = generate an image
+    bank: str = ""  # a directory (file names are entity names) or an index file (JSON or JSONL: name -> image)
+    min_similarity: float = 0.85  # fuzzy name matching (difflib ratio of normalised names) accepts this or more
+    diffusers_model: str = ""  # backend diffusers: a local text-to-image pipeline directory (safetensors)
+    diffusers_prompt: str = "a photo of {entity}"
+    diffusers_steps: int = 30
+    seed: int = 0  # diffusers: each image's seed is derived from this and the entity
+
+
+@dataclass
+class BuildReplaceConfig:
+    # entity type -> the phrase its mentions become; keys merge with the defaults, and an empty phrase
+    # (build.replace.phrases.event="") takes the type out: the entity stage no longer offers it.
+    phrases: typing.Dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PHRASES))
+
+
+@dataclass
+class BuildRewriteConfig:
+    backend: str = "llm"  # llm = ask build.llm to rewrite the replaced request; none = keep it as replaced
+    prompt_file: str = ""  # empty = bpo/build_data/prompts/rewrite_v1.txt
+    max_tokens: int = 256
+
+
+@dataclass
+class BuildConfig:
+    """python -m bpo.build_data: text-only preference data -> MMSafe-PO records (bpo/build_data/)."""
+
+    input_file: str = ""  # JSON or JSONL: HH-RLHF transcripts (chosen/rejected) or prompt/chosen/rejected
+    input_format: str = "auto"  # auto (per record: `prompt` present -> prompt, else hh) | hh | prompt
+    output_file: str = ""  # JSONL of MMSafe-PO records; OUTPUT.report.json beside it
+    image_dir: str = ""  # where the records' images are written (the image root); empty = OUTPUT_images
+    batch_size: int = 16  # records handed to the request workers at once; the progress bar moves per batch
+    batches_per_shard: int = 8  # unit of resumption: a finished shard is never redone
+    llm: BuildLLMConfig = field(default_factory=BuildLLMConfig)
+    entity: BuildEntityConfig = field(default_factory=BuildEntityConfig)
+    image: BuildImageConfig = field(default_factory=BuildImageConfig)
+    replace: BuildReplaceConfig = field(default_factory=BuildReplaceConfig)
+    rewrite: BuildRewriteConfig = field(default_factory=BuildRewriteConfig)
+
+
+# build.llm settings that change how requests travel, not what is answered: a resumed build may change them.
+BUILD_TRANSPORT_KEYS = ("url", "api_key_env", "workers", "cache_dir", "max_retries", "backoff_s", "timeout_s")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -194,6 +278,7 @@ class Config:
     blind: BlindConfig = field(default_factory=BlindConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
 
 
 class ConfigError(ValueError):
@@ -355,6 +440,56 @@ def validate(cfg):
                                              or cfg.model.train_vision_tower):
         raise ConfigError(f"model.finetune={cfg.model.finetune} adapts the parts model.train_language_model / "
                           f"train_projector / train_vision_tower mark trained, and all three are false")
+    validate_build(cfg.build)
+
+
+def validate_build(b):
+    """The build section's values; what the build job needs set is `require_build`, which that job calls."""
+    _choice(b.input_format, ("auto", "hh", "prompt"), "build.input_format")
+    _choice(b.entity.backend, ("llm", "spacy", "given"), "build.entity.backend")
+    _choice(b.image.backend, ("bank", "diffusers"), "build.image.backend")
+    _choice(b.rewrite.backend, ("llm", "none"), "build.rewrite.backend")
+    for key, value in [("build.batch_size", b.batch_size), ("build.batches_per_shard", b.batches_per_shard),
+                       ("build.llm.max_attempts", b.llm.max_attempts), ("build.llm.workers", b.llm.workers),
+                       ("build.llm.timeout_s", b.llm.timeout_s), ("build.entity.max_tokens", b.entity.max_tokens),
+                       ("build.rewrite.max_tokens", b.rewrite.max_tokens),
+                       ("build.image.diffusers_steps", b.image.diffusers_steps)]:
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if b.llm.max_retries < 0 or b.llm.backoff_s < 0 or b.llm.temperature < 0:
+        raise ConfigError("build.llm.max_retries, backoff_s and temperature must be >= 0")
+    if not 0 < b.image.min_similarity <= 1:
+        raise ConfigError(f"build.image.min_similarity must be in (0, 1], got {b.image.min_similarity}")
+    for kind, phrase in b.replace.phrases.items():
+        if phrase is None:
+            continue
+        if not isinstance(phrase, str) or any(m in phrase for m in ("<image>", "USER:", "ASSISTANT:")):
+            raise ConfigError(f"build.replace.phrases.{kind} must be a phrase of plain text (no <image>, USER: or "
+                              f"ASSISTANT: marker), got {phrase!r}")
+    if not any(b.replace.phrases.values()):
+        raise ConfigError("build.replace.phrases leaves no entity type with a phrase")
+    if "{entity}" not in b.image.diffusers_prompt:
+        raise ConfigError(f"build.image.diffusers_prompt must contain {{entity}}, got {b.image.diffusers_prompt!r}")
+
+
+def require_build(b):
+    """What python -m bpo.build_data needs set, for the backends chosen (other jobs leave the section empty)."""
+    for key in ("input_file", "output_file"):
+        if not getattr(b, key):
+            raise ConfigError(f"build.{key} is required (set it in the config file or pass build.{key}=...)")
+    uses_llm = [f"build.{s}.backend=llm" for s in ("entity", "rewrite") if getattr(b, s).backend == "llm"]
+    if uses_llm and (not b.llm.url.startswith(("http://", "https://")) or not b.llm.model):
+        raise ConfigError(f"{' and '.join(uses_llm)} ask an OpenAI-compatible endpoint: set build.llm.url (its "
+                          f"API base, e.g. http://127.0.0.1:8000/v1) and build.llm.model (got url={b.llm.url!r}, "
+                          f"model={b.llm.model!r})")
+    if b.entity.backend == "spacy" and not b.entity.spacy_model:
+        raise ConfigError("build.entity.backend=spacy needs build.entity.spacy_model (an installed model's name or "
+                          "directory, e.g. en_core_web_sm)")
+    if b.image.backend == "bank" and not b.image.bank:
+        raise ConfigError("build.image.backend=bank needs build.image.bank (a directory of images or an index file)")
+    if b.image.backend == "diffusers" and not b.image.diffusers_model:
+        raise ConfigError("build.image.backend=diffusers needs build.image.diffusers_model (a local pipeline "
+                          "directory)")
 
 
 def to_dict(cfg):

@@ -1,6 +1,10 @@
-"""Session fixtures shared by every test: a tiny LLaVA checkpoint and the synthetic MMSafe-PO sample data."""
+"""Session fixtures shared by every test: a tiny LLaVA checkpoint, the synthetic MMSafe-PO sample data, and the vLLM
+CPU server (tests/servers.py)."""
 
 import pytest
+
+from servers import (pytest_collection_finish, pytest_collection_modifyitems, pytest_configure,  # noqa: F401
+                     pytest_runtest_teardown, served_model_dir, tiny128_dir, vllm_server)
 
 
 @pytest.fixture(scope="session")

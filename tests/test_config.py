@@ -93,3 +93,81 @@ def test_transport_keys_are_decode_keys():
     from bpo.config import TRANSPORT_KEYS, DecodeConfig
 
     assert set(TRANSPORT_KEYS) <= set(vars(DecodeConfig())) and "engine" not in TRANSPORT_KEYS
+
+
+def test_build_section_three_levels_deep_and_phrases_merge(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("build:\n  llm:\n    model: m\n  replace:\n    phrases:\n      animal: the animal in the image\n")
+    cfg = load_config(str(path), ["build.llm.url=http://h:8000/v1", "build.replace.phrases.event=",
+                                  "build.image.min_similarity=0.5"])
+    b = cfg.build
+    assert (b.llm.url, b.llm.model, b.image.min_similarity, b.entity.backend) == ("http://h:8000/v1", "m", 0.5, "llm")
+    assert b.replace.phrases["animal"] == "the animal in the image" and b.replace.phrases["event"] == ""
+    assert b.replace.phrases["person"] == "the person in the image"  # the defaults stay
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (["build.entity.backend=regex"], r"build.entity.backend must be one of \('llm', 'spacy', 'given'\)"),
+    (["build.image.min_similarity=1.5"], r"build.image.min_similarity must be in \(0, 1\]"),
+    (["build.llm.max_attempts=0"], "build.llm.max_attempts must be positive"),
+    (["build.llm.temperture=0"], "unknown config key 'build.llm.temperture'"),
+    (["build.replace.phrases.person=USER: x"], "build.replace.phrases.person must be a phrase of plain text"),
+    (["build.image.diffusers_prompt=a photo"], "must contain {entity}"),
+])
+def test_bad_build_settings_name_the_key(overrides, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    ([], "build.input_file is required"),
+    (["build.input_file=a", "build.output_file=b"],
+     "build.entity.backend=llm and build.rewrite.backend=llm ask an OpenAI-compatible endpoint: set build.llm.url"),
+    (["build.input_file=a", "build.output_file=b", "build.entity.backend=given", "build.llm.url=http://h/v1"],
+     "build.rewrite.backend=llm ask an OpenAI-compatible endpoint: .* model=''"),
+    (["build.input_file=a", "build.output_file=b", "build.entity.backend=spacy", "build.rewrite.backend=none"],
+     "needs build.entity.spacy_model"),
+    (["build.input_file=a", "build.output_file=b", "build.entity.backend=given", "build.rewrite.backend=none"],
+     "needs build.image.bank"),
+])
+def test_the_build_job_names_what_it_needs(overrides, msg):
+    from bpo.config import require_build
+
+    with pytest.raises(ConfigError, match=msg):
+        require_build(load_config(None, overrides).build)
+
+
+def test_build_job_errors_are_one_line(tmp_path):
+    from bpo import cli
+    from bpo.build_data.job import main
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("")
+    base = [f"build.input_file={data}", f"build.output_file={tmp_path / 'out.jsonl'}", "build.entity.backend=given",
+            "build.rewrite.backend=none"]
+    for argv, message in [
+        (base + [f"build.image.bank={tmp_path / 'none'}"], "error: data file"),  # the input is read first
+        (base, "error: build.image.backend=bank needs build.image.bank"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(main, argv)
+        assert str(e.value).startswith(message), e.value
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, base + [f"build.image.bank={tmp_path / 'none'}"])
+    assert str(e.value) == f"error: build.image.bank '{tmp_path / 'none'}' is neither a directory nor an index file"
+
+
+def test_build_transport_keys_are_llm_keys():
+    from bpo.config import BUILD_TRANSPORT_KEYS, BuildLLMConfig
+
+    assert set(BUILD_TRANSPORT_KEYS) <= set(vars(BuildLLMConfig())) and "model" not in BUILD_TRANSPORT_KEYS
+
+
+def test_the_shipped_build_config_has_what_the_job_needs():
+    from bpo.config import require_build
+    from jobs import REPO
+
+    b = load_config(f"{REPO}/configs/build_hh.yaml").build
+    require_build(b)
+    assert (b.entity.backend, b.image.backend, b.rewrite.backend) == ("llm", "bank", "llm")

@@ -119,20 +119,39 @@ def load_records(path, image_root=None, check_images=True, progress=False, allow
             record = _build_record(obj, rid, source)
             if rid in first_source:
                 raise _Bad(f"duplicate id (first at {first_source[rid]})")
-            if record.image is not None and not allow_outside_root and image_name_problem(record.image):
-                raise _Bad(image_name_problem(record.image))
-            if check_images and record.image is not None:
-                where = image_path(record, image_root)
-                if where not in image_verdicts:
-                    image_verdicts[where] = _check_image(where, max_image_pixels)
-                if image_verdicts[where]:
-                    raise _Bad(image_verdicts[where])
+            _check_record_image(record, image_root, check_images, allow_outside_root, max_image_pixels,
+                                image_verdicts)
         except _Bad as e:
             bad.append(BadRecord(source, rid, str(e)))
             continue
         first_source[rid] = source
         records.append(record)
     return records, bad
+
+
+def record_problem(obj, image_root=None, check_images=True, allow_outside_root=False,
+                   max_image_pixels=DataConfig.max_image_pixels):
+    """Why `load_records` would reject this one record (a JSON object), or None when it would take it; for code
+    that writes records (bpo.build_data) and must not write one the jobs refuse. Duplicate ids are the writer's."""
+    try:
+        record = _build_record(obj, _record_id(obj), "")
+        _check_record_image(record, image_root, check_images, allow_outside_root, max_image_pixels, {})
+    except _Bad as e:
+        return str(e)
+    return None
+
+
+def _check_record_image(record, image_root, check_images, allow_outside_root, max_image_pixels, image_verdicts):
+    """_Bad with the reason when the record's image name or file is refused; image_verdicts caches the file checks
+    by path (records share images)."""
+    if record.image is not None and not allow_outside_root and image_name_problem(record.image):
+        raise _Bad(image_name_problem(record.image))
+    if check_images and record.image is not None:
+        where = image_path(record, image_root)
+        if where not in image_verdicts:
+            image_verdicts[where] = _check_image(where, max_image_pixels)
+        if image_verdicts[where]:
+            raise _Bad(image_verdicts[where])
 
 
 def blind_generation(record):

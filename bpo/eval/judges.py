@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from bpo.config import ConfigError
+from bpo.engines.cache import AnswerCache
 from bpo.engines.http import (GaveUp, HTTPStatusError, RedirectRefused, Retry, image_data_url, is_local,
                               request_json)
 
@@ -177,43 +178,21 @@ class OpenAIJudgeConfig:
     prompt_file: str = ""  # empty = bpo/eval/judge_prompt.txt
 
 
-class VerdictCache:
-    """Verdicts on disk, one small JSON file per key: `<dir>/<key[:2]>/<key>.json`.
-
-    One file per key rather than an append-only JSONL: each write is a temp file renamed into place, which is atomic
-    on POSIX, so concurrent writers (the judge's worker threads, or several evaluation processes sharing a directory)
-    need no lock, a killed run leaves no torn line, and a lookup reads one file instead of loading the whole cache.
-    The key is sha256 of (model, judge prompt template, request text, sha256 of the image bytes, response). Only
-    readable verdicts are stored: an unparsable reply is asked again on the next run.
-    """
-
-    def __init__(self, directory):
-        self.directory = directory
-        os.makedirs(directory, exist_ok=True)
+class VerdictCache(AnswerCache):
+    """Verdicts on disk (bpo.engines.cache: one file per key, written atomically). The key is sha256 of (model,
+    judge prompt template, request text, sha256 of the image bytes, response). Only readable verdicts are stored:
+    an unparsable reply is asked again on the next run."""
 
     @staticmethod
     def key(model, template, prompt_text, image_digest, response):
-        blob = json.dumps(["bpo-judge-v1", model, template, prompt_text, image_digest, response], ensure_ascii=False)
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-    def _path(self, key):
-        return os.path.join(self.directory, key[:2], key + ".json")
+        return AnswerCache.digest("bpo-judge-v1", model, template, prompt_text, image_digest, response)
 
     def get(self, key):
-        try:
-            with open(self._path(key), encoding="utf-8") as f:
-                entry = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return entry if entry.get("label") in LABELS else None
+        entry = super().get(key)
+        return entry if entry is not None and entry.get("label") in LABELS else None
 
     def put(self, key, label, raw, model):
-        path = self._path(key)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"label": label, "raw": raw, "model": model}, f, ensure_ascii=False)
-        os.replace(tmp, path)
+        super().put(key, {"label": label, "raw": raw, "model": model})
 
 
 class OpenAIJudge:

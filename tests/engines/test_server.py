@@ -1,4 +1,4 @@
-"""decode.engine=vllm against a real vLLM server (tests/engines/conftest.py), checked against the hf path.
+"""decode.engine=vllm against a real vLLM server (tests/servers.py), checked against the hf path.
 
 Measured on the tiny model (fp32, CPU): every blind prompt and every evaluation prompt (image included) reaches the
 server as the same token ids the hf path feeds the model, and greedy decoding gives the same tokens, so the rows are
