@@ -3,8 +3,13 @@ CPU server (tests/servers.py)."""
 
 import pytest
 
-from servers import (pytest_collection_finish, pytest_collection_modifyitems, pytest_configure,  # noqa: F401
-                     pytest_runtest_teardown, served_model_dir, tiny128_dir, vllm_server)
+from servers import (make_scheduler, pytest_collection_finish, pytest_collection_modifyitems,  # noqa: F401
+                     pytest_configure, pytest_runtest_teardown, served_model_dir, tiny128_dir, vllm_server)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: a plain `pytest` run has no such hook
+def pytest_xdist_make_scheduler(config, log):
+    return make_scheduler(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -25,13 +25,32 @@ _STARTED = []  # the server process, while it runs
 _LAST_USER = {}  # "nodeid": the last collected test that uses vllm_server
 
 
+# The test files that use the server. Under `pytest -n 2 --dist loadscope` (make test) they are one scheduling unit,
+# so they run on one worker and the session-scoped server starts once (tests/conftest.py: pytest_xdist_make_scheduler).
+SERVER_FILES = ("tests/engines/test_server.py", "tests/build_data/test_job.py", "tests/build_data/test_server.py")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "server: starts a vLLM CPU server on localhost (.venv-vllm, `make vllm-venv`); "
                                        "deselect with -m 'not server'")
 
 
 def _uses_server(item):
-    return "vllm_server" in getattr(item, "fixturenames", ())
+    uses = "vllm_server" in getattr(item, "fixturenames", ())
+    assert not uses or item.nodeid.split("::")[0] in SERVER_FILES, (
+        f"{item.nodeid} uses vllm_server: add its file to tests/servers.py SERVER_FILES")
+    return uses
+
+
+def make_scheduler(config, log):
+    """pytest-xdist's loadscope scheduling (each module on one worker), with SERVER_FILES as a single unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneServer(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return "vllm-server" if nodeid.split("::")[0] in SERVER_FILES else super()._split_scope(nodeid)
+
+    return OneServer(config, log)
 
 
 def pytest_collection_modifyitems(session, config, items):
