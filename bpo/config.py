@@ -49,9 +49,14 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "bpo"  # bpo = chosen vs rejected + chosen vs blind; dpo = the first term only
+    # bpo = chosen vs rejected + chosen vs blind; dpo = the first term only; sft = supervised fine-tuning, the NLL
+    # of the chosen response alone (no reference, no rejected or blind response is read)
+    type: str = "bpo"
     beta: float = 0.1
     blind_weight: float = 1.0
+    # dpo/bpo: add sft_weight x the NLL of the chosen response (bpo.loss.nll_loss; TRL's rpo_alpha, InternVL's MPO
+    # generation term). 0 = the paper's objective.
+    sft_weight: float = 0.0
     reduction: str = "sum"  # sum | mean of per-token log-probs over a response
     logprob_impl: str = "fused"  # fused = chunked head, never full-vocabulary logits; naive = log_softmax reference
     logprob_chunk_size: int = 1024  # tokens per chunk of the fused head
@@ -272,7 +277,7 @@ def _choice(value, allowed, key):
 def validate(cfg):
     _choice(cfg.model.dtype, ("bf16", "fp16", "fp32"), "model.dtype")
     _choice(cfg.model.attn_implementation, ("auto", "flash_attention_2", "sdpa", "eager"), "model.attn_implementation")
-    _choice(cfg.loss.type, ("bpo", "dpo"), "loss.type")
+    _choice(cfg.loss.type, ("bpo", "dpo", "sft"), "loss.type")
     _choice(cfg.loss.reduction, ("sum", "mean"), "loss.reduction")
     _choice(cfg.loss.logprob_impl, ("fused", "naive"), "loss.logprob_impl")
     _choice(cfg.loss.scoring, ("shared", "rows"), "loss.scoring")
@@ -293,8 +298,16 @@ def validate(cfg):
                        ("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha)]:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    if cfg.optim.warmup_steps < 0 or cfg.loss.blind_weight < 0:
-        raise ConfigError("optim.warmup_steps and loss.blind_weight must be >= 0")
+    if cfg.optim.warmup_steps < 0 or cfg.loss.blind_weight < 0 or cfg.loss.sft_weight < 0:
+        raise ConfigError("optim.warmup_steps, loss.blind_weight and loss.sft_weight must be >= 0")
+    if cfg.loss.type == "sft":
+        # Settings SFT would silently ignore are refused, so a run never looks like something it is not.
+        ignored = [k for k, v in [("train.ref_cache", cfg.train.ref_cache),
+                                  ("train.ref_model_path", cfg.train.ref_model_path),
+                                  ("loss.sft_weight", cfg.loss.sft_weight)] if v]
+        if ignored:
+            raise ConfigError(f"loss.type=sft is the NLL of the chosen response alone: it reads no reference and "
+                              f"has no second NLL term to weigh; unset {', '.join(ignored)}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
     if not 0 <= cfg.lora.dropout < 1:

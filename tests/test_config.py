@@ -26,6 +26,7 @@ def test_file_then_overrides(tmp_path):
     ("loss.beta=-1", "loss.beta must be positive"),
     ("train.micro_batch_size=abc", "train.micro_batch_size: cannot read"),
     ("nonsense", "must look like section.key=value"),
+    ("loss.sft_weight=-0.5", "loss.sft_weight must be >= 0"),
 ])
 def test_bad_settings_name_the_key(override, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -35,3 +36,12 @@ def test_bad_settings_name_the_key(override, msg):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_sft_refuses_what_it_would_ignore():
+    cfg = load_config(None, ["loss.type=sft"])
+    assert cfg.loss.type == "sft" and cfg.loss.sft_weight == 0.0
+    assert load_config(None, ["loss.type=dpo", "loss.sft_weight=0.2"]).loss.sft_weight == 0.2
+    for extra in ("train.ref_cache=cache", "train.ref_model_path=ref", "loss.sft_weight=1"):
+        with pytest.raises(ConfigError, match=f"loss.type=sft .* unset {extra.split('=')[0]}"):
+            load_config(None, ["loss.type=sft", extra])
