@@ -1,6 +1,6 @@
 """The one config tree every bpo job reads: dataclasses with the paper's defaults, YAML + dotted overrides.
 
-    cfg = load_config("configs/demo.yaml", ["optim.lr=1e-4", "train.max_steps=20"])
+    cfg = load_config("configs/smoke.yaml", ["optim.lr=1e-4", "train.max_steps=20"])
 
 Every default is defined here and nowhere else; `validate` runs once; the resolved tree is printed at start and saved
 in the run directory as `config.yaml`, so a run can always be repeated from its own directory.

@@ -2,7 +2,7 @@
 
 Single process:  python bpo/generate_blind.py --config FILE [section.key=value ...]
 Many GPUs:       deepspeed --num_gpus 8 bpo/generate_blind.py --config FILE blind.output_file=train_blind.jsonl
-CPU, 2 ranks:    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bpo/generate_blind.py --config configs/demo.yaml ...
+CPU, 2 ranks:    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bpo/generate_blind.py --config configs/smoke.yaml ...
 
 The blinded input x_b is the same conversation rendered with the model's chat template, minus the image: no image
 token, no pixel input; text such as "the person in the image" stays. Output: JSONL with every input record unchanged

@@ -3,7 +3,7 @@
 One GPU node / many:   deepspeed --num_gpus 8 bpo/train.py --config configs/bpo_7b.yaml [section.key=value ...]
 Multi-node (Slurm):    srun torchrun --nnodes $N --nproc_per_node 8 ... bpo/train.py --config ...  (see slurm/)
 CPU, 2 processes:      DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bpo/train.py \
-                           --config configs/demo.yaml train.ds_config=ds_configs/zero3_cpu.json
+                           --config configs/smoke.yaml train.ds_config=ds_configs/zero3_cpu.json
 Resume after a kill:   the same command with train.resume=true
 Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_8bit | paged_adamw_8bit (README)
 """
