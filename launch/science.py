@@ -27,8 +27,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = {"base": "base (SFT)", "dpo": "DPO", "bpo": "BPO"}
-# method -> (loss.type, training script). Tests add variants (tests/scripts/train_flipped_blind.py).
-METHODS = {"dpo": ("dpo", "bpo/train.py"), "bpo": ("bpo", "bpo/train.py")}
+# method -> (loss.type, training script, extra overrides). Tests add variants (tests/scripts/train_flipped_blind.py).
+METHODS = {"dpo": ("dpo", "bpo/train.py", ()), "bpo": ("bpo", "bpo/train.py", ())}
 
 
 def free_port():
@@ -96,11 +96,11 @@ def chain(out, seeds, methods=METHODS, nproc=2, overrides=None):
         stages.append(Stage(f"seed {seed}: reference cache (the base)", "cache", job(
             "bpo/ref_logprobs.py", pref_cfg, *pref, f"cache.output_dir={cache}"), _cache_complete(cache),
             log("cache")))
-        for method, (loss_type, script) in methods.items():
+        for method, (loss_type, script, extra) in methods.items():
             run = os.path.join(d, method)
             stages.append(Stage(f"seed {seed}: {NAMES.get(method, method)} training", "pref", job(
                 script, pref_cfg, *pref, f"loss.type={loss_type}", f"train.ref_cache={cache}",
-                f"train.output_dir={run}", "train.resume=true", *overrides.get("pref", [])),
+                f"train.output_dir={run}", "train.resume=true", *overrides.get("pref", []), *extra),
                 _exists(run, "hf_model", "config.json"), log(method), after=_export_if_missing(run)))
         for method in ["base", *methods]:
             model = base if method == "base" else os.path.join(d, method, "hf_model")
