@@ -58,7 +58,7 @@ def _cache_complete(cache_dir):
     return done
 
 
-def chain(out, seeds, methods=METHODS, nproc=2, overrides=None):
+def chain(out, seeds, methods=METHODS, nproc=2, overrides=None, evaluate_base=True):
     """Every Stage of the demo, in order. overrides: {"sft" | "pref" | "eval": [section.key=value, ...]} added to
     those stages' commands (the slow test's shorter run)."""
     overrides = overrides or {}
@@ -102,7 +102,7 @@ def chain(out, seeds, methods=METHODS, nproc=2, overrides=None):
                 script, pref_cfg, *pref, f"loss.type={loss_type}", f"train.ref_cache={cache}",
                 f"train.output_dir={run}", "train.resume=true", *overrides.get("pref", []), *extra),
                 _exists(run, "hf_model", "config.json"), log(method), after=_export_if_missing(run)))
-        for method in ["base", *methods]:
+        for method in ["base", *methods] if evaluate_base else methods:
             model = base if method == "base" else os.path.join(d, method, "hf_model")
             ev = os.path.join(d, f"eval_{method}")
             stages.append(Stage(f"seed {seed}: evaluation of {NAMES.get(method, method)}", "eval", job(

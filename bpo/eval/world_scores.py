@@ -103,7 +103,8 @@ def markdown(summary, names=None):
     return "\n".join(lines) + "\n"
 
 
-def plot(summary, path, names=None, keys=("safety", "helpfulness", "reward_accuracy", "unsafe_without_image")):
+def plot(summary, path, names=None, keys=("safety", "helpfulness", "reward_accuracy", "text_only_answers",
+                                          "unsafe_without_image")):
     """Bar chart: one group per metric, one bar per method (mean over seeds, error bar = standard deviation), each
     seed's value as a dot. Written atomically."""
     import matplotlib
