@@ -113,7 +113,7 @@ def corpus():
 # ---------------------------------------------------------------------------------------------------------------
 # Images: each object is drawn in a unit box (x right, y down), then scaled, rotated and placed on a random ground.
 
-def _shapes(kind, c1, c2, rng):
+def _shapes(kind, c1, c2):
     """[(primitive, points in the unit box, colour)]: "poly" (points), "ellipse" (two corners) or "line"."""
     dark = tuple(v // 3 for v in c1)
     if kind == "knife":
@@ -171,7 +171,7 @@ def draw_image(rng, kind, size=IMAGE_SIZE):
         x, y = (p[0] - 0.5) * scale, (p[1] - 0.5) * scale
         return (cx + x * cos - y * sin, cy + x * sin + y * cos)
 
-    for primitive, points, fill in _shapes(kind, c1, c2, rng):
+    for primitive, points, fill in _shapes(kind, c1, c2):
         if primitive == "poly":
             draw.polygon([place(p) for p in points], fill=fill)
         elif primitive == "line":
@@ -194,7 +194,7 @@ def draw_image(rng, kind, size=IMAGE_SIZE):
 # Conversations and records
 
 def conversation(rng, index, with_image=True):
-    """(turns, question) in the MMSafe-PO shape; the shape cycles with `index` so even small splits cover them all:
+    """The turns of one request in the MMSafe-PO shape; the shape cycles with `index` so even small splits cover all:
     one turn, one benign round before, a round quoting role markers, and the picture shown first and asked about
     in a later turn."""
     question = rng.choice(QUESTIONS)

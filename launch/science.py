@@ -203,12 +203,30 @@ def main(argv=None):
     parser.add_argument("--out", default="demo")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--nproc", type=int, default=2, help="ranks per job")
+    parser.add_argument("--record", action="store_true",
+                        help="also write the table, the machine and the time into BENCHMARKS.md (section science)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
+    load_before = os.getloadavg()
     took = run_stages(chain(out, args.seeds, nproc=args.nproc))
+    load_after = os.getloadavg()
     _, text = report(out, args.seeds)
     print(f"\n{text}\nchart: {os.path.join(out, 'science.png')}; every score: {os.path.join(out, 'science.json')}; "
           f"chain time {_clock(took)}")
+    if args.record:
+        sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+        import datetime
+
+        import record
+
+        loads = lambda la: "/".join(f"{x:.1f}" for x in la)  # noqa: E731
+        record.replace_section("science", (
+            f"## Science demo: BPO vs DPO on bpo.world (launch/science.py)\n\n"
+            f"`python -m launch.science --seeds {' '.join(map(str, args.seeds))} --record` (what `make demo` runs, plus "
+            f"this record)\n\nMachine: {record.machine()}; {datetime.date.today().isoformat()}. Chain time "
+            f"{_clock(took)} ({len(args.seeds)} seeds, {args.nproc} ranks per job); load average (1/5/15 min) "
+            f"{loads(load_before)} before, {loads(load_after)} after (other work on the cores stretches the time, "
+            f"not the numbers: every job is deterministic on CPU in fp32).\n\n{text}"))
 
 
 if __name__ == "__main__":
