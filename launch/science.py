@@ -134,10 +134,15 @@ def _clock(seconds):
     return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
 
 
-def run_stages(stages, echo=print):
+def run_stages(stages, echo=print, timings=None):
     """Run the stages not yet done, in order, with a line per stage giving the elapsed time and an ETA (the mean time
-    of the stages of the same kind run so far, else of all)."""
+    of the stages of the same kind run so far, else of all). timings: a JSON file that keeps each stage's time
+    across reruns (a resumed demo still knows what the whole chain took)."""
     t0, took = time.time(), {}
+    kept = {}
+    if timings and os.path.exists(timings):
+        with open(timings) as f:
+            kept = json.load(f)
     for i, stage in enumerate(stages, start=1):
         if stage.done():
             echo(f"== [{i}/{len(stages)}] {stage.label}: done already")
@@ -164,6 +169,9 @@ def run_stages(stages, echo=print):
         if stage.after:
             stage.after()
         took.setdefault(stage.kind, []).append(time.time() - start)
+        if timings:
+            kept[stage.label] = time.time() - start
+            _write(timings, json.dumps(kept, indent=1))
     return time.time() - t0
 
 
@@ -175,8 +183,10 @@ def report(out, seeds, methods=("base", *METHODS)):
                   for s in seeds} for m in methods}
     summary = world_scores.summarize(scores)
     table = world_scores.markdown(summary, NAMES)
+    n = scores[methods[0]][seeds[0]]["n"]
     lines = [f"Seeds {', '.join(map(str, seeds))}; mean ± sample standard deviation over seeds, each seed's value "
-             f"in brackets. Test set: {scores[methods[0]][seeds[0]]['n']} requests.", "", table]
+             f"in brackets. Test set: {n.get('harmful', 0)} harmful and {n.get('benign', 0)} benign pictures, and the "
+             f"{n.get('harmful_no_image', 0)} harmful conversations with the picture withheld.", "", table]
     if "bpo" in summary and "dpo" in summary and len(seeds) > 1:
         beyond, diff = world_scores.beyond_spread(summary)
         per_seed = ", ".join(f"{b - d:+.3f}" for b, d in zip(summary["bpo"]["safety"]["values"],
@@ -208,11 +218,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     load_before = os.getloadavg()
-    took = run_stages(chain(out, args.seeds, nproc=args.nproc))
+    timings = os.path.join(out, "timings.json")
+    run_stages(chain(out, args.seeds, nproc=args.nproc), timings=timings)
     load_after = os.getloadavg()
+    took = "unknown"  # the sum of every stage's own time, whichever run of the demo ran it
+    if os.path.exists(timings):
+        with open(timings) as f:
+            took = _clock(sum(json.load(f).values()))
     _, text = report(out, args.seeds)
     print(f"\n{text}\nchart: {os.path.join(out, 'science.png')}; every score: {os.path.join(out, 'science.json')}; "
-          f"chain time {_clock(took)}")
+          f"chain time {took}")
     if args.record:
         sys.path.insert(0, os.path.join(REPO, "benchmarks"))
         import datetime
@@ -222,11 +237,12 @@ def main(argv=None):
         loads = lambda la: "/".join(f"{x:.1f}" for x in la)  # noqa: E731
         record.replace_section("science", (
             f"## Science demo: BPO vs DPO on bpo.world (launch/science.py)\n\n"
-            f"`python -m launch.science --seeds {' '.join(map(str, args.seeds))} --record` (what `make demo` runs, plus "
-            f"this record)\n\nMachine: {record.machine()}; {datetime.date.today().isoformat()}. Chain time "
-            f"{_clock(took)} ({len(args.seeds)} seeds, {args.nproc} ranks per job); load average (1/5/15 min) "
-            f"{loads(load_before)} before, {loads(load_after)} after (other work on the cores stretches the time, "
-            f"not the numbers: every job is deterministic on CPU in fp32).\n\n{text}"))
+            f"`python -m launch.science --seeds {' '.join(map(str, args.seeds))} --record` (what `make demo` runs, "
+            f"plus this record)\n\nMachine: {record.machine()}; {datetime.date.today().isoformat()}. Chain time "
+            f"{took}, the sum of its stages' times ({len(args.seeds)} seeds, {args.nproc} ranks per job); "
+            f"load average (1/5/15 min) {loads(load_before)} before, {loads(load_after)} after this invocation "
+            f"(other work on the cores stretches the time, not the numbers: every job is deterministic on CPU in "
+            f"fp32).\n\n{text}"))
 
 
 if __name__ == "__main__":
