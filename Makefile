@@ -1,5 +1,5 @@
-# `make demo` and `make test` work from a fresh clone: they build .venv and install what they need from the
-# package registries (no model or data download: the demo builds a tiny model and its data locally).
+# `make demo`, `make smoke` and `make test` work from a fresh clone: they build .venv and install what they need from
+# the package registries (no model or data download: tiny models and their data are built locally).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export DS_ACCELERATOR ?= cpu
@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 VLLM_VENV ?= .venv-vllm
-.PHONY: venv vllm-venv demo test clean-demo bench-venv
+.PHONY: venv vllm-venv demo smoke test clean-demo bench-venv
 
 venv: $(VENV)/.installed
 
@@ -36,8 +36,13 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# The science demo: BPO vs DPO from one SFT base on bpo.world, 3 seeds (README, "The science demo").
 demo: venv
-	bash launch/demo.sh
+	$(PY) -m launch.science --out demo
+
+# Every stage of the chain once, on a random tiny model and the sample data.
+smoke: venv
+	bash launch/smoke.sh
 
 # Two pytest workers, each test module on one of them (its module fixtures built once): most of the suite's time is
 # process start-up and 2-rank jobs waiting on each other, which a second worker overlaps.
@@ -45,7 +50,7 @@ test: venv vllm-venv
 	$(PY) -m pytest -q -n 2 --dist loadscope tests
 
 clean-demo:
-	rm -rf demo
+	rm -rf demo smoke
 
 # Benchmarks that run a peer beside bpo (benchmarks/step_bench.py: TRL) use their own environment, so the test
 # environment never carries the peer's packages.

@@ -1,6 +1,6 @@
 """The one config tree every bpo job reads: dataclasses with the paper's defaults, YAML + dotted overrides.
 
-    cfg = load_config("configs/demo.yaml", ["optim.lr=1e-4", "train.max_steps=20"])
+    cfg = load_config("configs/smoke.yaml", ["optim.lr=1e-4", "train.max_steps=20"])
 
 Every default is defined here and nowhere else; `validate` runs once; the resolved tree is printed at start and saved
 in the run directory as `config.yaml`, so a run can always be repeated from its own directory.
@@ -55,9 +55,14 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    type: str = "bpo"  # bpo = chosen vs rejected + chosen vs blind; dpo = the first term only
+    # bpo = chosen vs rejected + chosen vs blind; dpo = the first term only; sft = supervised fine-tuning, the NLL
+    # of the chosen response alone (no reference, no rejected or blind response is read)
+    type: str = "bpo"
     beta: float = 0.1
     blind_weight: float = 1.0
+    # dpo/bpo: add sft_weight x the NLL of the chosen response (bpo.loss.nll_loss; TRL's rpo_alpha, InternVL's MPO
+    # generation term). 0 = the paper's objective.
+    sft_weight: float = 0.0
     reduction: str = "sum"  # sum | mean of per-token log-probs over a response
     logprob_impl: str = "fused"  # fused = chunked head, never full-vocabulary logits; naive = log_softmax reference
     logprob_chunk_size: int = 1024  # tokens per chunk of the fused head
@@ -388,7 +393,7 @@ def _choice(value, allowed, key):
 def validate(cfg):
     _choice(cfg.model.dtype, ("bf16", "fp16", "fp32"), "model.dtype")
     _choice(cfg.model.attn_implementation, ("auto", "flash_attention_2", "sdpa", "eager"), "model.attn_implementation")
-    _choice(cfg.loss.type, ("bpo", "dpo"), "loss.type")
+    _choice(cfg.loss.type, ("bpo", "dpo", "sft"), "loss.type")
     _choice(cfg.loss.reduction, ("sum", "mean"), "loss.reduction")
     _choice(cfg.loss.logprob_impl, ("fused", "naive"), "loss.logprob_impl")
     _choice(cfg.loss.scoring, ("shared", "rows"), "loss.scoring")
@@ -425,6 +430,7 @@ def validate(cfg):
             raise ConfigError(f"{key} must be at least 1, got {value}")
     for key, value in [("train.save_every", cfg.train.save_every), ("train.keep_checkpoints", cfg.train.keep_checkpoints),
                        ("optim.warmup_steps", cfg.optim.warmup_steps), ("loss.blind_weight", cfg.loss.blind_weight),
+                       ("loss.sft_weight", cfg.loss.sft_weight),
                        ("eval.limit", cfg.eval.limit)]:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
@@ -432,6 +438,14 @@ def validate(cfg):
         raise ConfigError(f"train.max_steps must be -1 (run all epochs) or at least 1, got {cfg.train.max_steps}")
     if cfg.decode.server_retries < 0:
         raise ConfigError(f"decode.server_retries must be >= 0, got {cfg.decode.server_retries}")
+    if cfg.loss.type == "sft":
+        # Settings SFT would silently ignore are refused, so a run never looks like something it is not.
+        ignored = [k for k, v in [("train.ref_cache", cfg.train.ref_cache),
+                                  ("train.ref_model_path", cfg.train.ref_model_path),
+                                  ("loss.sft_weight", cfg.loss.sft_weight)] if v]
+        if ignored:
+            raise ConfigError(f"loss.type=sft is the NLL of the chosen response alone: it reads no reference and "
+                              f"has no second NLL term to weigh; unset {', '.join(ignored)}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
     if not 0 <= cfg.lora.dropout < 1:

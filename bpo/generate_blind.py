@@ -2,7 +2,7 @@
 
 Single process:  python bpo/generate_blind.py --config FILE [section.key=value ...]
 Many GPUs:       deepspeed --num_gpus 8 bpo/generate_blind.py --config FILE blind.output_file=train_blind.jsonl
-CPU, 2 ranks:    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bpo/generate_blind.py --config configs/demo.yaml ...
+CPU, 2 ranks:    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bpo/generate_blind.py --config configs/smoke.yaml ...
 On a server:     python bpo/generate_blind.py --config FILE decode.engine=vllm decode.server_url=http://HOST:8000/v1
 
 The blinded input x_b is the same conversation rendered with the model's chat template, minus the image: no image

@@ -8,6 +8,12 @@ writes when the image is withheld, and asks the policy to prefer the chosen resp
 
 with every response scored on the full input x, image included (the BPO paper's objective; w_b = 1 there). The first
 term is DPO's (Rafailov et al. 2023, eq. 7). Examples without a blind response contribute only the first term.
+
+`nll_loss` is supervised fine-tuning's objective on the chosen response, used alone (loss.type=sft) or added to the
+preference loss with a weight (loss.sft_weight; TRL's `rpo_alpha` after Pang et al. 2024's DPO+NLL; InternVL's
+MPO generation term):
+
+    L_nll = -(1/B) sum_i (1/|y_w,i|) log pi(y_w,i | x_i)
 """
 
 import torch
@@ -79,6 +85,21 @@ def bpo_loss(
 
     loss = losses.mean()
     metrics["loss"] = loss.detach() * chosen_rewards.numel()
+    return loss, metrics
+
+
+def nll_loss(policy_chosen_token_mean_logps):
+    """Mean over B examples of each chosen response's per-token NLL, and metrics as sums (see `finalize_metrics`).
+
+    `policy_chosen_token_mean_logps` (B,): each chosen response's log-prob divided by its token count (what
+    `sequence_logps(..., reduction="mean")` gives). Each example weighs the same whatever its length, so the loss of a
+    global batch does not depend on how it is split into micro-batches and ranks (a mean over all tokens of a
+    micro-batch would).
+    """
+    nll = -policy_chosen_token_mean_logps  # (B,)
+    loss = nll.mean()
+    metrics = {"count/pairs": torch.tensor(float(nll.numel())), "nll/chosen": nll.detach().sum(),
+               "loss": loss.detach() * nll.numel()}
     return loss, metrics
 
 

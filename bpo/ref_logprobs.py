@@ -2,8 +2,8 @@
 
 Single process:  python bpo/ref_logprobs.py --config FILE cache.output_dir=DIR
 Many GPUs:       deepspeed --num_gpus 8 bpo/ref_logprobs.py --config FILE cache.output_dir=DIR
-CPU, 2 ranks:    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bpo/ref_logprobs.py --config configs/demo.yaml \
-                     cache.output_dir=demo/ref_cache
+CPU, 2 ranks:    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 bpo/ref_logprobs.py --config configs/smoke.yaml \
+                     cache.output_dir=smoke/ref_cache
 
 Scores exactly as training does (same dataset encoding, truncation, image preprocessing, `SequenceScorer` head and
 reduction); the model is sharded with ZeRO-3 inference, so a reference larger than one device fits, and examples are

@@ -11,7 +11,8 @@ import time
 
 from bpo import dist
 
-PLOT_KEYS = [("loss", "loss"), ("rewards", "rewards/"), ("accuracy", "accuracies/"), ("margins", "margins/")]
+PLOT_KEYS = [("loss", "loss"), ("rewards", "rewards/"), ("accuracy", "accuracies/"), ("margins", "margins/"),
+             ("NLL of the chosen response", "nll/")]
 
 
 class NullLog:
@@ -72,8 +73,10 @@ class RunLog(NullLog):
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                                 acc=f"{metrics.get('accuracies/rejected', float('nan')):.2f}", refresh=False)
+            shown = {"loss": f"{metrics.get('loss', float('nan')):.4f}"}
+            if "accuracies/rejected" in metrics:  # an SFT run has no pairs to be right about
+                shown["acc"] = f"{metrics['accuracies/rejected']:.2f}"
+            self.bar.set_postfix(shown, refresh=False)
             self.bar.update(step - self.bar.n)
 
     def message(self, text):
@@ -122,10 +125,15 @@ def plot_metrics(jsonl_path, png_path):
     rows, _ = read_metrics(jsonl_path)
     if not rows:
         return
-    fig, axes = plt.subplots(1, len(PLOT_KEYS), figsize=(4.5 * len(PLOT_KEYS), 3.5))
+    panels = []  # (title, keys) of the panels this run has numbers for (an SFT run: loss and NLL only)
+    for title, prefix in PLOT_KEYS:
+        keys = sorted({k for r in rows for k in r if k == prefix or (prefix.endswith("/") and k.startswith(prefix))})
+        if keys:
+            panels.append((title, keys))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     steps = [r["step"] for r in rows]
-    for ax, (title, prefix) in zip(axes, PLOT_KEYS):
-        for key in sorted({k for r in rows for k in r if k == prefix or (prefix.endswith("/") and k.startswith(prefix))}):
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
             ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key)
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -3,7 +3,7 @@
 One GPU node / many:   deepspeed --num_gpus 8 bpo/train.py --config configs/bpo_7b.yaml [section.key=value ...]
 Multi-node (Slurm):    srun torchrun --nnodes $N --nproc_per_node 8 ... bpo/train.py --config ...  (see slurm/)
 CPU, 2 processes:      DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bpo/train.py \
-                           --config configs/demo.yaml train.ds_config=ds_configs/zero3_cpu.json
+                           --config configs/smoke.yaml train.ds_config=ds_configs/zero3_cpu.json
 Resume after a kill:   the same command with train.resume=true
 Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_8bit | paged_adamw_8bit (README)
 """
@@ -23,7 +23,7 @@ from bpo import checkpoint, dist, lora, optim, reshard, run_log, sampler
 from bpo.config import check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.data.records import enforce_max_image_pixels
 from bpo.faults import maybe_crash
-from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
+from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
 from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
                        resolve_attn_implementation, set_gradient_checkpointing, set_trainable)
 from bpo.reference import AdapterOffReference, LiveReference
@@ -86,7 +86,8 @@ def build_data(cfg, chat, log):
     cut = 0
     if cfg.loss.type == "bpo" and not cfg.data.keep_cut_blind:
         records, cut = drop_cut_blind(records)
-    responses = ("chosen", "rejected", "blind") if cfg.loss.type == "bpo" else ("chosen", "rejected")
+    responses = {"bpo": ("chosen", "rejected", "blind"), "dpo": ("chosen", "rejected"),
+                 "sft": ("chosen",)}[cfg.loss.type]
     if cfg.loss.type == "bpo" and records and not any(r.blind for r in records):
         why = (f" ({cut} were cut at decode.max_new_tokens and left out: raise it and regenerate, or set "
                f"data.keep_cut_blind=true)" if cut else "")
@@ -134,7 +135,10 @@ def build_policy(cfg, ds_config, total_steps, blank):
 def build_reference(cfg, ds_config, chat, dataset, blank):
     """The reference: the offline cache when train.ref_cache is set (no reference weights are read at all); with
     LoRA and no train.ref_model_path, None: the policy itself with its adapters off (AdapterOffReference, built once
-    the policy is); else a frozen ZeRO-3 inference engine holding a second copy of the model."""
+    the policy is); else a frozen ZeRO-3 inference engine holding a second copy of the model. loss.type=sft has
+    none (None, and the policy stays the only model)."""
+    if cfg.loss.type == "sft":
+        return None
     if cfg.train.ref_cache:
         from bpo.ref_cache import CachedReference
 
@@ -165,15 +169,26 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def preference_loss(policy_logps, ref_logps, batch, loss_cfg):
-    """Rows (R,) -> per-example chosen/rejected/blind -> the BPO (or DPO) loss and its metric sums."""
+def preference_loss(policy_logps, policy_mean_logps, ref_logps, batch, loss_cfg):
+    """Rows (R,) -> per-example chosen/rejected/blind -> the BPO, DPO or SFT loss and its metric sums.
+
+    policy_logps: each row's log-prob reduced by loss.reduction; policy_mean_logps: the same per token (the NLL term
+    reads it); ref_logps: the reference's, None for loss.type=sft."""
     from bpo.data.dataset import split_by_kind
 
+    chosen_mean = split_by_kind(policy_mean_logps, batch)[0]
+    if loss_cfg.type == "sft":
+        return nll_loss(chosen_mean)
     pc, pr, pb = split_by_kind(policy_logps, batch)
     rc, rr, rb = split_by_kind(ref_logps, batch)
     blind = loss_cfg.type == "bpo"
-    return bpo_loss(pc, pr, pb if blind else None, rc, rr, rb if blind else None, beta=loss_cfg.beta,
-                    blind_weight=loss_cfg.blind_weight, blind_mask=batch["has_blind"].to(pc.device))
+    loss, metrics = bpo_loss(pc, pr, pb if blind else None, rc, rr, rb if blind else None, beta=loss_cfg.beta,
+                             blind_weight=loss_cfg.blind_weight, blind_mask=batch["has_blind"].to(pc.device))
+    if loss_cfg.sft_weight > 0:
+        nll, nll_metrics = nll_loss(chosen_mean)
+        loss = loss + loss_cfg.sft_weight * nll
+        metrics.update({"nll/chosen": nll_metrics["nll/chosen"], "loss": loss.detach() * pc.numel()})
+    return loss, metrics
 
 
 def train(cfg):
@@ -221,8 +236,8 @@ def train(cfg):
     layout, why = choose_layout(cfg.loss.scoring, engine.module.model)
     dist.print0(why)
     collate = make_collate(layout, pad_id, cfg.train.max_tokens_per_sequence)
-    ref_kind = "cache" if cfg.train.ref_cache else "live copy"
-    if reference is None:
+    ref_kind = "none (sft)" if cfg.loss.type == "sft" else "cache" if cfg.train.ref_cache else "live copy"
+    if reference is None and cfg.loss.type != "sft":
         reference, ref_kind = AdapterOffReference(engine, cfg.loss.reduction), "policy with adapters off"
     dist.print0(f"world={world} micro_batch={cfg.train.micro_batch_size} grad_accum={cfg.train.grad_accum} "
                 f"global_batch={ds_config['train_batch_size']} examples, steps/epoch={per_epoch}, total steps={total}, "
@@ -253,9 +268,11 @@ def train(cfg):
             inputs = model_inputs(batch, engine.device)
             response_mask = inputs["labels"][:, 1:] != -100  # (R, T-1)
             # Reference first: its no-grad forward then never runs beside the policy's saved activations.
-            ref_logps = reference(batch, inputs)  # (R,)
-            policy_logps = sequence_logps(engine(**inputs), response_mask, cfg.loss.reduction)  # (R,)
-            loss, metrics = preference_loss(policy_logps, ref_logps, batch, cfg.loss)
+            ref_logps = reference(batch, inputs) if reference is not None else None  # (R,)
+            token_logps = engine(**inputs)  # (R, T-1)
+            policy_logps = sequence_logps(token_logps, response_mask, cfg.loss.reduction)  # (R,)
+            policy_mean_logps = sequence_logps(token_logps, response_mask, "mean")  # (R,): the NLL term's
+            loss, metrics = preference_loss(policy_logps, policy_mean_logps, ref_logps, batch, cfg.loss)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only on the last micro-step of the accumulation
             metrics["tokens"] = inputs["attention_mask"].sum()  # tokens the forward computes, padding excluded

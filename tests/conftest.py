@@ -12,6 +12,11 @@ def pytest_xdist_make_scheduler(config, log):
     return make_scheduler(config, log)
 
 
+def pytest_configure(config):
+    # `make test` runs everything; `pytest -m "not slow"` leaves out the runs that take minutes.
+    config.addinivalue_line("markers", "slow: a run of several minutes (the science demo in small)")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Directory of a tiny random LLaVA (bpo.tiny): loads with AutoProcessor / AutoModelForImageTextToText."""

@@ -34,6 +34,7 @@ def test_file_then_overrides(tmp_path):
     ("train.keep_checkpoints=-1", "train.keep_checkpoints must be >= 0"),
     ("train.max_steps=0", r"train.max_steps must be -1 \(run all epochs\) or at least 1"),
     ("data.max_image_pixels=0", "data.max_image_pixels must be at least 1"),
+    ("loss.sft_weight=-0.5", "loss.sft_weight must be >= 0"),
 ])
 def test_bad_settings_name_the_key(override, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -171,3 +172,12 @@ def test_the_shipped_build_config_has_what_the_job_needs():
     b = load_config(f"{REPO}/configs/build_hh.yaml").build
     require_build(b)
     assert (b.entity.backend, b.image.backend, b.rewrite.backend) == ("llm", "bank", "llm")
+
+
+def test_sft_refuses_what_it_would_ignore():
+    cfg = load_config(None, ["loss.type=sft"])
+    assert cfg.loss.type == "sft" and cfg.loss.sft_weight == 0.0
+    assert load_config(None, ["loss.type=dpo", "loss.sft_weight=0.2"]).loss.sft_weight == 0.2
+    for extra in ("train.ref_cache=cache", "train.ref_model_path=ref", "loss.sft_weight=1"):
+        with pytest.raises(ConfigError, match=f"loss.type=sft .* unset {extra.split('=')[0]}"):
+            load_config(None, ["loss.type=sft", extra])

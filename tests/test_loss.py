@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bpo.loss import bpo_loss, finalize_metrics, sequence_logps
+from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
 
 
 def reference_loss(pc, pr, pb, rc, rr, rb, beta, blind_weight, has_blind):
@@ -104,3 +104,24 @@ def test_sequence_logps_reductions():
     assert sequence_logps(tok, mask, "mean").tolist() == [-1.5, -4.0]
     with pytest.raises(ValueError):
         sequence_logps(tok, mask, "max")
+
+
+def test_nll_is_the_mean_of_per_token_means():
+    # Two chosen responses: 2 tokens with log-probs -1, -3 and 1 token with -4 -> per-token NLL 2 and 4, mean 3.
+    tok = torch.tensor([[-1.0, -3.0], [-4.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True], [True, False]])
+    loss, m = nll_loss(sequence_logps(tok, mask, "mean"))
+    assert loss.item() == pytest.approx(3.0)
+    out = finalize_metrics(m)
+    assert out["nll/chosen"] == pytest.approx(3.0) and out["loss"] == pytest.approx(3.0) and out["count/pairs"] == 2
+    loss.backward()
+    # d loss / d logp: -1/(B * |y|) on each response token, 0 on padding: every example weighs the same.
+    assert tok.grad.tolist() == [[-0.25, -0.25], [-0.5, 0.0]]
+
+
+def test_nll_metric_sums_add_up_across_splits():
+    means = -5 * torch.rand(6, generator=torch.Generator().manual_seed(2))
+    whole = finalize_metrics(nll_loss(means)[1])
+    halves = [nll_loss(means[s])[1] for s in (slice(0, 2), slice(2, 6))]
+    summed = finalize_metrics({k: halves[0][k] + halves[1][k] for k in halves[0]})
+    assert summed == pytest.approx(whole)

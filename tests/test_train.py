@@ -180,3 +180,58 @@ def test_packed_sequences_equal_one_per_example(short_run, train_setup):
                                      train__max_tokens_per_sequence=4096)
     run_job("train.py", config)
     _assert_close_runs(rows, read_metrics(packed_dir), 1e-5)
+
+
+def _chosen_nll_by_plain_forward(model_dir, data_file, image_root, indices):
+    """Per-token NLL of each chosen response, averaged over `indices`, from transformers' own forward (full logits,
+    log_softmax): an independent computation of what an SFT step's loss must be."""
+    from transformers import AutoModelForImageTextToText
+
+    from bpo.data.chat import load_chat
+    from bpo.data.encode import encode_example
+    from bpo.data.records import load_records
+
+    chat = load_chat(model_dir, "", False)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    records, _ = load_records(data_file, image_root)
+    total = 0.0
+    for i in indices:
+        ex = encode_example(records[i], chat, image_root, 160, responses=("chosen",))
+        ids = torch.tensor([ex.prompt_ids + ex.response_ids["chosen"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids, **ex.image_inputs).logits[0]  # (T, V)
+        logp = logits[:-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]  # logp[t] = log p(ids[t+1] | ...)
+        total += -logp[len(ex.prompt_ids) - 1:].mean().item()
+    return total / len(indices)
+
+
+@pytest.fixture(scope="module")
+def sft_run(train_setup):
+    config, run_dir = train_setup("sft", loss__type="sft", train__max_steps=3, train__save_every=0,
+                                  train__plot=False)
+    proc = run_job("train.py", config)
+    return proc, run_dir, read_metrics(run_dir)
+
+
+def test_sft_step_is_the_nll_of_the_chosen_response(sft_run, tiny_model_dir, sample_data_dir):
+    from bpo import sampler
+
+    proc, _, rows = sft_run
+    assert "reference=none (sft)" in proc.stdout and "(0 with a blind response)" not in proc.stdout
+    first = [i for rank in (0, 1) for mb in sampler.micro_batches(48, 42, 0, 0, 2, 2, 2, rank) for i in mb]
+    want = _chosen_nll_by_plain_forward(tiny_model_dir, os.path.join(sample_data_dir, "train.jsonl"),
+                                        os.path.join(sample_data_dir, "images"), first)
+    assert rows[0]["loss"] == pytest.approx(want, rel=1e-4) and rows[0]["nll/chosen"] == rows[0]["loss"]
+    assert "accuracies/rejected" not in rows[0] and "rewards/chosen" not in rows[0]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2  # lr 5e-3 on a random model: it learns within 3 steps
+
+
+def test_sft_weight_adds_the_nll_to_dpo(sft_run, train_setup):
+    _, _, sft_rows = sft_run
+    config, run_dir = train_setup("dpo_sft", loss__type="dpo", loss__sft_weight=0.5, train__max_steps=1,
+                                  train__save_every=0, train__plot=False)
+    run_job("train.py", config)
+    (row,) = read_metrics(run_dir)
+    # Step 0: policy == reference, so DPO's term is ln 2; same seed and data, so the same batch as the SFT run.
+    assert row["nll/chosen"] == pytest.approx(sft_rows[0]["loss"], rel=1e-6)
+    assert row["loss"] == pytest.approx(math.log(2) + 0.5 * sft_rows[0]["loss"], rel=1e-6)

@@ -45,7 +45,9 @@ CORPUS = [
 ]
 
 
-def build_tokenizer():
+def build_tokenizer(corpus=(), vocab_size=512):
+    """The byte-level BPE tokenizer, trained on CORPUS plus `corpus` (texts of the data it will read, so that their
+    words become single tokens and sequences stay short; any text still encodes, byte by byte)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,12 +55,12 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator((CORPUS + list(corpus)) * 4, trainer=trainer)
     # Like Llama's tokenizer (LLaVA-1.5), prepend <s> to every encoded text; chat templates then leave it out.
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
@@ -75,12 +77,14 @@ def build_tokenizer():
     )
 
 
-def build_config(tokenizer, hidden_size=32, num_layers=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE):
+def build_config(tokenizer, hidden_size=32, num_layers=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+                 vision_hidden_size=16):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     num_patches = (image_size // patch_size) ** 2
     vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size, num_hidden_layers=2,
+        num_attention_heads=2,
         image_size=image_size, patch_size=patch_size, projection_dim=16,
     )
     text = LlamaConfig(
@@ -109,16 +113,18 @@ def build_processor(tokenizer, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE):
     )
 
 
-def write_tiny_llava(out_dir, seed=0, hidden_size=32, num_layers=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE):
+def write_tiny_llava(out_dir, seed=0, hidden_size=32, num_layers=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+                     vision_hidden_size=16, corpus=(), vocab_size=512):
     """Build and save the tiny checkpoint into out_dir (atomically). image_size / patch_size set the vision tower's
-    input and so the image token count ((image_size / patch_size) ** 2; LLaVA-1.5: 336 / 14 -> 576)."""
+    input and so the image token count ((image_size / patch_size) ** 2; LLaVA-1.5: 336 / 14 -> 576); corpus and
+    vocab_size go to `build_tokenizer`."""
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(corpus, vocab_size)
     config = build_config(tokenizer, hidden_size=hidden_size, num_layers=num_layers, image_size=image_size,
-                          patch_size=patch_size)
+                          patch_size=patch_size, vision_hidden_size=vision_hidden_size)
     model = LlavaForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
