@@ -61,6 +61,11 @@ def run_single(script, config, overrides=(), env=None, check=True, timeout=600):
     return proc
 
 
+# The metrics two training runs that should agree are compared on, step by step.
+COMPARED = ["loss", "rewards/chosen", "rewards/rejected", "rewards/blind", "accuracies/rejected", "logps/chosen",
+            "logps/blind", "grad_norm", "lr"]
+
+
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -9,10 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from jobs import REPO, add_blind, read_metrics, run_job, write_config
-
-COMPARED = ["loss", "rewards/chosen", "rewards/rejected", "rewards/blind", "accuracies/rejected", "logps/chosen",
-            "logps/blind", "grad_norm", "lr"]
+from jobs import COMPARED, REPO, add_blind, read_metrics, run_job, write_config
 
 
 @pytest.fixture(scope="module")
