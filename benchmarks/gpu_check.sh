@@ -42,8 +42,13 @@ cat "$LOGS/environment.log"
 check triton_head 120 "$PY" -m pytest -q -x -rs tests/ops
 check logprob_bench 180 "$PY" benchmarks/logprob_bench.py --rounds 1 --out "$LOGS/logprob_bench.md"
 
-# A ~1B VLM BPO step on one GPU, bf16, rows vs shared-prompt layout (SDPA with the shared mask on CUDA), with MFU.
-check vlm_step 240 "$PY" benchmarks/gpu_step.py --steps 6 --out "$LOGS/gpu_step.md"
+# FlexAttention on the shared layout, compiled as transformers runs it: log-probs and gradients against SDPA rows
+# (CPU runs only the uncompiled forward: no CPU backward, and the CPU kernel does not build for this mask).
+check flex_shared 180 "$PY" -m pytest -q -x -rs tests/families/test_shared.py -k flex_attention_shared
+
+# A ~1B VLM BPO step on one GPU, bf16, rows vs shared-prompt layout (SDPA with the dense shared mask, and
+# FlexAttention with it as a block mask, compiled), with MFU.
+check vlm_step 300 "$PY" benchmarks/gpu_step.py --steps 6 --out "$LOGS/gpu_step.md"
 
 # Issue 12: QLoRA (4-bit NF4 base under ZeRO-3: trains only adapters, exports adapter + merged weights) and
 # paged_adamw_8bit (its states back in paged memory after a resume). Three one-GPU training jobs, ~3 minutes.

@@ -1,4 +1,5 @@
-"""A BPO training step of a ~1B vision-language model on one GPU: rows vs shared-prompt layout, with MFU.
+"""A BPO training step of a ~1B vision-language model on one GPU: rows vs shared-prompt layout (SDPA with a dense
+mask, FlexAttention with a block mask), with MFU.
 
     python benchmarks/gpu_step.py [--hidden-size 2048 --num-layers 16 --steps 6] [--out FILE]
     python benchmarks/gpu_step.py --cpu --hidden-size 64 --num-layers 2 --steps 2     # smoke run of the script
@@ -28,6 +29,11 @@ from jobs import read_metrics, run_job, write_config  # noqa: E402
 from record import machine, markdown_table  # noqa: E402
 from step_bench import write_data  # noqa: E402
 
+LAYOUTS = {  # name -> overrides
+    "rows, sdpa": ["loss.scoring=rows", "model.attn_implementation=sdpa"],
+    "shared, sdpa (dense mask)": ["loss.scoring=shared", "model.attn_implementation=sdpa"],
+    "shared, flex_attention (block mask)": ["loss.scoring=shared", "model.attn_implementation=flex_attention"],
+}
 PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10G": 125, "L4": 121}  # dense, no sparsity
 
 
@@ -83,10 +89,9 @@ def main():
     run_job("ref_logprobs.py", config, nproc=1, env=env, timeout=1800)
     trained = trained_parameters(model)
     rows = []
-    for layout in ("rows", "shared"):
-        out = os.path.join(root, layout)
-        run_job("train.py", config, [f"train.output_dir={out}", f"loss.scoring={layout}"], nproc=1, env=env,
-                timeout=1800)
+    for layout, overrides in LAYOUTS.items():
+        out = os.path.join(root, str(len(rows)))
+        run_job("train.py", config, [f"train.output_dir={out}", *overrides], nproc=1, env=env, timeout=1800)
         metrics = read_metrics(out)[1:]  # the first step carries warm-up
         step = statistics.median(m["step_time"] for m in metrics)
         tokens = statistics.median(m["tokens"] for m in metrics)

@@ -19,7 +19,9 @@ import yaml
 class ModelConfig:
     path: str = ""  # local checkpoint directory; bpo never downloads
     dtype: str = "bf16"  # bf16 | fp16 | fp32: the dtype weights are loaded and trained in
-    attn_implementation: str = "auto"  # auto = flash_attention_2 when importable on CUDA, else sdpa
+    # auto = flash_attention_2 when importable on CUDA (the shared layout then falls back to rows), else sdpa;
+    # flex_attention: the shared layout's masks as FlexAttention block masks (no (L, L) mask materialised)
+    attn_implementation: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     # Which parts are trained; defaults are the paper's: vision tower frozen, projector and LLM trained.
@@ -392,7 +394,8 @@ def _choice(value, allowed, key):
 
 def validate(cfg):
     _choice(cfg.model.dtype, ("bf16", "fp16", "fp32"), "model.dtype")
-    _choice(cfg.model.attn_implementation, ("auto", "flash_attention_2", "sdpa", "eager"), "model.attn_implementation")
+    _choice(cfg.model.attn_implementation, ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
+            "model.attn_implementation")
     _choice(cfg.loss.type, ("bpo", "dpo", "sft"), "loss.type")
     _choice(cfg.loss.reduction, ("sum", "mean"), "loss.reduction")
     _choice(cfg.loss.logprob_impl, ("fused", "naive"), "loss.logprob_impl")

@@ -44,9 +44,14 @@ def uses_adapters(model_cfg):
 
 
 def require_platform(model_cfg):
-    """QLoRA runs on CUDA only: say so before any weights are read."""
+    """What runs on CUDA only, said before any weights are read: QLoRA, and FlexAttention."""
     import torch
 
+    if model_cfg.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise PlatformError(
+            "model.attn_implementation=flex_attention needs a CUDA GPU: PyTorch's FlexAttention has no backward pass "
+            "on CPU, and its compiled CPU kernel (torch 2.14) fails to build for the shared-prompt mask. Use "
+            "model.attn_implementation=sdpa here: the same shared-prompt masks, dense.")
     if model_cfg.finetune == "qlora" and not torch.cuda.is_available():
         raise PlatformError(
             "model.finetune=qlora needs a CUDA GPU: bpo loads the 4-bit base with bitsandbytes' CUDA kernels and "

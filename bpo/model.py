@@ -67,12 +67,10 @@ def load_model(model_cfg, path=None, ds_config=None, quantize=False):
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (its existence is the point)
-    extra = {}
-    if quantize:
-        from bpo.lora import quantization_config, require_platform
+    from bpo.lora import quantization_config, require_platform
 
-        require_platform(model_cfg)
-        extra["quantization_config"] = quantization_config(model_cfg)
+    require_platform(model_cfg)  # QLoRA and FlexAttention need CUDA: every job's models load here
+    extra = {"quantization_config": quantization_config(model_cfg)} if quantize else {}
     model = AutoModelForImageTextToText.from_pretrained(
         path,
         dtype=DTYPES[model_cfg.dtype],
@@ -212,15 +210,30 @@ class SequenceScorer(nn.Module):
         """The attention mask of a shared batch, (S, 1, L, L); for families with sliding-window layers, one per layer
         type ({"full_attention": ..., "sliding_attention": ...}, which their text models take as prepared)."""
         blocks = image_blocks(extra["token_type_ids"]) if "token_type_ids" in extra else None
-        allowed = {"full_attention": shared.attention_allowed(seq["example_of"], seq["part_of"], blocks)}
         text = self.model.config.get_text_config()
-        if "sliding_attention" in (getattr(text, "layer_types", None) or []):
+        sliding = "sliding_attention" in (getattr(text, "layer_types", None) or [])
+        if text._attn_implementation == "flex_attention":
+            masks = {"full_attention": self._block_mask(seq, blocks)}
+            if sliding:
+                masks["sliding_attention"] = self._block_mask(seq, blocks, text.sliding_window)
+            return masks if sliding else masks["full_attention"]
+        allowed = {"full_attention": shared.attention_allowed(seq["example_of"], seq["part_of"], blocks)}
+        if sliding:
             allowed["sliding_attention"] = allowed["full_attention"] & shared.within_window(seq["position_ids"],
                                                                                             text.sliding_window)
         if self.eager:  # eager attention adds its mask to the scores
             allowed = {k: torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill(
                 ~m, torch.finfo(self.dtype).min) for k, m in allowed.items()}
         return allowed if len(allowed) > 1 else allowed["full_attention"]
+
+    @staticmethod
+    def _block_mask(seq, blocks, window=None):
+        """The same rule as a FlexAttention BlockMask (flex_attention never materialises the (L, L) mask)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        rows, length = seq["input_ids"].shape
+        mask_mod = shared.allowed_mask_mod(seq["example_of"], seq["part_of"], blocks, seq["position_ids"], window)
+        return create_block_mask(mask_mod, rows, None, length, length, device=seq["input_ids"].device)
 
     def _positions(self, seq, extra, prompt_spans):
         """Position ids of a shared batch: 1-D as collated, or the family's multimodal rotary positions (Qwen2-VL,
@@ -294,8 +307,8 @@ def shared_layout_unsupported(model):
     """Why this model cannot score the shared-prompt layout (bpo.data.shared), or None when it can."""
     text = model.config.get_text_config()
     attn = text._attn_implementation
-    if attn not in ("sdpa", "eager"):
-        return f"attention {attn!r} takes no custom attention mask (use sdpa)"
+    if attn not in ("sdpa", "eager", "flex_attention"):
+        return f"attention {attn!r} takes no custom attention mask (use sdpa or flex_attention)"
     return None
 
 

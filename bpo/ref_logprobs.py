@@ -137,7 +137,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     require(cfg, "model.path", "data.train_file", "cache.output_dir")
-    lora.require_platform(cfg.model)  # QLoRA needs CUDA: say so before anything starts (PlatformError)
+    lora.require_platform(cfg.model)  # QLoRA, FlexAttention: CUDA only: say so before anything starts
     model_path = cfg.train.ref_model_path or cfg.model.path
     check_model_dir(model_path, "train.ref_model_path" if cfg.train.ref_model_path else "model.path")
     enforce_max_image_pixels(cfg.data.max_image_pixels)

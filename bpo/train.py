@@ -198,7 +198,7 @@ def train(cfg):
     from bpo.data.shared import make_collate
 
     require(cfg, "model.path", "data.train_file")
-    lora.require_platform(cfg.model)  # QLoRA needs CUDA: say so before anything starts
+    lora.require_platform(cfg.model)  # QLoRA, FlexAttention: CUDA only; say so before anything starts
     check_model_dir(cfg.model.path, "model.path")
     if cfg.train.ref_model_path and not cfg.train.ref_cache:
         check_model_dir(cfg.train.ref_model_path, "train.ref_model_path")

@@ -137,6 +137,24 @@ def within_window(position_ids, window):
     return (distance < window)[:, None]
 
 
+def allowed_mask_mod(example_of, part_of, blocks=None, positions=None, window=None):
+    """`attention_allowed` (and, with positions and window, `within_window`) as a FlexAttention mask_mod: a function
+    of (sequence, head, query index, key index) tensors that FlexAttention evaluates block by block, so the (L, L)
+    mask is never materialised. The dense functions above are its readable reference (tests/data/test_shared.py)."""
+
+    def mask_mod(s, h, q, k):
+        q_ex, k_ex = example_of[s, q], example_of[s, k]
+        q_part, k_part = part_of[s, q], part_of[s, k]
+        allowed = (q_ex == k_ex) & (q_ex >= 0) & (k <= q) & ((k_part == 0) | (k_part == q_part))
+        if blocks is not None:
+            allowed = allowed | ((blocks[s, q] == blocks[s, k]) & (blocks[s, q] >= 0))
+        if window is not None:
+            allowed = allowed & (positions[s, q] - positions[s, k] < window)
+        return allowed | ((q_ex < 0) & (q == k))
+
+    return mask_mod
+
+
 def image_blocks(token_type_ids):
     """(S, L) token types (1 = image token, Gemma-3's processor) -> (S, L) block ids: each contiguous run of image
     tokens gets its own id, every other token -1."""

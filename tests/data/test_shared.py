@@ -4,7 +4,7 @@ import torch
 
 from bpo.data.dataset import collate, split_by_kind
 from bpo.data.encode import EncodedExample
-from bpo.data.shared import attention_allowed, collate_shared, image_blocks, pack, within_window
+from bpo.data.shared import allowed_mask_mod, attention_allowed, collate_shared, image_blocks, pack, within_window
 
 
 def examples():
@@ -98,3 +98,39 @@ def test_image_blocks_and_windows():
     assert within_window(positions, 2)[0, 0].int().tolist() == [
         [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1],
         [0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]]
+
+
+def random_layout(seed):
+    """Packed shared batches of random examples (odd lengths, some without a blind response), with image blocks."""
+    g = torch.Generator().manual_seed(seed)
+    n = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    exs = []
+    for i in range(5):
+        responses = {k: list(range(1, n(1, 9))) for k in ("chosen", "rejected") + (("blind",) if i % 2 else ())}
+        prompt = n(3, 40)
+        start = n(0, prompt - 2)
+        types = [0] * prompt
+        image = n(1, prompt - start)
+        types[start:start + image] = [1] * image
+        exs.append(EncodedExample(str(i), list(range(1, prompt + 1)), {}, responses,
+                                  prompt_fields={"token_type_ids": types}))
+    return collate_shared(exs, pad_token_id=0, max_tokens=n(40, 120))
+
+
+def test_flex_block_mask_is_the_dense_rule():
+    """FlexAttention's mask_mod, evaluated as FlexAttention does (create_mask: every (q, k) pair through the
+    function), equals attention_allowed and within_window, padding and Gemma-3 image blocks included."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    for seed in range(4):
+        b = random_layout(seed)
+        blocks = image_blocks(b["token_type_ids"])
+        rows, length = b["input_ids"].shape
+        dense = attention_allowed(b["example_of"], b["part_of"], blocks)
+        flex = create_mask(allowed_mask_mod(b["example_of"], b["part_of"], blocks), rows, 1, length, length,
+                           device="cpu")
+        assert torch.equal(flex, dense), seed
+        windowed = create_mask(allowed_mask_mod(b["example_of"], b["part_of"], blocks, b["position_ids"], 5),
+                               rows, 1, length, length, device="cpu")
+        assert torch.equal(windowed, dense & within_window(b["position_ids"], 5)), seed
+        assert not torch.equal(windowed, flex)  # the window does cut something here
