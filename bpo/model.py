@@ -207,8 +207,9 @@ class SequenceScorer(nn.Module):
         return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend)
 
     def _shared_masks(self, seq, extra):
-        """The attention mask of a shared batch, (S, 1, L, L); for families with sliding-window layers, one per layer
-        type ({"full_attention": ..., "sliding_attention": ...}, which their text models take as prepared)."""
+        """The attention mask of a shared batch: (S, 1, L, L) for SDPA and eager, a BlockMask for flex_attention; for
+        families with sliding-window layers, one per layer type ({"full_attention": ..., "sliding_attention": ...},
+        which their text models take as prepared)."""
         blocks = image_blocks(extra["token_type_ids"]) if "token_type_ids" in extra else None
         text = self.model.config.get_text_config()
         sliding = "sliding_attention" in (getattr(text, "layer_types", None) or [])
