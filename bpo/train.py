@@ -169,23 +169,24 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def preference_loss(policy_logps, policy_mean_logps, ref_logps, batch, loss_cfg):
-    """Rows (R,) -> per-example chosen/rejected/blind -> the BPO, DPO or SFT loss and its metric sums.
+def preference_loss(token_logps, response_mask, ref_logps, batch, loss_cfg):
+    """Per-token log-probs (R, M) -> per-example chosen/rejected/blind -> the BPO, DPO or SFT loss and its metric sums.
 
-    policy_logps: each row's log-prob reduced by loss.reduction; policy_mean_logps: the same per token (the NLL term
-    reads it); ref_logps: the reference's, None for loss.type=sft."""
+    ref_logps: the reference's (R,), reduced by loss.reduction; None for loss.type=sft. The NLL term (loss.type=sft,
+    or loss.sft_weight > 0) reads each chosen response's log-prob per token, whatever loss.reduction is."""
     from bpo.data.dataset import split_by_kind
 
-    chosen_mean = split_by_kind(policy_mean_logps, batch)[0]
-    if loss_cfg.type == "sft":
-        return nll_loss(chosen_mean)
-    pc, pr, pb = split_by_kind(policy_logps, batch)
+    uses_nll = loss_cfg.type == "sft" or loss_cfg.sft_weight > 0
+    if uses_nll:
+        nll, nll_metrics = nll_loss(split_by_kind(sequence_logps(token_logps, response_mask, "mean"), batch)[0])
+        if loss_cfg.type == "sft":
+            return nll, nll_metrics
+    pc, pr, pb = split_by_kind(sequence_logps(token_logps, response_mask, loss_cfg.reduction), batch)
     rc, rr, rb = split_by_kind(ref_logps, batch)
     blind = loss_cfg.type == "bpo"
     loss, metrics = bpo_loss(pc, pr, pb if blind else None, rc, rr, rb if blind else None, beta=loss_cfg.beta,
                              blind_weight=loss_cfg.blind_weight, blind_mask=batch["has_blind"].to(pc.device))
-    if loss_cfg.sft_weight > 0:
-        nll, nll_metrics = nll_loss(chosen_mean)
+    if uses_nll:
         loss = loss + loss_cfg.sft_weight * nll
         metrics.update({"nll/chosen": nll_metrics["nll/chosen"], "loss": loss.detach() * pc.numel()})
     return loss, metrics
@@ -269,10 +270,7 @@ def train(cfg):
             response_mask = inputs["labels"][:, 1:] != -100  # (R, T-1)
             # Reference first: its no-grad forward then never runs beside the policy's saved activations.
             ref_logps = reference(batch, inputs) if reference is not None else None  # (R,)
-            token_logps = engine(**inputs)  # (R, T-1)
-            policy_logps = sequence_logps(token_logps, response_mask, cfg.loss.reduction)  # (R,)
-            policy_mean_logps = sequence_logps(token_logps, response_mask, "mean")  # (R,): the NLL term's
-            loss, metrics = preference_loss(policy_logps, policy_mean_logps, ref_logps, batch, cfg.loss)
+            loss, metrics = preference_loss(engine(**inputs), response_mask, ref_logps, batch, cfg.loss)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only on the last micro-step of the accumulation
             metrics["tokens"] = inputs["attention_mask"].sum()  # tokens the forward computes, padding excluded
