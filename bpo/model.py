@@ -14,7 +14,6 @@ from torch import nn
 
 from bpo import dist
 from bpo.data import shared
-from bpo.data.shared import image_blocks
 from bpo.ops.logprobs import naive_sequence_logprobs, resolve_backend, sequence_logprobs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -166,7 +165,7 @@ class SequenceScorer(nn.Module):
         self.backend = None  # resolved on first forward, when the device is known
         self.accepted = set(inspect.signature(model.model.forward).parameters) - {"input_ids", "attention_mask"}
         self.dtype = next(model.parameters()).dtype
-        self.eager = model.config.get_text_config()._attn_implementation == "eager"
+        self.attn = model.config.get_text_config()._attn_implementation  # how the shared masks are given
         head = model.get_output_embeddings().weight
         self.blank = None
         if hasattr(head, "ds_id") if zero3 is None else zero3:
@@ -210,10 +209,10 @@ class SequenceScorer(nn.Module):
         """The attention mask of a shared batch: (S, 1, L, L) for SDPA and eager, a BlockMask for flex_attention; for
         families with sliding-window layers, one per layer type ({"full_attention": ..., "sliding_attention": ...},
         which their text models take as prepared)."""
-        blocks = image_blocks(extra["token_type_ids"]) if "token_type_ids" in extra else None
+        blocks = shared.image_blocks(extra["token_type_ids"]) if "token_type_ids" in extra else None
         text = self.model.config.get_text_config()
         sliding = "sliding_attention" in (getattr(text, "layer_types", None) or [])
-        if text._attn_implementation == "flex_attention":
+        if self.attn == "flex_attention":
             masks = {"full_attention": self._block_mask(seq, blocks)}
             if sliding:
                 masks["sliding_attention"] = self._block_mask(seq, blocks, text.sliding_window)
@@ -222,7 +221,7 @@ class SequenceScorer(nn.Module):
         if sliding:
             allowed["sliding_attention"] = allowed["full_attention"] & shared.within_window(seq["position_ids"],
                                                                                             text.sliding_window)
-        if self.eager:  # eager attention adds its mask to the scores
+        if self.attn == "eager":  # eager attention adds its mask to the scores
             allowed = {k: torch.zeros(m.shape, dtype=self.dtype, device=m.device).masked_fill(
                 ~m, torch.finfo(self.dtype).min) for k, m in allowed.items()}
         return allowed if len(allowed) > 1 else allowed["full_attention"]
