@@ -143,14 +143,29 @@ def response_ids(record, chat, prompt, prompt_tokens, reply, with_image=True):
 
 
 def _mismatch_message(record, processor, prompt_tokens, tokens):
-    first = next(i for i, (a, b) in enumerate(zip(prompt_tokens + [None], tokens + [None])) if a != b)
-    show = processor.tokenizer.convert_ids_to_tokens
-    lo = max(first - 3, 0)
+    first, ours, theirs = _first_difference(prompt_tokens, tokens, processor.tokenizer)
     return (f"record {record.id} ({record.source}): the prompt's tokens are not a prefix of the whole "
             f"conversation's tokens, so the response tokens would differ from what the model sees; they first "
-            f"differ at token {first}: prompt {show(prompt_tokens[lo:first + 3])} vs conversation "
-            f"{show(tokens[lo:first + 3])}. The chat template's generation prompt and its reply do not tokenize "
-            f"apart; supply a template that ends the generation prompt on a token boundary (data.chat_template).")
+            f"differ at token {first}: prompt {ours} vs conversation {theirs}. The chat template's generation prompt "
+            f"and its reply do not tokenize apart; supply a template that ends the generation prompt on a token "
+            f"boundary (data.chat_template).")
+
+
+def _first_difference(ours, theirs, tokenizer):
+    """Where `ours`, which should be a prefix of `theirs`, first departs from it: (index, our tokens and theirs
+    around it, as token strings)."""
+    first = next(i for i, (a, b) in enumerate(zip(ours, theirs + [None] * len(ours))) if a != b)
+    lo = max(first - 3, 0)
+    return first, tokenizer.convert_ids_to_tokens(ours[lo:first + 3]), tokenizer.convert_ids_to_tokens(
+        theirs[lo:first + 3])
+
+
+def _generated_ids(record, kind, chat):
+    """The ids bpo/generate_blind.py kept for a blind response when this tokenizer wrote them, else None."""
+    if kind != "blind":
+        return None
+    generated, tokenizer, _ = blind_generation(record)
+    return generated if generated and tokenizer == chat.tokenizer_digest else None
 
 
 @dataclass(frozen=True)
@@ -191,11 +206,9 @@ def encode_example(record, chat, image_root, max_length, with_image=True, respon
         text = getattr(record, kind)
         if text is None:
             continue
-        generated, tokenizer, _ = blind_generation(record) if kind == "blind" else (None, None, False)
-        if generated and tokenizer == chat.tokenizer_digest:
-            ids = generated  # what the reference model wrote, its stop token included unless it was cut
-        else:
-            ids = response_ids(record, chat, prompt, prompt_tokens, text, with_image=with_image)
+        # A blind response: what the reference model wrote, its stop token included unless it was cut.
+        ids = _generated_ids(record, kind, chat) or response_ids(record, chat, prompt, prompt_tokens, text,
+                                                                 with_image=with_image)
         out[kind] = ids[:budget]
         truncated[kind] = len(ids) > budget
     return EncodedExample(record.id, prompt_ids, image_inputs, out, truncated, fields)
@@ -209,8 +222,7 @@ def verify_example(record, chat, image_root, example):
     with_image = bool(example.image_inputs)
     image = load_image(record, image_root) if with_image else None
     for kind, ids in example.response_ids.items():
-        generated, tokenizer, _ = blind_generation(record) if kind == "blind" else (None, None, False)
-        if generated and tokenizer == chat.tokenizer_digest:
+        if _generated_ids(record, kind, chat):
             continue  # the generated ids themselves: what the model wrote, whatever its tokenizer would make of them
         full = render_conversation(record, processor, getattr(record, kind), with_image=with_image)
         seen = process_prompt(processor, full, image)[0]
@@ -218,9 +230,7 @@ def verify_example(record, chat, image_root, example):
         if chat.end_of_turn_id is None and not example.truncated[kind]:
             mine = mine[:-1]  # the appended EOS is not in the template's rendering
         if seen[:len(mine)] != mine:
-            first = next(i for i, (a, b) in enumerate(zip(mine, seen + [None] * len(mine))) if a != b)
-            show = processor.tokenizer.convert_ids_to_tokens
+            first, ours, theirs = _first_difference(mine, seen, processor.tokenizer)
             raise TokenizationMismatch(
                 f"record {record.id} ({record.source}): the {kind} tokens are not what the model sees in the whole "
-                f"conversation; they first differ at token {first}: bpo {show(mine[max(first - 3, 0):first + 3])} vs "
-                f"processor {show(seen[max(first - 3, 0):first + 3])}")
+                f"conversation; they first differ at token {first}: bpo {ours} vs processor {theirs}")
