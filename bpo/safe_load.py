@@ -42,12 +42,18 @@ def _is_unsafe(error):
 def safe_load(path, map_location="cpu", mmap=False):
     """torch.load(path) with weights_only=True and the allow-list. Raises UnsafeCheckpoint for a refused class;
     other errors (a truncated file, a missing one) propagate as torch raises them."""
+    return _weights_only(torch.load, path, map_location=map_location, mmap=mmap)
+
+
+def _weights_only(load, f, **kwargs):
+    """`load` (torch.load, the unpatched one) weights-only under the allow-list, a refused class as UnsafeCheckpoint."""
     try:
         with torch.serialization.safe_globals(allowed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+            return load(f, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         if _is_unsafe(e):
-            raise UnsafeCheckpoint(f"{os.fspath(path)} holds pickled code or classes a checkpoint never needs "
+            name = os.fspath(f) if isinstance(f, (str, os.PathLike)) else f
+            raise UnsafeCheckpoint(f"{name} holds pickled code or classes a checkpoint never needs "
                                    f"({_refused(e)}); it was not loaded") from None
         raise
 
@@ -70,14 +76,7 @@ def weights_only_loads(mmap_under=None):
     def load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
         if mmap_under is not None and isinstance(f, (str, os.PathLike)):
             mmap = mmap or os.path.abspath(f).startswith(os.path.abspath(mmap_under) + os.sep)
-        try:
-            with torch.serialization.safe_globals(allowed_globals()):
-                return original(f, map_location=map_location, weights_only=True, mmap=mmap, **kwargs)
-        except pickle.UnpicklingError as e:
-            if _is_unsafe(e):
-                raise UnsafeCheckpoint(f"{f} holds pickled code or classes a checkpoint never needs "
-                                       f"({_refused(e)}); it was not loaded") from None
-            raise
+        return _weights_only(original, f, map_location=map_location, mmap=mmap, **kwargs)
 
     torch.load = load
     try:
