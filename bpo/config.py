@@ -400,8 +400,6 @@ def validate(cfg):
     _choice(cfg.loss.reduction, ("sum", "mean"), "loss.reduction")
     _choice(cfg.loss.logprob_impl, ("fused", "naive"), "loss.logprob_impl")
     _choice(cfg.loss.scoring, ("shared", "rows"), "loss.scoring")
-    if cfg.train.max_tokens_per_sequence < 0:
-        raise ConfigError(f"train.max_tokens_per_sequence must be >= 0, got {cfg.train.max_tokens_per_sequence}")
     _choice(cfg.optim.schedule, ("cosine", "constant"), "optim.schedule")
     _choice(cfg.optim.name, ("adamw", "adamw_8bit", "paged_adamw_8bit"), "optim.name")
     _choice(cfg.model.finetune, ("full", "lora", "qlora"), "model.finetune")
@@ -433,14 +431,13 @@ def validate(cfg):
             raise ConfigError(f"{key} must be at least 1, got {value}")
     for key, value in [("train.save_every", cfg.train.save_every), ("train.keep_checkpoints", cfg.train.keep_checkpoints),
                        ("optim.warmup_steps", cfg.optim.warmup_steps), ("loss.blind_weight", cfg.loss.blind_weight),
-                       ("loss.sft_weight", cfg.loss.sft_weight),
-                       ("eval.limit", cfg.eval.limit)]:
+                       ("loss.sft_weight", cfg.loss.sft_weight), ("eval.limit", cfg.eval.limit),
+                       ("train.max_tokens_per_sequence", cfg.train.max_tokens_per_sequence),
+                       ("decode.server_retries", cfg.decode.server_retries)]:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if cfg.train.max_steps != -1 and cfg.train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be -1 (run all epochs) or at least 1, got {cfg.train.max_steps}")
-    if cfg.decode.server_retries < 0:
-        raise ConfigError(f"decode.server_retries must be >= 0, got {cfg.decode.server_retries}")
     if cfg.loss.type == "sft":
         # Settings SFT would silently ignore are refused, so a run never looks like something it is not.
         ignored = [k for k, v in [("train.ref_cache", cfg.train.ref_cache),

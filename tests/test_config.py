@@ -35,6 +35,7 @@ def test_file_then_overrides(tmp_path):
     ("train.max_steps=0", r"train.max_steps must be -1 \(run all epochs\) or at least 1"),
     ("data.max_image_pixels=0", "data.max_image_pixels must be at least 1"),
     ("loss.sft_weight=-0.5", "loss.sft_weight must be >= 0"),
+    ("train.max_tokens_per_sequence=-1", "train.max_tokens_per_sequence must be >= 0, got -1"),
 ])
 def test_bad_settings_name_the_key(override, msg):
     with pytest.raises(ConfigError, match=msg):
