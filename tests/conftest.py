@@ -4,7 +4,8 @@ CPU server (tests/servers.py)."""
 import pytest
 
 from servers import (make_scheduler, pytest_collection_finish, pytest_collection_modifyitems,  # noqa: F401
-                     pytest_configure, pytest_runtest_teardown, served_model_dir, tiny128_dir, vllm_server)
+                     pytest_runtest_teardown, served_model_dir, tiny128_dir, vllm_server)
+from servers import pytest_configure as configure_servers
 
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: a plain `pytest` run has no such hook
@@ -13,6 +14,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_configure(config):
+    configure_servers(config)  # the vLLM server's marker
     # `make test` runs everything; `pytest -m "not slow"` leaves out the runs that take minutes.
     config.addinivalue_line("markers", "slow: a run of several minutes (the science demo in small)")
 
