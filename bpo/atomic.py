@@ -1,9 +1,29 @@
-"""Publishing a directory whole or not at all: a user's OUT_DIR never holds half a model."""
+"""Writing whole or not at all: a file under its real name is always complete, and a user's OUT_DIR never holds half
+a model."""
 
 import contextlib
 import os
 import shutil
 import tempfile
+import threading
+
+
+def write_text(path, text):
+    """Write `text` (a str, or an iterable of str written in turn) to a temporary name beside `path`, then rename it
+    over `path`. The temporary name is this process's and thread's own, so concurrent writers of one path never
+    share one; it is removed when writing fails."""
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            if isinstance(text, str):
+                f.write(text)
+            else:
+                f.writelines(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from bpo.atomic import write_text
+
 
 @dataclass
 class ModelConfig:
@@ -533,10 +535,7 @@ def with_absolute_paths(cfg):
 
 def save_config(cfg, path):
     """Write config.yaml atomically so a killed start never leaves half a config behind."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    write_text(path, to_yaml(cfg))
 
 
 def require(cfg, *keys):

@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 import torch
 
 from bpo import dist
+from bpo.atomic import write_text
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config
 from bpo.data.conversation import Turn
 from bpo.data.records import Record, enforce_max_image_pixels
@@ -302,10 +303,7 @@ def main(argv=None):
         report = build_report(cfg, examples, rows, verdicts, margins, judge.describe())
         write_jsonl_atomic(os.path.join(ecfg.output_dir, "results.jsonl"), rows)
         for name, text in (("report.json", json.dumps(report, indent=1)), ("report.md", markdown(report))):
-            tmp = os.path.join(ecfg.output_dir, name + ".tmp")
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, os.path.join(ecfg.output_dir, name))
+            write_text(os.path.join(ecfg.output_dir, name), text)
         print(markdown(report), flush=True)
     dist.barrier()
 

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 
+from bpo.atomic import write_text
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 CONFIG_NAMES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
@@ -34,10 +36,7 @@ def _save_index(index):
     path = _index_path()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(index, f)
-        os.replace(tmp, path)
+        write_text(path, json.dumps(index))
     except OSError:
         pass  # a read-only home only costs a re-hash next time
 

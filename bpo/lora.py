@@ -27,6 +27,7 @@ import re
 
 from torch import nn
 
+from bpo.atomic import write_text
 from bpo.model import LANGUAGE_MODELS, PARTS, _locate
 
 # What QLoRA does to the base, in words: part of a reference cache's fingerprint (bpo.ref_cache).
@@ -132,10 +133,7 @@ def save_config(config, directory):
 
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, CONFIG_FILE)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(config_dict(config), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(config_dict(config), indent=2, sort_keys=True))
     return path
 
 

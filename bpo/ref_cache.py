@@ -22,6 +22,7 @@ import os
 import torch
 
 from bpo import dist
+from bpo.atomic import write_text
 
 FORMAT_VERSION = 2
 SHARD_FORMAT = "shard_{:05d}.safetensors"
@@ -104,11 +105,7 @@ def read_manifest(cache_dir):
 
 
 def write_manifest(cache_dir, manifest):
-    path = os.path.join(cache_dir, "manifest.json")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_text(os.path.join(cache_dir, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def write_shard(path, ids, values, per_token=None, fingerprint_digest=""):

@@ -10,6 +10,7 @@ import sys
 import time
 
 from bpo import dist
+from bpo.atomic import write_text
 
 PLOT_KEYS = [("loss", "loss"), ("rewards", "rewards/"), ("accuracy", "accuracies/"), ("margins", "margins/"),
              ("NLL of the chosen response", "nll/")]
@@ -59,10 +60,7 @@ class RunLog(NullLog):
         for lineno in bad:
             print(f"warning: {self.path}:{lineno} is not a JSON row (torn by a kill?); dropped", file=sys.stderr,
                   flush=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows if row["step"] <= step)
-        os.replace(tmp, self.path)
+        write_text(self.path, (json.dumps(row) + "\n" for row in rows if row["step"] <= step))
 
     def log(self, step, metrics):
         record = {"step": step, **metrics}

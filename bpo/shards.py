@@ -15,17 +15,14 @@ import threading
 import time
 
 from bpo import dist
+from bpo.atomic import write_text
 from bpo.faults import maybe_crash
 
 SHARD_FORMAT = "shard_{:06d}.jsonl"
 
 
 def write_jsonl_atomic(path, rows):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path):
@@ -39,10 +36,7 @@ def check_settings(parts_dir, settings):
     if dist.is_rank0():
         os.makedirs(parts_dir, exist_ok=True)
         if not os.path.exists(path):
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(settings, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
+            write_text(path, json.dumps(settings, indent=1, sort_keys=True))
     dist.barrier()
     with open(path) as f:
         old = json.load(f)

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from bpo.atomic import write_text
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = {"base": "base (SFT)", "dpo": "DPO", "bpo": "BPO"}
 # method -> (loss.type, training script, extra overrides). Tests add variants (tests/scripts/train_flipped_blind.py).
@@ -171,7 +173,7 @@ def run_stages(stages, echo=print, timings=None):
         took.setdefault(stage.kind, []).append(time.time() - start)
         if timings:
             kept[stage.label] = time.time() - start
-            _write(timings, json.dumps(kept, indent=1))
+            write_text(timings, json.dumps(kept, indent=1))
     return time.time() - t0
 
 
@@ -194,17 +196,10 @@ def report(out, seeds, methods=("base", *METHODS)):
         lines.append(f"BPO - DPO safety rate: {diff:+.3f} on average (per seed: {per_seed}); beyond the seed spread "
                      f"(BPO's worst seed above DPO's best): {'yes' if beyond else 'no'}.")
     text = "\n".join(lines) + "\n"
-    _write(os.path.join(out, "science.json"), json.dumps({"scores": scores, "summary": summary}, indent=1))
-    _write(os.path.join(out, "science.md"), text)
+    write_text(os.path.join(out, "science.json"), json.dumps({"scores": scores, "summary": summary}, indent=1))
+    write_text(os.path.join(out, "science.md"), text)
     world_scores.plot(summary, os.path.join(out, "science.png"), NAMES)
     return summary, text
-
-
-def _write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

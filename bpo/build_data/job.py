@@ -19,10 +19,12 @@ Exit status 0 when at least one record was written, 1 when none survived (the re
 """
 
 import argparse
+import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from bpo.atomic import write_text
 from bpo.build_data.entity import build_recognizer
 from bpo.build_data.images import build_images
 from bpo.build_data.llm import ChatClient, LLMError
@@ -41,16 +43,6 @@ def parse_args(argv=None):
     parser.add_argument("--config")
     parser.add_argument("overrides", nargs="*")
     return parser.parse_intermixed_args(argv)
-
-
-def _write_json_atomic(path, obj):
-    import json
-
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _in_order(pool, fn, items):
@@ -116,7 +108,7 @@ def main(argv=None):
     write_jsonl_atomic(output, records)
     report = build_report(b.input_file, output, rows, read_drops, dict(client.stats) if client else None)
     report_path = output + ".report.json"
-    _write_json_atomic(report_path, report)
+    write_text(report_path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {output}: {len(records)} of {report['records_in']} records; images in {image_dir}; report "
           f"{report_path}", flush=True)
     print("\n".join(summary_lines(report)), flush=True)

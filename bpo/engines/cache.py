@@ -14,7 +14,8 @@ cache. A file that cannot be read or is not a JSON object is a miss (and is rewr
 import hashlib
 import json
 import os
-import threading
+
+from bpo.atomic import write_text
 
 
 class AnswerCache:
@@ -42,7 +43,4 @@ class AnswerCache:
     def put(self, key, entry):
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(entry, f, ensure_ascii=False)
-        os.replace(tmp, path)
+        write_text(path, json.dumps(entry, ensure_ascii=False))
