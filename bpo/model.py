@@ -6,7 +6,6 @@ never built on the fused path.
 """
 
 import inspect
-import json
 import os
 
 import torch

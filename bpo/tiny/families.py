@@ -128,7 +128,6 @@ def llava_onevision():
 
 
 def _qwen_vl(version):
-    from transformers import AutoConfig, AutoProcessor  # noqa: F401 (classes below are picked by version)
     import transformers as tf
 
     vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
