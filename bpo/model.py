@@ -81,6 +81,15 @@ def load_model(model_cfg, path=None, ds_config=None, quantize=False):
     return model
 
 
+def text_hidden_size(model_cfg):
+    """The language model's hidden size, from the checkpoint's config.json alone (no weights read)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code,
+                                        local_files_only=True)
+    return config.get_text_config().hidden_size
+
+
 def part_of(param_name):
     """"vision_encoder", "connector" or "language_model" for a parameter name of the full model."""
     return _locate(param_name)[0]

@@ -25,7 +25,8 @@ from bpo.data.records import enforce_max_image_pixels
 from bpo.faults import maybe_crash
 from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
 from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
-                       resolve_attn_implementation, set_gradient_checkpointing, set_trainable)
+                       resolve_attn_implementation, set_gradient_checkpointing, set_trainable,
+                       text_hidden_size)
 from bpo.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
 from bpo.stop import EXIT_CODE as STOPPED_EXIT_CODE, StopRequest
@@ -45,8 +46,13 @@ def parse_args(argv=None):
     return args
 
 
-def build_ds_config(cfg, world_size):
-    """Read the DeepSpeed JSON and fill its "auto" entries from the one config tree."""
+def build_ds_config(cfg, world_size, hidden_size=None):
+    """Read the DeepSpeed JSON and fill its "auto" entries from the one config tree.
+
+    ZeRO's bucket sizes follow the language model's `hidden_size` as transformers' DeepSpeed integration sizes them
+    (H^2 elements per gradient-reduction bucket, 0.9 H^2 per parameter prefetch, parameters under 10 H kept whole):
+    DeepSpeed's own default bucket, 5e8 elements, is allocated whole with contiguous_gradients, 1 GiB in bf16 per
+    rank whatever the model. Without `hidden_size` they are left to DeepSpeed."""
     with open(cfg.train.ds_config) as f:
         ds = json.load(f)
     fills = {
@@ -64,9 +70,14 @@ def build_ds_config(cfg, world_size):
         if opt.get(key) == "auto":
             opt[key] = value
     zero = ds.get("zero_optimization", {})
+    sizes = {"reduce_bucket_size": hidden_size ** 2, "stage3_prefetch_bucket_size": int(0.9 * hidden_size ** 2),
+             "stage3_param_persistence_threshold": 10 * hidden_size} if hidden_size else {}
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
         if zero.get(key) == "auto":
-            zero.pop(key)  # DeepSpeed's own default; transformers sizes these from hidden_size, we keep it simple
+            if key in sizes:
+                zero[key] = sizes[key]
+            else:
+                zero.pop(key)  # DeepSpeed's own default
     ds.setdefault("bf16", {})["enabled"] = cfg.model.dtype == "bf16"
     ds.setdefault("fp16", {})["enabled"] = cfg.model.dtype == "fp16"
     return optim.adapt_ds_config(ds, cfg.optim, cfg.train.ds_config)  # a bitsandbytes optimizer replaces its section
@@ -129,6 +140,9 @@ def build_policy(cfg, ds_config, total_steps, blank):
     # DeepSpeed steps the scheduler with the optimizer (once per accumulation) and keeps it in checkpoints.
     engine, *_ = deepspeed.initialize(model=scorer, model_parameters=params, optimizer=client, config=ds_config,
                                       lr_scheduler=lambda opt: build_scheduler(opt, total_steps, cfg.optim))
+    freed = optim.share_fp32_master(engine.optimizer) if is_zero3(ds_config) else 0
+    if freed:
+        dist.print0(f"fp32 weights serve as their own fp32 master copy ({freed / 2**20:.0f} MiB not duplicated)")
     return engine, client
 
 
@@ -227,7 +241,7 @@ def train(cfg):
     total = per_epoch * cfg.train.epochs
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
 
-    ds_config = build_ds_config(cfg, world)
+    ds_config = build_ds_config(cfg, world, text_hidden_size(cfg.model))
     universal = None
     if point is not None and point.world != world:
         ds_config["checkpoint"] = reshard.ds_config_entry()  # the engine must be built knowing it loads universal

@@ -1,4 +1,5 @@
-"""8-bit AdamW (bitsandbytes) as DeepSpeed's client optimizer: 2-rank ZeRO-3 runs on CPU, as users launch them."""
+"""The optimizers DeepSpeed steps: 8-bit AdamW (bitsandbytes) as its client optimizer in 2-rank ZeRO-3 runs on CPU, as
+users launch them, and fp32 weights as their own fp32 master."""
 
 import contextlib
 import math
@@ -119,3 +120,46 @@ def test_client_optimizer_replaces_the_ds_config_section():
                                            f"train.ds_config={REPO}/ds_configs/zero3_offload.json"]), 2)
     with pytest.raises(ConfigError, match="optim.name must be one of"):
         load_config(None, ["optim.name=adam8"])
+
+
+def test_fp32_weights_become_their_own_master_and_train_the_same(tmp_path):
+    """DeepSpeed's ZeRO-3 keeps a second fp32 copy of fp32 weights (bpo.optim.share_fp32_master); sharing it frees
+    4 bytes per parameter and changes no number: two engines from the same start, with and without, train alike."""
+    import json
+    import subprocess
+    import sys
+
+    from jobs import free_port
+
+    out = tmp_path / "probe"
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(free_port()),
+                    os.path.join(REPO, "tests", "scripts", "fp32_master_probe.py"), str(out)], check=True, cwd=REPO,
+                   env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=REPO),
+                   capture_output=True, timeout=600)
+    for rank in (0, 1):
+        report = json.load(open(f"{out}.rank{rank}"))
+        assert report["aliased"] == [True, True]  # both sub-groups of this rank's partition
+        # Fails once DeepSpeed reuses fp32 weights itself: then nothing is freed and the workaround can go.
+        assert report["freed"] == 4 * report["partition_numel"] == 4 * 804
+        assert report["max_update"] > 1e-3  # the weights did train
+        assert report["max_difference"] == 0.0  # fp32 on CPU is deterministic: exactly the same steps
+
+
+def test_share_fp32_master_leaves_a_real_master_alone():
+    """bf16 weights need their fp32 master; matching fp32 ones share storage, and the master stays the same object."""
+    from types import SimpleNamespace
+
+    from bpo.optim import share_fp32_master
+
+    bf16, fp32 = torch.ones(8, dtype=torch.bfloat16), torch.arange(6.0)
+    masters = [bf16.float(), fp32.clone()]
+    kept = masters[1]
+    zero = SimpleNamespace(fp16_partitioned_groups_flat=[bf16, fp32], fp32_partitioned_groups_flat=masters)
+    assert share_fp32_master(zero) == 6 * 4
+    assert masters[0].data_ptr() != bf16.data_ptr() and masters[0].dtype == torch.float32
+    assert masters[1] is kept and masters[1].data_ptr() == fp32.data_ptr()
+    offloaded = SimpleNamespace(fp16_partitioned_groups_flat=[fp32], fp32_partitioned_groups_flat=[fp32.clone()],
+                                offload_optimizer=True)
+    assert share_fp32_master(offloaded) == 0
+    assert share_fp32_master(SimpleNamespace()) == 0  # not a ZeRO-3 optimizer

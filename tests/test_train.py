@@ -232,3 +232,23 @@ def test_sft_weight_adds_the_nll_to_dpo(sft_run, train_setup):
     # Step 0: policy == reference, so DPO's term is ln 2; same seed and data, so the same batch as the SFT run.
     assert row["nll/chosen"] == pytest.approx(sft_rows[0]["loss"], rel=1e-6)
     assert row["loss"] == pytest.approx(math.log(2) + 0.5 * sft_rows[0]["loss"], rel=1e-6)
+
+
+def test_zero_bucket_sizes_follow_the_language_model(tiny_model_dir):
+    """"auto" ZeRO buckets are sized from the text model's hidden size (not DeepSpeed's 5e8-element default, which
+    contiguous gradients allocate whole); values a ds_config sets are kept; without a hidden size DeepSpeed decides."""
+    from bpo.config import load_config
+    from bpo.model import text_hidden_size
+    from bpo.train import build_ds_config
+
+    gpu = load_config(None, [f"train.ds_config={REPO}/ds_configs/zero3.json"])
+    zero = build_ds_config(gpu, 8, hidden_size=4096)["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"],
+            zero["stage3_param_persistence_threshold"]) == (4096 ** 2, 15099494, 40960)
+    left = build_ds_config(gpu, 8)["zero_optimization"]
+    assert not {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"} & left.keys()
+    cpu = build_ds_config(load_config(None, [f"train.ds_config={REPO}/ds_configs/zero3_cpu.json"]), 2, 64)
+    assert cpu["zero_optimization"]["stage3_param_persistence_threshold"] == 0  # set in the file: every weight sharded
+    assert cpu["zero_optimization"]["reduce_bucket_size"] == 64 ** 2
+    # The language model's width, not the vision tower's (the tiny LLaVA: text 32, vision 16).
+    assert text_hidden_size(load_config(None, [f"model.path={tiny_model_dir}"]).model) == 32
