@@ -18,6 +18,9 @@ with --scoring rows micro_batch x responses x T, one row of T per response (chos
                  plus an fp32 scale per block of 256 (bitsandbytes); paged states are the same bytes, which the
                  CUDA driver may move to host memory under pressure instead of failing
   ZeRO-3 gather  2 x 2 x max(largest decoder layer, embedding)   the layer in use plus one prefetched, whole
+  optimizer step 6 x min(sub_group_size, Pt / N)   ZeRO-3 steps the optimizer one sub-group at a time, first copying
+                 its gradients into one flat bf16 tensor and that into fp32 (sub_group_size: 1e8 elements in
+                 ds_configs/zero3.json; DeepSpeed's default, 1e9, makes this 6 Pt / N at 7B on 8 GPUs)
   checkpoints    2 x L x S x T x H         each decoder layer's bf16 input, kept for the backward pass
   one layer      2 x S x T x (18 H + 4 H_kv + 8 I)   the layer recomputed in backward: its activations (bf16 norm
                  outputs, q, attention output, k, v, SwiGLU gate/up/act/product, and the two RMSNorms' fp32 copies of
@@ -51,6 +54,8 @@ from dataclasses import dataclass, replace
 
 GiB = 2**30
 ALLOWANCE_BYTES = 4 * GiB
+SUB_GROUP_SIZE = 10**8  # ds_configs/zero3.json's sub_group_size
+STEP_BYTES_PER_GRADIENT = 2 + 4  # the optimizer step's flat bf16 copy of a sub-group's gradients + its fp32 copy
 HEAD_BYTES_PER_LOGIT = 2 + 4 + 4  # bf16 logits + fp32 log-softmax + fp32 gradient
 FUSED_WEIGHT_GRAD_BYTES = 4 + 2  # per lm_head weight: the fp32 gradient accumulator + its bf16 copy (bpo.ops)
 NAIVE_WEIGHT_GRAD_BYTES = 2  # per lm_head weight: the bf16 gradient of the logits matmul
@@ -384,6 +389,9 @@ def estimate(dims, setup):
             layer = NF4_BYTES * pq_layer + 2 * (dims.layer_params - pq_layer)
         row("gather", "ZeRO-3 gathered layers", 2 * max(layer, 2 * dims.embedding_params),
             "2 x max(layer in NF4 + bf16, 2 embedding)" if qlora else "2 x 2 x max(layer, embedding)")
+    if z3 and setup.offload == "none":
+        row("step", "optimizer step: one sub-group's gradients (bf16 + fp32)",
+            STEP_BYTES_PER_GRADIENT * min(SUB_GROUP_SIZE, pt / n), "6 x min(sub_group_size, Pt / N)")
     per_layer = st * (9 * h + 2 * dims.kv_dim + 4 * dims.intermediate) * 2
     if setup.grad_ckpt:
         row("ckpt", "activations: layer-input checkpoints", 2 * dims.layers * st * h, "2 L S T H")
