@@ -7,11 +7,13 @@ A ~20M-parameter LLaVA (bpo.tiny: hidden 512, 8 layers, a CLIP tower on 336-pixe
 image tokens per image), and MMSafe-PO-shaped data: multi-turn prompts of ~720 tokens with the image (MMSafe-PO's
 test split averages 722), responses of ~50 tokens. fp32, one process, 2 examples per step, live reference model
 (TRL's default; bpo's cached reference is faster still, see the reference-cache section). Every configuration runs
-`--rounds` times in turn, each a fresh process of `--steps` steps; the first step of each process is left out.
+`--rounds` times in turn, each a fresh process of `--steps` steps, the first step of each process left out; then
+once more with the heap sampler, for the peak heap allocation alone (the sampler slows a step).
 
 Per configuration: median wall time of a step, median CPU time (all threads; steadier than wall time when other work
-shares the cores), peak resident memory, and positions computed per example (padding included: what the forward
-really runs over; the rows layout runs one padded row per response, TRL two, the shared layout one sequence per
+shares the cores), peak resident memory, peak heap allocation (what was allocated at once, whatever glibc keeps
+resident after a free; benchmarks/heap_sampler), and positions computed per example (padding included: what the
+forward really runs over; the rows layout runs one padded row per response, TRL two, the shared layout one sequence per
 example). bpo runs as users run it (`deepspeed --num_gpus 1 bpo/train.py`, ZeRO-3 on one rank); TRL through its own
 `DPOTrainer` defaults on plain PyTorch, which turn gradient checkpointing on, so bpo is also measured with
 `model.gradient_checkpointing=true`: the memory comparison is only fair between those rows.
@@ -83,21 +85,41 @@ def write_data(model_dir, data_dir, out, n):
     return out
 
 
-def bpo_run(config, root, name, overrides, steps):
+def heap_sampling(root, sample):
+    """The environment of one run: with `sample`, every Python process it starts records its peak heap allocation
+    in a fresh directory (benchmarks/heap_sampler), which is returned too (else None)."""
+    env = {"OMP_NUM_THREADS": THREADS}
+    if not sample:
+        return None, env
+    heap_dir = tempfile.mkdtemp(prefix="heap-", dir=root)
+    return heap_dir, dict(env, BPO_BENCH_HEAP_DIR=heap_dir,
+                          PYTHONPATH=os.pathsep.join([ROOT, os.path.join(HERE, "heap_sampler")]))
+
+
+def peak_heap(heap_dir):
+    """The largest peak among the processes of one run (the launcher's own is small); None when not sampled."""
+    if heap_dir is None:
+        return None
+    return max(json.load(open(os.path.join(heap_dir, name)))["peak_heap_mb"] for name in os.listdir(heap_dir))
+
+
+def bpo_run(config, root, name, overrides, steps, sample_heap):
     out = os.path.join(root, "runs", str(len(os.listdir(os.path.join(root, "runs")))))
+    heap_dir, env = heap_sampling(root, sample_heap)
     run_job("train.py", config, [f"train.output_dir={out}", f"train.max_steps={steps}", *overrides], nproc=1,
-            env={"OMP_NUM_THREADS": THREADS}, timeout=3600)
+            env=env, timeout=3600)
     rows = read_metrics(out)[1:]
     return {"step": [r["step_time"] for r in rows], "cpu": [r["cpu_time"] for r in rows],
-            "rss": max(r["peak_mem_mb"] for r in read_metrics(out)),
+            "rss": max(r["peak_mem_mb"] for r in read_metrics(out)), "heap": peak_heap(heap_dir),
             "positions": statistics.mean(r["positions"] for r in rows) / 2}
 
 
-def trl_run(model_dir, data_file, image_root, root, steps):
+def trl_run(model_dir, data_file, image_root, root, steps, sample_heap):
     out = os.path.join(root, "trl.json")
+    heap_dir, env = heap_sampling(root, sample_heap)
     subprocess.run([sys.executable, os.path.join(HERE, "trl_step.py"), model_dir, data_file, image_root, out,
-                    str(steps)], check=True, env=dict(os.environ, OMP_NUM_THREADS=THREADS))
-    return json.load(open(out))
+                    str(steps)], check=True, env=dict(os.environ, **env))
+    return dict(json.load(open(out)), heap=peak_heap(heap_dir))
 
 
 def main():
@@ -129,30 +151,39 @@ def main():
                   "grad_accum": 1, "plot": False, "tensorboard": False},
     })
     results = {name: [] for name in [*BPO_RUNS, TRL_RUN]}
-    for r in range(args.rounds):
+    # One more round than asked, with the heap sampler: its thread takes glibc's arena lock every millisecond and
+    # slows the step, so that round gives the peak heap allocation only, and the others the times and resident sets.
+    for r in range(args.rounds + 1):
+        sample = r == args.rounds
         for name, overrides in BPO_RUNS.items():
-            results[name].append(bpo_run(config, root, name, overrides, args.steps + 1))
+            results[name].append(bpo_run(config, root, name, overrides, args.steps + 1, sample))
             print(f"round {r + 1}: {name}: {results[name][-1]}", flush=True)
-        results[TRL_RUN].append(trl_run(model, data, os.path.join(data_dir, "images"), root, args.steps + 1))
+        results[TRL_RUN].append(trl_run(model, data, os.path.join(data_dir, "images"), root, args.steps + 1, sample))
         print(f"round {r + 1}: {TRL_RUN}: {results[TRL_RUN][-1]}", flush=True)
 
     def summary(runs):
-        return (statistics.median(t for run in runs for t in run["step"]),
-                statistics.median(t for run in runs for t in run["cpu"]),
-                max(run["rss"] for run in runs), statistics.mean(run["positions"] for run in runs))
+        timed = [run for run in runs if run["heap"] is None]
+        return (statistics.median(t for run in timed for t in run["step"]),
+                statistics.median(t for run in timed for t in run["cpu"]),
+                max(run["rss"] for run in timed), max(run["heap"] for run in runs if run["heap"] is not None),
+                statistics.mean(run["positions"] for run in runs))
 
     stats = {name: summary(runs) for name, runs in results.items()}
     trl_step = stats[TRL_RUN][0]
     rows_step = stats["bpo BPO, rows (3 rows per example)"][0]
     table = markdown_table(
         ["configuration", "step median (s)", "vs TRL DPO", "vs bpo BPO rows", "CPU s / step", "peak RSS (MiB)",
-         "positions computed per example"],
-        [[name, f"{s:.2f}", f"{s / trl_step:.2f}x", f"{s / rows_step:.2f}x", f"{c:.2f}", f"{m:.0f}", f"{p:.0f}"]
-         for name, (s, c, m, p) in stats.items()])
-    table += (f"\n\n{args.rounds} rounds x {args.steps} measured steps per configuration, interleaved; 2 examples "
+         "peak heap allocated (MiB)", "positions computed per example"],
+        [[name, f"{s:.2f}", f"{s / trl_step:.2f}x", f"{s / rows_step:.2f}x", f"{c:.2f}", f"{m:.0f}", f"{h:.0f}",
+          f"{p:.0f}"] for name, (s, c, m, h, p) in stats.items()])
+    table += (f"\n\n{args.rounds} rounds x {args.steps} measured steps per configuration, interleaved, then one "
+              f"round for the peak heap allocation; 2 examples "
               f"per step, fp32, one process with {THREADS} threads, live reference; trl {trl.__version__}. Load "
               f"average at the start {load_before:.1f}, at the end {os.getloadavg()[0]:.1f} (1 min; the benchmark's "
-              f"own process counts in the second).")
+              f"own process counts in the second). Peak RSS: the process's maximum resident set (getrusage), "
+              f"freed blocks that glibc keeps included; peak heap allocated: the most bytes malloc had handed out "
+              f"at once, sampled every millisecond (benchmarks/heap_sampler), the CPU counterpart of "
+              f"torch.cuda.max_memory_allocated.")
     print(table)
     if not args.no_record:
         update_section("step", "Training step: rows vs shared-prompt layout vs TRL (benchmarks/step_bench.py)",
