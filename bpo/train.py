@@ -51,7 +51,7 @@ def build_ds_config(cfg, world_size, hidden_size=None):
 
     ZeRO's bucket sizes follow the language model's `hidden_size` as transformers' DeepSpeed integration sizes them
     (H^2 elements per gradient-reduction bucket, 0.9 H^2 per parameter prefetch, parameters under 10 H kept whole):
-    DeepSpeed's own default bucket, 5e8 elements, is allocated whole with contiguous_gradients, 1 GiB in bf16 per
+    DeepSpeed's own default bucket, 5e8 elements, is allocated whole with contiguous_gradients, 1 GB in bf16 per
     rank whatever the model. Without `hidden_size` they are left to DeepSpeed."""
     with open(cfg.train.ds_config) as f:
         ds = json.load(f)
