@@ -1,12 +1,14 @@
 """bpo.plan: parameter counts against real transformers models, and memory rows small enough to check by hand."""
 
 import json
+import os
 from dataclasses import replace
 
 import pytest
 
 from bpo import plan
 from bpo.plan import GiB, ModelDims, Setup, estimate, total_bytes
+from jobs import REPO
 
 # A model with round numbers: H = 100, 2 layers, 4 heads of 25 (2 kv heads: kv_dim 50), I = 300, V = 1000.
 #   layer = q 100*100 + k,v 2*100*50 + o 100*100 + MLP 3*100*300 + norms 2*100 = 120,200
@@ -82,6 +84,8 @@ def test_fused_head_counts_its_weight_gradient_at_72b():
     rows, _ = rows_of(dims, setup)
     assert rows["head:fused"] == 1024 * 152064 * 10 + 6 * 152064 * 8192
     assert rows["step"] == (2 + 4) * 10**8  # a partition of 1.1B trained parameters steps in sub-groups of 1e8
+    with open(os.path.join(REPO, "ds_configs", "zero3.json")) as f:  # the plan prices the config users run
+        assert plan.SUB_GROUP_SIZE == json.load(f)["zero_optimization"]["sub_group_size"]
     assert 58.0 < total_bytes(dims, setup) / GiB < 59.0
 
 

@@ -22,9 +22,14 @@ DS = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gr
       "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}, "steps_per_print": 1e9}
 
 
-def engine(share):
+def network():
+    """The same start every call: 1608 parameters, 2 sub-groups a rank on 2 ranks."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 8))  # 1608 parameters: 2 sub-groups a rank on 2 ranks
+    return nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 8))
+
+
+def engine(share):
+    model = network()
     eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=DS)
     freed = share_fp32_master(eng.optimizer) if share else 0
     return eng, freed
@@ -44,8 +49,7 @@ def train(eng):
 def main():
     out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
     dist.init_distributed()
-    torch.manual_seed(0)
-    initial = [p.detach().clone() for p in nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 8)).parameters()]
+    initial = [p.detach().clone() for p in network().parameters()]
     shared, freed = engine(share=True)
     opt = shared.optimizer
     aliased = [w.data_ptr() == m.data_ptr()
