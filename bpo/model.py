@@ -64,6 +64,7 @@ def load_model(model_cfg, path=None, ds_config=None, quantize=False):
     if is_zero3(ds_config):
         from transformers.integrations import HfDeepSpeedConfig
 
+        import_model_classes(path, model_cfg.trust_remote_code)
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (its existence is the point)
     from bpo.lora import quantization_config, require_platform
 
@@ -79,6 +80,35 @@ def load_model(model_cfg, path=None, ds_config=None, quantize=False):
     )
     del keep_alive
     return model
+
+
+def import_model_classes(path, trust_remote_code):
+    """Import the modeling module of the checkpoint's config and of each of its sub-configs (text, vision, ...),
+    before `zero.Init` is entered.
+
+    Why: `zero.Init` wraps the `__init__` of every nn.Module class, including classes *defined* while it is active,
+    and on exit puts back the `__init__` it saw when the class was created. A decorator applied after class creation
+    is then lost. transformers >= 5.2x decorates its attention classes with `kernels`' `use_kernelized_func`, whose
+    `__init__` sets `_kernel_funcs` and whose forward reads it; a language model imported lazily inside the first
+    `from_pretrained` under ZeRO-3 (LLaVA builds its text model with AutoModel.from_config) had that `__init__`
+    dropped, so the second model built in the process (the live reference) crashed at its first forward with
+    "'LlamaAttention' object has no attribute '_kernel_funcs'". Classes imported here are complete before
+    `zero.Init` wraps them, and its exit restores them intact.
+    """
+    import importlib
+
+    from transformers import AutoConfig, PretrainedConfig
+
+    pending = [AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)]
+    while pending:
+        config = pending.pop()
+        module = type(config).__module__
+        if ".configuration_" in module:
+            try:
+                importlib.import_module(module.replace(".configuration_", ".modeling_"))
+            except ImportError:
+                pass  # a config without a modeling module of the same name (remote code): built as before
+        pending += [v for v in vars(config).values() if isinstance(v, PretrainedConfig)]
 
 
 def text_hidden_size(model_cfg):
