@@ -7,13 +7,13 @@ import sys
 def expected_errors():
     from bpo.checkpoint import CheckpointError
     from bpo.config import ConfigError
-    from bpo.data.chat import ChatTemplateError
+    from bpo.data.chat import ChatTemplateError, MissingPackageError
     from bpo.data.records import DataFileError, RecordError
     from bpo.lora import PlatformError
     from bpo.ref_cache import CacheError
 
     return (ConfigError, RecordError, DataFileError, CacheError, CheckpointError, ChatTemplateError, PlatformError,
-            FileNotFoundError)
+            MissingPackageError, FileNotFoundError)
 
 
 def run(main, argv=None):

@@ -17,6 +17,8 @@ def pytest_configure(config):
     configure_servers(config)  # the vLLM server's marker
     # `make test` runs everything; `pytest -m "not slow"` leaves out the runs that take minutes.
     config.addinivalue_line("markers", "slow: a run of several minutes (the science demo in small)")
+    # `make test-latest` runs these on the newest releases: the live-reference chain, one family per processor kind.
+    config.addinivalue_line("markers", "latest: in the fast subset checked against the newest releases")
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,17 @@ from dataclasses import dataclass
 
 SHIPPED_TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
 _PROBE_REPLY = "bpo probe reply"
+# Packages that some processors import only when built, by the name their ImportError gives: the pip package, and
+# the bpo extra that installs it (setup.py).
+PROCESSOR_PACKAGES = {"num2words": ("num2words", "families")}  # SmolVLM, SmolVLM2
 
 
 class ChatTemplateError(ValueError):
     """The checkpoint has no usable chat template; the message names data.chat_template as the fix."""
+
+
+class MissingPackageError(ImportError):
+    """The checkpoint's processor imports a package that is not installed; the message names the pip package."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,11 @@ def load_chat(model_dir, chat_template="", trust_remote_code=False):
 
     from bpo.fingerprint import tokenizer_digest
 
-    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    except ImportError as e:
+        raise MissingPackageError(missing_package_message(model_dir, e)) from e
     if chat_template:
         processor.chat_template = read_template(chat_template)
     if not getattr(processor, "chat_template", None):
@@ -104,6 +115,15 @@ def load_chat(model_dir, chat_template="", trust_remote_code=False):
         if t is not None and t not in stops:
             stops.append(t)
     return Chat(processor, end_of_turn, eos, tuple(stops), chat_template or "checkpoint", tokenizer_digest(tok))
+
+
+def missing_package_message(model_dir, error):
+    """What to install when a checkpoint's processor fails to import a package."""
+    for module, (package, extra) in PROCESSOR_PACKAGES.items():
+        if module in str(error):
+            return (f"{model_dir}: its processor needs the package `{package}`, which is not installed: pip install "
+                    f"{package} (or pip install -e \".[{extra}]\" for every package bpo's families need)")
+    return f"{model_dir}: its processor cannot be built, a package it imports is missing: {error}"
 
 
 def _end_of_turn_id(processor):

@@ -4,6 +4,14 @@ import pytest
 
 # Every family bpo claims to train; PaliGemma (no chat template) has tests of its own.
 TRAINABLE = ["llava15", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "internvl"]
+# One family per kind of processor (LLaVA's CLIP, Qwen-VL's with its torchvision video processor, Idefics3's image
+# splitting, Gemma-3's token types, InternVL's tiles): the families `make test-latest` checks on the newest releases.
+PROCESSOR_KINDS = ["llava15", "qwen2_vl", "idefics3", "gemma3", "internvl"]
+
+
+def marked(families):
+    """`families` for parametrize, those in PROCESSOR_KINDS marked `latest`."""
+    return [pytest.param(f, marks=pytest.mark.latest) if f in PROCESSOR_KINDS else f for f in families]
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from PIL import Image
 from bpo.data.conversation import parse_conversation, to_messages
 from bpo.data.records import Record
 
-from .conftest import TRAINABLE
+from .conftest import TRAINABLE, marked
 
 # The text each family's template writes right after an assistant reply's text; None: LLaVA-1.5's published template
 # writes only a space, so the scored response is the reply followed by </s>, which Vicuna v1 (its training format)
@@ -84,7 +84,7 @@ def hf_response_logprob(model, processor, record, image, reply, marker):
     return float(logp[n_prompt - 1:].sum()), ids[n_prompt:].tolist()
 
 
-@pytest.mark.parametrize("family", TRAINABLE)
+@pytest.mark.parametrize("family", marked(TRAINABLE))
 def test_sequence_logprobs_equal_the_plain_hf_forward(family, replica, image_root):
     from transformers import AutoModelForImageTextToText
 
@@ -175,7 +175,7 @@ def test_freezing_by_what_a_module_is(family, replica):
     assert sum(p.numel() for n, p in model.named_parameters() if n in frozen) == parts["vision_encoder"][1]
 
 
-@pytest.mark.parametrize("family", TRAINABLE)
+@pytest.mark.parametrize("family", marked(TRAINABLE))
 def test_inspect_accepts_every_record_as_the_model_sees_it(family, replica, image_root, tmp_path, capsys):
     import json
 
