@@ -115,6 +115,7 @@ _RULES = {
     **dict.fromkeys(["HyperCLOVAXForCausalLM", "HyperCLOVAXVisionV2ForConditionalGeneration"],
                     _times("logits_scaling")),  # MuP: the same field name as Granite's, the other direction
     "FalconH1ForCausalLM": _times("lm_head_multiplier"),
+    "RecurrentGemmaForCausalLM": lambda text: LogitTransform(softcap=text.logits_soft_cap),
     **dict.fromkeys(["MuseGlimmerForConditionalGeneration", "MuseSparkForConditionalGeneration"],
                     _times_then_softcap("output_multiplier")),
 }
