@@ -102,7 +102,7 @@ def images_fingerprint(data_file, image_root, allow_outside_root=False):
 # fingerprint (a comment-only edit costs a rebuild; a changed encoding can never slip through).
 SCORING_CODE = ("data/records.py", "data/conversation.py", "data/chat.py", "data/encode.py", "data/dataset.py",
                 "data/shared.py", "model.py",
-                "ops/logprobs.py", "ops/triton_logprobs.py", "loss.py")
+                "ops/logit_transform.py", "ops/logprobs.py", "ops/triton_logprobs.py", "loss.py")
 SCORING_LIBRARIES = ("torch", "transformers", "tokenizers", "PIL")
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from bpo import dist
 from bpo.data import shared
+from bpo.ops.logit_transform import LogitTransform
 from bpo.ops.logprobs import naive_sequence_logprobs, resolve_backend, sequence_logprobs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -201,6 +202,7 @@ class SequenceScorer(nn.Module):
         self.impl = impl
         self.chunk_size = chunk_size
         self.backend = None  # resolved on first forward, when the device is known
+        self.transform = LogitTransform.from_model(model)  # what model's forward does to its logits (Gemma softcap)
         self.accepted = set(inspect.signature(model.model.forward).parameters) - {"input_ids", "attention_mask"}
         self.dtype = next(model.parameters()).dtype
         self.attn = model.config.get_text_config()._attn_implementation  # how the shared masks are given
@@ -238,10 +240,11 @@ class SequenceScorer(nn.Module):
         targets = labels[:, 1:]  # (R, M)
         weight = self.model.get_output_embeddings().weight  # (V, H)
         if self.impl == "naive":
-            return naive_sequence_logprobs(hidden, weight, targets)
+            return naive_sequence_logprobs(hidden, weight, targets, transform=self.transform)
         if self.backend is None:
             self.backend = resolve_backend(hidden.device)
-        return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend)
+        return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend,
+                                 transform=self.transform)
 
     def _shared_masks(self, seq, extra):
         """The attention mask of a shared batch: (S, 1, L, L) for SDPA and eager, a BlockMask for flex_attention; for

@@ -10,12 +10,16 @@ their gradients: at N = 4096 tokens and V = 128256 that is 2 GiB per fp32 copy. 
   * ``sequence_logprobs``        - the plain function the trainer calls; it picks the backend.
 
 The Triton backend lives in ``bpo/ops/triton_logprobs.py`` and is imported only when asked for.
+Every head takes ``transform`` (``bpo.ops.logit_transform.LogitTransform``): the scaling and/or softcap
+the model's own forward applies to its logits; the default, no transform, gives the plain heads' numbers.
 
-Math (z = logits / T, with logits = h @ W.T; lse = logsumexp_v z; p = softmax(z) = exp(z - lse)):
+Math (u = h @ W.T; with the transform's scale s and cap c, t = tanh(s * u / c), v = c * t, or v = s * u
+without a cap; z = v / T; lse = logsumexp_v z; p = softmax(z) = exp(z - lse)):
 
     forward   logp_i = z_{i, y_i} - lse_i
-    backward  d logp_i / d logits_{i, v} = (1[v == y_i] - p_{i, v}) / T
-              with g = incoming grad (N,):  G = g[:, None] * (onehot(y) - p) / T      # (N, V)
+    backward  d logp_i / d u_{i, v} = (1[v == y_i] - p_{i, v}) * (s / T) * D_{i, v}
+              where D = 1 - t**2 with a cap (d tanh), D = 1 without one
+              with g = incoming grad (N,):  G = g[:, None] * (s / T) * (onehot(y) - p) * D      # (N, V)
               grad_hidden = G @ W      # (N, H)
               grad_W      = G.T @ h    # (V, H)
 
@@ -31,6 +35,9 @@ import importlib.util
 
 import torch
 
+from bpo.ops.logit_transform import LogitTransform
+
+NO_TRANSFORM = LogitTransform()
 BACKENDS = ("torch", "triton")
 
 # Tokens whose logits the torch backend holds at once: the fp32 block costs chunk_size * V * 4 bytes
@@ -40,14 +47,15 @@ BACKENDS = ("torch", "triton")
 DEFAULT_CHUNK_SIZE = 256
 
 
-def naive_sequence_logprobs(hidden, weight, labels, ignore_index=-100, temperature=1.0):
+def naive_sequence_logprobs(hidden, weight, labels, ignore_index=-100, temperature=1.0, transform=NO_TRANSFORM):
     """Reference: log_softmax over the full (..., V) logits, then gather the labels.
 
     hidden (..., H), weight (V, H), labels (...) long -> (...) float32, 0.0 where labels == ignore_index.
-    The matmul runs in weight's dtype (hidden is cast to it, as nn.Linear would need).
+    The matmul runs in weight's dtype (hidden is cast to it, as nn.Linear would need); ``transform`` and
+    everything after it run in fp32.
     """
     _check_shapes(hidden, weight, labels)
-    logits = (hidden.to(weight.dtype) @ weight.T).float() / temperature  # (..., V)
+    logits = transform((hidden.to(weight.dtype) @ weight.T).float()) / temperature  # (..., V)
     ignored = labels == ignore_index
     safe_labels = labels.masked_fill(ignored, 0)  # gather needs a valid index everywhere
     logp = logits.log_softmax(-1).gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # (...)
@@ -62,8 +70,9 @@ def sequence_logprobs(
     temperature=1.0,
     chunk_size=DEFAULT_CHUNK_SIZE,
     backend="torch",
+    transform=NO_TRANSFORM,
 ):
-    """Per-token log-probs of ``labels`` under softmax(hidden @ weight.T / temperature).
+    """Per-token log-probs of ``labels`` under softmax(transform(hidden @ weight.T) / temperature).
 
     hidden (..., H) any float dtype; weight (V, H) - the full lm_head weight (gathered by the caller
     under ZeRO-3; may be tied to the input embedding); labels (...) long, already aligned to hidden.
@@ -72,6 +81,7 @@ def sequence_logprobs(
 
     backend: "torch" (chunks of ``chunk_size`` tokens) or "triton" (CUDA, or CPU under
     TRITON_INTERPRET=1; ``chunk_size`` is unused there, the kernels tile on their own).
+    transform: the final-logit scaling / softcap of the model's forward (``LogitTransform.from_model``).
     """
     _check_shapes(hidden, weight, labels)
     if temperature <= 0:
@@ -96,9 +106,9 @@ def sequence_logprobs(
     if backend == "triton":
         from bpo.ops.triton_logprobs import triton_valid_row_logprobs
 
-        logp = triton_valid_row_logprobs(h, weight, y, temperature)  # (M,)
+        logp = triton_valid_row_logprobs(h, weight, y, temperature, transform=transform)  # (M,)
     else:
-        logp = _ChunkedLogprobs.apply(h, weight, y, float(temperature), int(chunk_size))  # (M,)
+        logp = _ChunkedLogprobs.apply(h, weight, y, float(temperature), int(chunk_size), transform)  # (M,)
 
     if valid.numel() == N:
         out = logp
@@ -145,8 +155,8 @@ def _check_shapes(hidden, weight, labels):
         raise ValueError(f"labels {tuple(labels.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
 
 
-def _chunk_logits_t(h_chunk, weight, temperature, block):
-    """z.T = weight @ h_chunk.T / T written into ``block``, a (V, C) fp32 buffer reused for every chunk.
+def _chunk_logits_t(h_chunk, weight, temperature, transform, block, dtanh=None):
+    """z.T = transform(weight @ h_chunk.T) / T written into ``block``, a (V, C) fp32 buffer reused for every chunk.
 
     Transposed, (V, C) rather than (C, V): for a row-major (V, H) weight, ``weight @ h.T`` is the faster
     GEMM layout on CPU BLAS (10-15% in isolation at V = 128256, C = 256), and the two grad
@@ -155,34 +165,45 @@ def _chunk_logits_t(h_chunk, weight, temperature, block):
     new pages for every chunk.
     The GEMM accumulates in fp32 for every dtype; for bf16/fp16 its output is rounded once to that
     dtype (exactly like the naive path and nn.Linear) before the upcast, because torch offers an
-    fp32-output low-precision matmul on CUDA only. Everything after this point is fp32.
+    fp32-output low-precision matmul on CUDA only. Everything after this point is fp32, and the transform
+    takes the reference's steps (``LogitTransform.__call__``), in place on our own block.
+    ``dtanh``: a second (V, C) buffer that receives 1 - tanh(s * u / c)**2 for the backward (softcap only).
     """
     if weight.dtype == torch.float32:
         torch.mm(weight, h_chunk.T, out=block)  # (V, C)
     else:
         block.copy_(weight @ h_chunk.T)  # (V, C) low-precision temporary, upcast into the block
+    if transform.scale != 1.0:
+        block.mul_(transform.scale)
+    if transform.softcap is not None:
+        t = block.div_(transform.softcap).tanh_()  # (V, C): t = tanh(s * u / c)
+        if dtanh is not None:
+            torch.mul(t, t, out=dtanh).neg_().add_(1.0)  # (V, C): 1 - t**2
+        block.mul_(transform.softcap)
     if temperature != 1.0:
         block.div_(temperature)  # in place on our own block, never on an input
     return block
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
-    """Dense rows only: h (M, H), weight (V, H), labels (M,) -> logp (M,) float32.
+    """Dense rows only: h (M, H), weight (V, H), labels (M,), transform -> logp (M,) float32.
 
     Saves h, weight, labels and lse (M,) - no (M, V) tensor survives the forward.
     Peak extra memory: one (V, chunk) fp32 block (+ a low-precision copy for bf16 inputs) and, in
-    backward, the fp32 grad_W accumulator (V, H).
+    backward, the fp32 grad_W accumulator (V, H) and, with a softcap, a second (V, chunk) fp32 block
+    holding d tanh.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, labels, temperature, chunk_size):
+    def forward(ctx, h, weight, labels, temperature, chunk_size, transform):
         M, V = h.shape[0], weight.shape[0]
         logp = torch.empty(M, dtype=torch.float32, device=h.device)  # (M,)
         lse = torch.empty(M, dtype=torch.float32, device=h.device)  # (M,)
         buf = torch.empty(V * min(chunk_size, M), dtype=torch.float32, device=h.device)  # storage of a (V, C) block
         for start in range(0, M, chunk_size):
             rows = slice(start, min(start + chunk_size, M))
-            zt = _chunk_logits_t(h[rows], weight, temperature, buf[: V * (rows.stop - start)].view(V, -1))  # (V, C)
+            zt = _chunk_logits_t(h[rows], weight, temperature, transform,
+                                 buf[: V * (rows.stop - start)].view(V, -1))  # (V, C)
             target = zt.gather(0, labels[rows].unsqueeze(0)).squeeze(0)  # (C,), read before zt is overwritten
             # logsumexp over V in place on zt, so the block is the only V-sized tensor alive
             col_max = zt.amax(dim=0, keepdim=True)  # (1, C)
@@ -191,26 +212,32 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ctx.save_for_backward(h, weight, labels, lse)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
+        ctx.transform = transform
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):  # grad_logp (M,)
         h, weight, labels, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        T, M, V = ctx.temperature, h.shape[0], weight.shape[0]
-        # g_i / T folds the temperature of d logp / d logits into the per-row scale
-        g = grad_logp.float() / T  # (M,)
+        T, M, V, tf = ctx.temperature, h.shape[0], weight.shape[0], ctx.transform
+        # g_i * s / T folds the constant factors of d logp / d u into the per-row scale (s = 1: the plain g / T)
+        g = grad_logp.float() / T if tf.scale == 1.0 else grad_logp.float() * tf.scale / T  # (M,)
         grad_h = torch.empty_like(h) if need_h else None  # (M, H); every row is written below
         # fp32 accumulator across chunks even for bf16 weights: a bf16 running sum over thousands of
         # tokens would lose the small contributions.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # (V, H)
         buf = torch.empty(V * min(ctx.chunk_size, M), dtype=torch.float32, device=h.device)
+        dbuf = torch.empty_like(buf) if tf.softcap is not None else None  # storage of the (V, C) d tanh block
         for start in range(0, M, ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, M))
-            zt = _chunk_logits_t(h[rows], weight, T, buf[: V * (rows.stop - start)].view(V, -1))  # (V, C), recomputed
-            # G.T = g * (onehot(y) - p), built in place in the logits block
+            n = V * (rows.stop - start)
+            dtanh = None if dbuf is None else dbuf[:n].view(V, -1)  # (V, C)
+            zt = _chunk_logits_t(h[rows], weight, T, tf, buf[:n].view(V, -1), dtanh)  # (V, C), recomputed
+            # G.T = g * (onehot(y) - p) [* D], built in place in the logits block
             Gt = zt.sub_(lse[rows].unsqueeze(0)).exp_().mul_(-g[rows].unsqueeze(0))  # (V, C): -g * p
             Gt.scatter_add_(0, labels[rows].unsqueeze(0), g[rows].unsqueeze(0))  # + g at the label
+            if dtanh is not None:
+                Gt.mul_(dtanh)  # the softcap's derivative, at the label too
             if need_h:
                 grad_h[rows] = Gt.T.to(weight.dtype) @ weight  # (C, H); the sum over V is inside one GEMM
             if need_w:
@@ -219,4 +246,4 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 grad_w.addmm_(Gt, h[rows].float())  # (V, H) += (V, C) @ (C, H)
         if need_w:
             grad_w = grad_w.to(weight.dtype)  # no-op for fp32 weights
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None

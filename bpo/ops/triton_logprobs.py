@@ -9,8 +9,11 @@ On CPU the kernels run only under the Triton interpreter: set TRITON_INTERPRET=1
 first imported (the mode is fixed when ``@triton.jit`` decorates the kernels). ``INTERPRETED`` tells
 which mode the kernels were built in.
 
-Notation: h (M, H) hidden rows, W (V, H) lm_head weight, y (M,) labels, T temperature,
-z = h @ W.T / T (never stored), lse_i = logsumexp_v z_{i, v}, p = exp(z - lse).
+Notation: h (M, H) hidden rows, W (V, H) lm_head weight, y (M,) labels, T temperature, s and c the
+scale and softcap of the model's final-logit transform (``bpo.ops.logit_transform``), u = h @ W.T,
+t = tanh(s * u / c), z = c * t / T (z = s * u / T without a cap; never stored), lse_i = logsumexp_v z_{i, v},
+p = exp(z - lse). The constexpr flags HAS_SCALE and SOFTCAP compile the transform in only where a model
+has one; without them the kernels are the plain z = u / T ones.
 
 Forward (kernel ``_lse_fwd_kernel``), per block of rows and per slice ("split") of the vocabulary:
 walk over vocabulary tiles, build each (BLOCK_M, BLOCK_V) logits tile as a sum of tl.dot over hidden
@@ -24,7 +27,8 @@ Splitting the vocabulary gives the GPU enough programs when M is small.
 
 Backward (kernel ``_bwd_kernel``), with g (M,) the incoming gradient:
 
-    G = g[:, None] / T * (onehot(y) - p)       # (M, V), one (BLOCK_M, BLOCK_V) tile at a time
+    G = g[:, None] * s / T * (onehot(y) - p) * D    # (M, V), one (BLOCK_M, BLOCK_V) tile at a time,
+                                               # D = 1 - t**2 with a softcap (d tanh), else 1
     grad_h = G @ W                             # (M, H)
     grad_W = G.T @ h                           # (V, H)
 
@@ -45,6 +49,10 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from bpo.ops.logit_transform import LogitTransform
+
+NO_TRANSFORM = LogitTransform()
 
 
 @triton.jit
@@ -86,6 +94,29 @@ def _logits_tile(
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp, as triton.language has none and libdevice's does not run under the interpreter.
+    sign(x) * (1 - e) / (1 + e) with e = exp(-2|x|) <= 1: never overflows; near 0 the absolute error is a few
+    fp32 ulps of 1 (~1e-7), i.e. ~1e-7 * c in a capped logit."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _transform(u, scale, softcap, inv_temp, HAS_SCALE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """(z, t) from a logits tile u: z = c * tanh(s * u / c) / T as in LogitTransform.__call__; t = the tanh
+    (for the backward's 1 - t**2), u itself when there is no softcap (unused then)."""
+    if HAS_SCALE:
+        u = u * scale
+    t = u
+    if SOFTCAP:
+        t = _tanh(u / softcap)
+        u = t * softcap
+    return u * inv_temp, t
+
+
+@triton.jit
 def _lse_fwd_kernel(
     h_ptr, w_ptr,  # h (M, H), W (V, H)
     labels_ptr,  # (M,) int64, all in [0, V)
@@ -94,9 +125,11 @@ def _lse_fwd_kernel(
     M, V, H, n_splits,
     stride_hm, stride_hk, stride_wv, stride_wk,
     inv_temp,  # 1 / T
+    scale, softcap,  # the final-logit transform; read only under HAS_SCALE / SOFTCAP
     tiles_per_split,  # vocabulary tiles walked by one program
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # row block
     pid_s = tl.program_id(1)  # vocabulary split
@@ -112,8 +145,9 @@ def _lse_fwd_kernel(
     tile_hi = tl.minimum(tile_lo + tiles_per_split, tl.cdiv(V, BLOCK_V))
     for t in range(tile_lo, tile_hi):
         cols = t * BLOCK_V + tl.arange(0, BLOCK_V)  # (BLOCK_V,)
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, M, V, H, stride_hm, stride_hk, stride_wv, stride_wk,
-                         BLOCK_M, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT) * inv_temp
+        u = _logits_tile(h_ptr, w_ptr, rows, cols, M, V, H, stride_hm, stride_hk, stride_wv, stride_wk,
+                         BLOCK_M, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+        z, _ = _transform(u, scale, softcap, inv_temp, HAS_SCALE, SOFTCAP)  # (BLOCK_M, BLOCK_V)
         z = tl.where(cols[None, :] < V, z, float("-inf"))  # padding columns drop out of the softmax
         target += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -128,15 +162,17 @@ def _bwd_kernel(
     h_ptr, w_ptr,  # h (M, H), W (V, H)
     labels_ptr,  # (M,) int64
     lse_ptr,  # (M,) fp32 from the forward
-    g_ptr,  # (M,) fp32: incoming grad / T
+    g_ptr,  # (M,) fp32: incoming grad * s / T
     grad_h_ptr,  # (M, H) fp32, contiguous, zero-initialised; accumulated with atomics
     grad_w_ptr,  # (V, H) fp32, contiguous, zero-initialised; accumulated with atomics
     M, V, H,
     stride_hm, stride_hk, stride_wv, stride_wk,
     inv_temp,
+    scale, softcap,  # as in the forward
     NEED_H: tl.constexpr, NEED_W: tl.constexpr,  # skip the work for inputs that need no grad
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)  # row block
     pid_v = tl.program_id(1)  # vocabulary block
@@ -145,14 +181,18 @@ def _bwd_kernel(
     row_ok = rows < M
     col_ok = cols < V
 
-    z = _logits_tile(h_ptr, w_ptr, rows, cols, M, V, H, stride_hm, stride_hk, stride_wv, stride_wk,
-                     BLOCK_M, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT) * inv_temp  # (BLOCK_M, BLOCK_V)
+    u = _logits_tile(h_ptr, w_ptr, rows, cols, M, V, H, stride_hm, stride_hk, stride_wv, stride_wk,
+                     BLOCK_M, BLOCK_V, BLOCK_H, DOT_PRECISION, UPCAST_DOT)
+    z, t = _transform(u, scale, softcap, inv_temp, HAS_SCALE, SOFTCAP)  # (BLOCK_M, BLOCK_V) each
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)  # padding rows get g = 0, hence G = 0
     y = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     p = tl.where(col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
     onehot = tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
-    G = (g[:, None] * (onehot - p)).to(h_ptr.dtype.element_ty)  # (BLOCK_M, BLOCK_V), the dots' input dtype
+    G = g[:, None] * (onehot - p)  # (BLOCK_M, BLOCK_V) fp32
+    if SOFTCAP:
+        G = G * (1.0 - t * t)  # d tanh
+    G = G.to(h_ptr.dtype.element_ty)  # the dots' input dtype
 
     rows64 = rows.to(tl.int64)[:, None]  # (BLOCK_M, 1), int64 offsets as in _logits_tile
     cols64 = cols.to(tl.int64)[:, None]  # (BLOCK_V, 1)
@@ -198,7 +238,7 @@ class _TritonLogprobs(torch.autograd.Function):
     """h (M, H), weight (V, H) same dtype, labels (M,) in [0, V) -> logp (M,) float32."""
 
     @staticmethod
-    def forward(ctx, h, weight, labels, temperature, config):
+    def forward(ctx, h, weight, labels, temperature, config, transform):
         M, H = h.shape
         V = weight.shape[0]
         cfg = dict(default_config(h.device, M, V), **(config or {}))
@@ -220,25 +260,26 @@ class _TritonLogprobs(torch.autograd.Function):
                     h, weight, labels, lse_part, target_part,
                     M, V, H, n_splits,
                     h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-                    1.0 / temperature, tiles_per_split,
+                    1.0 / temperature, *_transform_args(transform), tiles_per_split,
                     BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-                    num_warps=cfg["num_warps"], **_dot_flags(h.dtype),
+                    num_warps=cfg["num_warps"], **_dot_flags(h.dtype), **_transform_flags(transform),
                 )
             lse = torch.logsumexp(lse_part, dim=1)  # (M,)
             logp = target_part.sum(dim=1) - lse  # (M,)
         ctx.save_for_backward(h, weight, labels, lse)
         ctx.temperature = temperature
         ctx.cfg = cfg
+        ctx.transform = transform
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):  # (M,)
         h, weight, labels, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        cfg, T = ctx.cfg, ctx.temperature
+        cfg, T, tf = ctx.cfg, ctx.temperature, ctx.transform
         M, H = h.shape
         V = weight.shape[0]
-        g = (grad_logp.float() / T).contiguous()  # (M,)
+        g = (grad_logp.float() / T if tf.scale == 1.0 else grad_logp.float() * tf.scale / T).contiguous()  # (M,)
         # fp32 accumulators: the atomics sum M / BLOCK_M (grad_W) or V / BLOCK_V (grad_h) partial tiles
         grad_h = torch.zeros(M, H, dtype=torch.float32, device=h.device) if need_h else None
         grad_w = torch.zeros(V, H, dtype=torch.float32, device=h.device) if need_w else None
@@ -250,25 +291,35 @@ class _TritonLogprobs(torch.autograd.Function):
                     grad_h if need_h else grad_w, grad_w if need_w else grad_h,  # unused one is never written
                     M, V, H,
                     h.stride(0), h.stride(1), weight.stride(0), weight.stride(1),
-                    1.0 / T,
+                    1.0 / T, *_transform_args(tf),
                     NEED_H=need_h, NEED_W=need_w,
                     BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"],
-                    num_warps=cfg["num_warps"], **_dot_flags(h.dtype),
+                    num_warps=cfg["num_warps"], **_dot_flags(h.dtype), **_transform_flags(tf),
                 )
         grad_h = grad_h.to(h.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
-def triton_valid_row_logprobs(h, weight, labels, temperature=1.0, config=None):
+def triton_valid_row_logprobs(h, weight, labels, temperature=1.0, config=None, transform=NO_TRANSFORM):
     """log p(labels) for dense rows: h (M, H), weight (V, H), labels (M,) in [0, V) -> (M,) float32.
 
     No ignore_index handling here; use ``sequence_logprobs(..., backend="triton")``. ``config``
     overrides entries of ``default_config`` (tests use it to force several vocabulary splits).
+    ``transform``: the model's final-logit scaling / softcap, applied before the temperature.
     """
     if h.dtype != weight.dtype:
         raise ValueError(f"h and weight must share a dtype, got {h.dtype} and {weight.dtype}")
-    return _TritonLogprobs.apply(h, weight, labels, float(temperature), config)
+    return _TritonLogprobs.apply(h, weight, labels, float(temperature), config, transform)
+
+
+def _transform_args(transform):
+    # runtime floats; 1.0 stand in for the ones a flag compiles out, so the kernels' signature never changes
+    return float(transform.scale), float(transform.softcap or 1.0)
+
+
+def _transform_flags(transform):
+    return dict(HAS_SCALE=transform.scale != 1.0, SOFTCAP=transform.softcap is not None)
 
 
 def _on_device(device):

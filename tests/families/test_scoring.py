@@ -221,3 +221,44 @@ def test_generation_with_images_is_the_same_batched_or_alone(family, replica, im
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=list(chat.stop_ids),
                              pad_token_id=chat.pad_id)
         assert out[0, inputs["input_ids"].shape[1]:].tolist()[:len(g.token_ids)] == g.token_ids
+
+
+@pytest.mark.parametrize("impl", ["naive", "fused"])
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+def test_final_logit_softcap_as_the_hf_forward_applies_it(family, impl, replica, image_root):
+    """A text config with final_logit_softcapping = 0.5, small enough to bite on a tiny model's logits: PaliGemma's
+    forward caps its logits with it (as Gemma-2-based PaliGemma 2 checkpoints, cap 30, do), transformers 5.25's
+    Gemma3ForConditionalGeneration ignores it (only Gemma3ForCausalLM applies it). bpo's per-token log-probs must
+    equal the log-softmax of `model(**inputs).logits` either way, and taking the other choice must be wrong."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bpo.model import SequenceScorer
+    from bpo.ops.logit_transform import LogitTransform
+
+    path = replica(family)
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model.config.get_text_config().final_logit_softcapping = 0.5
+    image = Image.open(os.path.join(image_root, "wide.png")).convert("RGB")
+    if family == "paligemma":
+        # the suffix is the scored answer: the processor labels it, -100 on the image and the prefix
+        inputs = processor(text=["<image>caption en"], images=[image], suffix=["a small house by a river"],
+                           return_tensors="pt")
+    else:
+        inputs = processor(text=["<start_of_image> Where does the person in the image live? A small house."],
+                           images=[image], return_tensors="pt")
+        inputs["labels"] = inputs["input_ids"].masked_fill(inputs["token_type_ids"] == 1, -100)  # no image tokens
+    labels = inputs.pop("labels")
+    scored = labels[0, 1:] != -100  # (T - 1,)
+    assert scored.sum() > 3
+
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, :-1].float()  # (T - 1, V)
+        expected = logits.log_softmax(-1).gather(-1, inputs["input_ids"][0, 1:, None])[:, 0][scored]
+        scorer = SequenceScorer(model, impl=impl)
+        assert scorer.transform == (LogitTransform(softcap=0.5) if family == "paligemma" else LogitTransform())
+        ours = scorer(labels=labels, **inputs)[0][scored]
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+        # the other choice: ignoring the cap PaliGemma applies, or applying the one Gemma-3's forward ignores
+        scorer.transform = LogitTransform() if family == "paligemma" else LogitTransform(softcap=0.5)
+        assert (scorer(labels=labels, **inputs)[0][scored] - expected).abs().max() > 1e-3

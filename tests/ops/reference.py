@@ -5,6 +5,12 @@ import math
 import torch
 
 from bpo.ops import naive_sequence_logprobs, sequence_logprobs
+from bpo.ops.logit_transform import LogitTransform
+
+# Final-logit transforms the heads are tested with, at sizes that bite on make_inputs' logits (about unit scale):
+# a Gemma-style cap, a Cohere/Granite-style scale, and a MuseGlimmer-style scale then cap.
+TRANSFORMS = {"softcap": LogitTransform(softcap=0.7), "scale": LogitTransform(scale=0.3),
+              "scale+softcap": LogitTransform(scale=2.0, softcap=1.5)}
 
 
 def make_inputs(shape, H, V, dtype=torch.float32, ignore_frac=0.0, seed=0, device="cpu"):
@@ -27,7 +33,7 @@ def run(fn, hidden, weight, labels, upstream, **kw):
 
 def compare_to_naive(hidden, weight, labels, upstream, tol, **kw):
     """`sequence_logprobs(**kw)` against the naive head; tol = dict(fwd=(atol, rtol), grad=(atol, rtol))."""
-    ref_kw = {k: v for k, v in kw.items() if k in ("ignore_index", "temperature")}
+    ref_kw = {k: v for k, v in kw.items() if k in ("ignore_index", "temperature", "transform")}
     out, gh, gw = run(sequence_logprobs, hidden, weight, labels, upstream, **kw)
     ref, rgh, rgw = run(naive_sequence_logprobs, hidden, weight, labels, upstream, **ref_kw)
     (fa, fr), (ga, gr) = tol["fwd"], tol["grad"]

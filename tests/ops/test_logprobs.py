@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bpo.ops import naive_sequence_logprobs, resolve_backend, sequence_logprobs
 from bpo.ops import logprobs as logprobs_mod
-from ops.reference import compare_to_naive, make_inputs, run
+from bpo.ops.logit_transform import LogitTransform
+from ops.reference import TRANSFORMS, compare_to_naive, make_inputs, run
 
 # Per-dtype tolerances (atol, rtol) for fused vs naive. fp32: both sides accumulate in fp32 and differ only in
 # summation order. bf16: both round the logits GEMM to bf16, but BLAS may block a chunk and the full matrix
@@ -41,6 +42,33 @@ def test_matches_naive(dtype, N, chunk_size):
 def test_temperature(temperature):
     hidden, weight, labels, up = make_inputs((29,), H=16, V=77, ignore_frac=0.3)
     assert_matches_naive(hidden, weight, labels, up, temperature=temperature, chunk_size=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_logit_transform(dtype, name):
+    # ragged chunks, ignored rows and a temperature on top: the transform comes first, the temperature after it
+    hidden, weight, labels, up = make_inputs((37,), H=24, V=103, dtype=dtype, ignore_frac=0.2, seed=7)
+    out, _, _ = assert_matches_naive(hidden, weight, labels, up, dtype=dtype, transform=TRANSFORMS[name],
+                                     temperature=0.8, chunk_size=8)
+    # and the transform really changed the numbers (the test cannot pass by ignoring it)
+    plain = naive_sequence_logprobs(hidden, weight, labels, temperature=0.8).detach()
+    assert (out - plain).abs().max() > 0.1
+
+
+def test_golden_softcap():
+    # By hand: a row whose logits are all 0 stays uniform (tanh(0) = 0), log p = -log V; a row with one logit x and
+    # V - 1 zeros gives that label c * tanh(x / c) - log(exp(c * tanh(x / c)) + V - 1).
+    V, c, x = 11, 0.5, 3.0
+    weight = torch.zeros(V, 2)
+    weight[4, 0] = x
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # row 0 sees the hot logit, row 1 only zeros
+    labels = torch.tensor([4, 4])
+    capped = c * math.tanh(x / c)
+    expected = torch.tensor([capped - math.log(math.exp(capped) + V - 1), -math.log(V)])
+    for kw in (dict(), dict(chunk_size=1)):
+        out = sequence_logprobs(hidden, weight, labels, transform=LogitTransform(softcap=c), **kw)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 
 def test_ignored_rows_are_exactly_zero():
@@ -148,7 +176,8 @@ def test_golden_uniform_head():
 def test_inputs_not_mutated():
     hidden, weight, labels, up = make_inputs((17,), H=8, V=19, ignore_frac=0.2)
     before = [t.detach().clone() for t in (hidden, weight, labels)]
-    run(sequence_logprobs, hidden, weight, labels, up, temperature=0.7, chunk_size=4)
+    run(sequence_logprobs, hidden, weight, labels, up, temperature=0.7, chunk_size=4,
+        transform=LogitTransform(scale=0.5, softcap=2.0))
     for b, a in zip(before, (hidden, weight, labels)):
         assert torch.equal(b, a)
 
@@ -191,19 +220,26 @@ def largest_created(fn, hidden, weight, labels, **kw):
     return mode
 
 
-def test_nothing_of_size_NV_is_saved():
+MEM_TRANSFORMS = [LogitTransform(), TRANSFORMS["scale+softcap"]]  # the softcap's backward holds a second block
+
+
+@pytest.mark.parametrize("transform", MEM_TRANSFORMS)
+def test_nothing_of_size_NV_is_saved(transform):
     hidden, weight, labels, _ = make_inputs((MEM_N,), MEM_H, MEM_V)
     allowed = max(MEM_N * MEM_H, MEM_V * MEM_H)
-    assert largest_saved(sequence_logprobs, hidden, weight, labels, chunk_size=MEM_CHUNK) <= allowed
+    saved = largest_saved(sequence_logprobs, hidden, weight, labels, chunk_size=MEM_CHUNK, transform=transform)
+    assert saved <= allowed
     # the check itself can fail: the naive path saves its (N, V) log-softmax
     assert largest_saved(naive_sequence_logprobs, hidden, weight, labels) >= MEM_N * MEM_V
 
 
-def test_no_intermediate_larger_than_a_chunk():
+@pytest.mark.parametrize("transform", MEM_TRANSFORMS)
+def test_no_intermediate_larger_than_a_chunk(transform):
     hidden, weight, labels, _ = make_inputs((MEM_N,), MEM_H, MEM_V)
     allowed = max(MEM_CHUNK * MEM_V, MEM_V * MEM_H, MEM_N * MEM_H)
     assert allowed * 4 < MEM_N * MEM_V
-    assert largest_created(sequence_logprobs, hidden, weight, labels, chunk_size=MEM_CHUNK).largest <= allowed
+    created = largest_created(sequence_logprobs, hidden, weight, labels, chunk_size=MEM_CHUNK, transform=transform)
+    assert created.largest <= allowed
     assert largest_created(naive_sequence_logprobs, hidden, weight, labels).largest >= MEM_N * MEM_V
 
 

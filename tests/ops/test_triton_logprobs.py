@@ -29,7 +29,7 @@ if DEVICE == "cpu":
 
 from bpo.ops import naive_sequence_logprobs, sequence_logprobs  # noqa: E402
 from ops import reference  # noqa: E402
-from ops.reference import compare_to_naive, run  # noqa: E402
+from ops.reference import TRANSFORMS, compare_to_naive, run  # noqa: E402
 
 # Per-dtype tolerances (atol, rtol) for triton vs naive. fp32: fp32 dots ("ieee" precision) and fp32 softmax on
 # both sides, only the summation order differs. bf16: the naive path rounds each logit to bf16 (2**-8 relative)
@@ -72,6 +72,17 @@ def test_matches_naive_odd_shapes(tlp, dtype):
     # N = 37 (3 row blocks, the last ragged), V = 53 (4 vocab tiles, the last ragged), H = 24 (2 hidden tiles)
     hidden, weight, labels, up = make_inputs((37,), H=24, V=53, dtype=dtype, ignore_frac=0.2)
     assert_matches_naive(hidden, weight, labels, up, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_logit_transform(tlp, dtype, name):
+    # the HAS_SCALE / SOFTCAP kernels, on the odd shapes above, with a temperature after the transform
+    hidden, weight, labels, up = make_inputs((37,), H=24, V=53, dtype=dtype, ignore_frac=0.2, seed=7)
+    out, _, _ = assert_matches_naive(hidden, weight, labels, up, dtype=dtype, transform=TRANSFORMS[name],
+                                     temperature=0.8)
+    plain = naive_sequence_logprobs(hidden, weight, labels, temperature=0.8).detach()
+    assert (out - plain).abs().max() > 0.1  # the transform was applied, not ignored
 
 
 @pytest.mark.parametrize("n_splits", [1, 3, 8])  # 8 > the 4 vocab tiles: the host must shrink it
@@ -131,10 +142,12 @@ def test_frozen_weight(tlp):
     torch.testing.assert_close(gh, rgh, atol=1e-5, rtol=1e-5)
 
 
-def test_matches_torch_backend(tlp):
+@pytest.mark.parametrize("name", [None, "scale+softcap"])
+def test_matches_torch_backend(tlp, name):
     # the two fast paths against each other, on the shape of a short packed batch
     hidden, weight, labels, up = make_inputs((3, 11), H=32, V=70, ignore_frac=0.3, seed=6)
-    a = run(sequence_logprobs, hidden, weight, labels, up, backend="triton")
-    b = run(sequence_logprobs, hidden, weight, labels, up, backend="torch", chunk_size=4)
+    kw = {} if name is None else dict(transform=TRANSFORMS[name])
+    a = run(sequence_logprobs, hidden, weight, labels, up, backend="triton", **kw)
+    b = run(sequence_logprobs, hidden, weight, labels, up, backend="torch", chunk_size=4, **kw)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
