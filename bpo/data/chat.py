@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 SHIPPED_TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
 _PROBE_QUESTION = "bpo probe question"
 _PROBE_REPLY = "bpo probe reply"
-# What a list of parts looks like printed as it is: its Python repr ({{ content }}) or JSON ({{ content | tojson }}).
-_REPR_MARKS = ("'text': ", '"text": ', "'type': ", '"type": ')
+# How a probe's parts read when a template prints the list as it is: its Python repr ({{ content }}) or JSON
+# ({{ content | tojson }}). Only text made of the probe's own parts counts, so a system prompt quoting JSON does not.
+_REPR_OF = ("'text': '{}", '"text": "{}')
+_IMAGE_REPRS = ("'type': 'image'", '"type": "image"')
 
 
 class ChatTemplateError(ValueError):
@@ -182,7 +184,10 @@ def _try_render(chat, messages, add_generation_prompt):
 
 
 def _verbatim(text, *wanted):
-    return text is not None and all(w in text for w in wanted) and not any(m in text for m in _REPR_MARKS)
+    """Whether `text` holds each wanted text, and no part of a probe printed as a repr."""
+    return (text is not None and all(w in text for w in wanted)
+            and not any(r.format(w) in text for r in _REPR_OF for w in wanted)
+            and not any(r in text for r in _IMAGE_REPRS))
 
 
 def _text_content(chat):
@@ -230,8 +235,10 @@ def _end_of_turn(chat, generation_eos):
         if token_id in special:
             return token_id, False
     # Nothing after the last reply. A template that delimits turns only by their opening token leaves the model to
-    # end its answer by emitting the next one; trust that only when the generation config stops on it (GLM-4:
-    # eos_token_id [<|endoftext|>, <|user|>, <|observation|>]) and it follows the reply directly.
+    # end its answer by emitting the next one; trust that only when the generation config stops on it and it follows
+    # the reply directly. GLM-4 / GLM-4.1V: eos_token_id [151329, 151336, 151338] = <|endoftext|>, <|user|>,
+    # <|observation|> (transformers models/glm4/configuration_glm4.py, the default eos_token_id), so a GLM answer
+    # ends with <|user|>, the token its template writes right after an assistant turn.
     text, _ = _try_render(chat, [user, reply, user], False)
     if text is None or text.rfind(_PROBE_REPLY) < 0:
         return None, False

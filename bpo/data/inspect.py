@@ -94,9 +94,12 @@ def main(argv=None):
         parser.error("--model counts image tokens, so it needs the images (drop --no-images)")
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be positive")
-    template_kwargs = yaml.safe_load(args.chat_template_kwargs)
+    try:
+        template_kwargs = yaml.safe_load(args.chat_template_kwargs)
+    except yaml.YAMLError:
+        template_kwargs = None
     if not isinstance(template_kwargs, dict):
-        parser.error("--chat-template-kwargs must be a YAML mapping")
+        parser.error("--chat-template-kwargs must be a YAML mapping, e.g. '{enable_thinking: false}'")
 
     try:
         records, bad = load_records(args.file, args.image_root, check_images=not args.no_images, progress=True)

@@ -213,7 +213,7 @@ def test_a_template_printing_list_content_as_a_repr_is_refused_naming_the_fix():
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(ChatTemplateError, match=r"user turn holding an image.*data\.chat_template=FILE") as err:
         chat_from_processor(TextProcessor(tok, printing))
-    assert "'type': 'image'" in str(err.value)  # what the template made of it
+    assert "'text': 'bpo probe question'" in str(err.value)  # what the template made of the probe
     # JSON is no better than a repr.
     as_json = printing.replace("{{ m.content }}", "{{ m.content | tojson }}")
     with pytest.raises(ChatTemplateError, match="data.chat_template=FILE"):
