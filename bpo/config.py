@@ -44,6 +44,9 @@ class DataConfig:
     # Chat template used instead of the checkpoint's: a Jinja file, or a template shipped in bpo/templates
     # (vicuna_v1: what LLaVA-1.5 was trained with; its published template writes no end of turn). Empty = checkpoint.
     chat_template: str = ""
+    # Keyword arguments of the chat template, passed to every rendering (prompts, responses, generation, bpo's probes
+    # of the template), e.g. {enable_thinking: false} for templates with a thinking switch (Gemma-4, Qwen3).
+    chat_template_kwargs: typing.Dict[str, typing.Any] = field(default_factory=dict)
     skip_bad: bool = False  # train on the usable records of a file with bad ones, reporting each skip
     # Blind responses cut at decode.max_new_tokens (blind_meta.finish_reason "length") are left out of the blind
     # term by default; true keeps them, scored as written: without an end token.
@@ -394,7 +397,24 @@ def _choice(value, allowed, key):
         raise ConfigError(f"{key} must be one of {allowed}, got {value!r}")
 
 
+# Arguments apply_chat_template takes itself (or that bpo sets): not the template's own keyword arguments.
+_RESERVED_TEMPLATE_KWARGS = ("conversation", "messages", "chat_template", "tools", "documents", "add_generation_prompt",
+                             "continue_final_message", "return_assistant_tokens_mask", "tokenize", "return_tensors",
+                             "return_dict", "processor_kwargs", "tokenizer_kwargs", "sanitize_control_tokens",
+                             "load_audio_from_video")
+
+
+def _validate_template_kwargs(kwargs):
+    for key in kwargs:
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ConfigError(f"data.chat_template_kwargs: {key!r} is not a template variable name")
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            raise ConfigError(f"data.chat_template_kwargs: {key!r} is an argument of apply_chat_template that bpo "
+                              f"sets itself, not a template variable")
+
+
 def validate(cfg):
+    _validate_template_kwargs(cfg.data.chat_template_kwargs)
     _choice(cfg.model.dtype, ("bf16", "fp16", "fp32"), "model.dtype")
     _choice(cfg.model.attn_implementation, ("auto", "flash_attention_2", "flex_attention", "sdpa", "eager"),
             "model.attn_implementation")

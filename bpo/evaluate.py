@@ -83,19 +83,19 @@ def text_only(example):
 def decode_records(model, chat, cfg, records, batch, seed, max_new_tokens):
     """[(text, new tokens, finish reason, error)] for the records' prompts (with their images) from the configured
     engine: `model` is the in-process model (decode.engine=hf) or a bpo.engines.server.ServerEngine."""
-    from bpo.data.conversation import to_messages
     from bpo.data.encode import encode_prompt, render_prompt
 
     processor = chat.processor
-    prompts = [encode_prompt(r, processor, "", with_image=True) for r in records]
+    prompts = [encode_prompt(r, chat, "", with_image=True) for r in records]
     if cfg.decode.engine == "hf":
         decode = type(cfg.decode)(**{**vars(cfg.decode), "max_new_tokens": max_new_tokens})
         out = generate(model, chat, prompts, decode, seed, synced=cfg.decode.zero3)
         return [(g.text, g.new_tokens, "stop" if g.stopped else "length", "") for g in out]
-    requests = [(chat_messages(to_messages(r.turns, with_image=True), r.image), ids,
-                 adds_bos(processor.tokenizer, render_prompt(r, processor))) for r, (ids, _, _) in zip(records, prompts)]
+    requests = [(chat_messages(chat.messages(r.turns, with_image=True), r.image), ids,
+                 adds_bos(processor.tokenizer, render_prompt(r, chat))) for r, (ids, _, _) in zip(records, prompts)]
     replies = model.chat(requests, seeds=[cfg.decode.seed + i for i in batch],  # per example, not per batch
-                         wheres=[f"example {r.id}" for r in records], max_new_tokens=max_new_tokens)
+                         wheres=[f"example {r.id}" for r in records], max_new_tokens=max_new_tokens,
+                         template_kwargs=chat.template_kwargs)
     return [(r.text, r.new_tokens, r.finish_reason, r.error) for r in replies]
 
 
@@ -105,12 +105,11 @@ def generation_rows(batch, examples, model, chat, cfg, seed):
     from bpo.eval.pairwise import pairwise_prompt
 
     ecfg = cfg.eval
-    processor = chat.processor
     exs = [examples[i] for i in batch]
     out = decode_records(model, chat, cfg, [as_record(e) for e in exs], batch, seed, cfg.decode.max_new_tokens)
     rows = []
     for e, (text, n, finish, error) in zip(exs, out):
-        rows.append({"id": e.id, "prompt": render_prompt(as_record(e), processor), "image": e.image, "meta": e.meta,
+        rows.append({"id": e.id, "prompt": render_prompt(as_record(e), chat), "image": e.image, "meta": e.meta,
                      "response": text, "new_tokens": n, "finish_reason": finish})
         if error:
             rows[-1]["generation_error"] = error
@@ -256,7 +255,8 @@ def main(argv=None):
     judge = build_judge(ecfg.judge)  # fail on a bad judge config before any model loads
     check_model_dir(model_path, "eval.model_path" if ecfg.model_path else "model.path")
     enforce_max_image_pixels(cfg.data.max_image_pixels)
-    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)  # ChatTemplateError: stop here
+    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code,
+                     cfg.data.chat_template_kwargs)  # ChatTemplateError: stop here
     dist.init_distributed()
     dist.print0(chat.describe())
     os.makedirs(ecfg.output_dir, exist_ok=True)
@@ -270,7 +270,7 @@ def main(argv=None):
     check_settings(parts, {"model": model_digest, "test": [e.id for e in examples],
                            "decode": {k: v for k, v in vars(cfg.decode).items() if k not in TRANSPORT_KEYS},
                            "pairwise": [ecfg.pairwise, ecfg.pairwise_seed, ecfg.pairwise_max_new_tokens],
-                           "chat_template": digest_of(chat.processor.chat_template)})
+                           "chat_template": chat.template_digest})
     try:
         if cfg.decode.engine == "hf":
             model = load_generator(cfg.model, model_path, cfg.decode.zero3)

@@ -54,7 +54,7 @@ def blinded_prompt(entry, chat, image_root):
     if record is None:
         return None, error
     try:
-        prompt = encode_prompt(record, chat.processor, image_root, with_image=False)
+        prompt = encode_prompt(record, chat, image_root, with_image=False)
     except TemplateError as e:  # the template refuses this conversation (e.g. Gemma-3: roles must alternate)
         return None, f"the chat template cannot render it: {e}"
     assert not prompt[1], "a blinded prompt must carry no image tensors"
@@ -70,7 +70,7 @@ def decode_blind(model, chat, cfg, usable, prompts, entries, seed):
     from bpo.data.encode import render_prompt
 
     processor = chat.processor
-    texts = [render_prompt(entries[i][0], processor, with_image=False) for i in usable]
+    texts = [render_prompt(entries[i][0], chat, with_image=False) for i in usable]
     replies = model.complete([(t, prompts[i][0][0], adds_bos(processor.tokenizer, t)) for t, i in zip(texts, usable)],
                              seeds=[cfg.decode.seed + i for i in usable],  # per record: independent of batching
                              wheres=[f"record {entries[i][0].id} ({entries[i][0].source})" for i in usable])
@@ -132,7 +132,8 @@ def main(argv=None):
         raise SystemExit("set blind.input_file (or data.train_file) and blind.model_path (or model.path)")
     check_model_dir(model_path, "blind.model_path" if cfg.blind.model_path else "model.path")
     # Before any weights load: a checkpoint without a usable chat template is a config error (ChatTemplateError).
-    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
+    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code,
+                     cfg.data.chat_template_kwargs)
     dist.init_distributed()
     dist.print0(chat.describe())
 
@@ -150,7 +151,7 @@ def main(argv=None):
         **dist.on_rank0(lambda: {"input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path))}),
         "decode": {k: v for k, v in vars(cfg.decode).items() if k not in TRANSPORT_KEYS},
         "batches_per_shard": cfg.blind.batches_per_shard, "format": 1,
-        "chat_template": digest_of(chat.processor.chat_template),
+        "chat_template": chat.template_digest,
     }
     parts_dir = cfg.blind.output_file + ".parts"
     check_settings(parts_dir, settings)

@@ -63,6 +63,8 @@ def _fingerprint(cfg, processor, data_file, model_path, image_root):
         "images": images_fingerprint(data_file, image_root, cfg.data.allow_outside_image_root),
         **code_fingerprint(),
     }
+    if cfg.data.chat_template_kwargs:  # only when set, so caches built before the key existed still match
+        fp["chat_template_kwargs"] = cfg.data.chat_template_kwargs
     if cfg.model.finetune == "qlora":
         # A QLoRA run's reference is its 4-bit base, whose log-probs differ from those of the model.dtype weights.
         # LoRA's own settings (rank, alpha, targets) are not here: with adapters off they do not enter the numbers,

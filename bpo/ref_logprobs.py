@@ -142,7 +142,8 @@ def main(argv=None):
     check_model_dir(model_path, "train.ref_model_path" if cfg.train.ref_model_path else "model.path")
     enforce_max_image_pixels(cfg.data.max_image_pixels)
     # Before any process group or weights: a checkpoint without a usable chat template is a config error.
-    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code)
+    chat = load_chat(model_path, cfg.data.chat_template, cfg.model.trust_remote_code,
+                     cfg.data.chat_template_kwargs)
     dist.init_distributed()
     world, rank = dist.world_size(), dist.rank()
     out_dir = cfg.cache.output_dir

@@ -218,7 +218,8 @@ def train(cfg):
     if cfg.train.ref_model_path and not cfg.train.ref_cache:
         check_model_dir(cfg.train.ref_model_path, "train.ref_model_path")
     enforce_max_image_pixels(cfg.data.max_image_pixels)
-    chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code)  # no template: fail first
+    chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code,
+                     cfg.data.chat_template_kwargs)  # no template: fail first
     dist.init_distributed()
     torch.manual_seed(cfg.train.seed)
     os.makedirs(cfg.train.output_dir, exist_ok=True)

@@ -182,3 +182,20 @@ def test_sft_refuses_what_it_would_ignore():
     for extra in ("train.ref_cache=cache", "train.ref_model_path=ref", "loss.sft_weight=1"):
         with pytest.raises(ConfigError, match=f"loss.type=sft .* unset {extra.split('=')[0]}"):
             load_config(None, ["loss.type=sft", extra])
+
+
+def test_chat_template_kwargs_is_a_mapping_from_file_or_override(tmp_path):
+    from bpo.config import from_dict
+
+    assert load_config().data.chat_template_kwargs == {}
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  chat_template_kwargs: {enable_thinking: false}\n")
+    assert load_config(str(path)).data.chat_template_kwargs == {"enable_thinking": False}
+    assert load_config(str(path), ["data.chat_template_kwargs.add_vision_id=true"]).data.chat_template_kwargs == {
+        "enable_thinking": False, "add_vision_id": True}
+    with pytest.raises(ConfigError, match="chat_template_kwargs"):
+        from_dict({}, ["data.chat_template_kwargs=[1, 2]"])
+    with pytest.raises(ConfigError, match="add_generation_prompt.*bpo sets itself"):
+        from_dict({"data": {"chat_template_kwargs": {"add_generation_prompt": False}}})
+    with pytest.raises(ConfigError, match="not a template variable name"):
+        from_dict({"data": {"chat_template_kwargs": {"enable thinking": False}}})

@@ -29,23 +29,23 @@ def _rows(path):
 
 
 def test_blinded_prompt_has_no_image(tiny_model_dir, sample_data_dir):
-    from transformers import AutoProcessor
-
+    from bpo.data.chat import load_chat
     from bpo.data.encode import encode_prompt, render_prompt
     from bpo.data.records import load_records
 
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    chat = load_chat(tiny_model_dir)
+    processor = chat.processor
     records, _ = load_records(os.path.join(sample_data_dir, "train.jsonl"), os.path.join(sample_data_dir, "images"))
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     for record in records[:6]:
-        ids, image_inputs, _ = encode_prompt(record, processor, os.path.join(sample_data_dir, "images"),
+        ids, image_inputs, _ = encode_prompt(record, chat, os.path.join(sample_data_dir, "images"),
                                              with_image=False)
         assert image_token not in ids and image_inputs == {}
-        with_image = render_prompt(record, processor, with_image=True)
-        blind = render_prompt(record, processor, with_image=False)
+        with_image = render_prompt(record, chat, with_image=True)
+        blind = render_prompt(record, chat, with_image=False)
         assert "<image>" in with_image and "<image>" not in blind
         assert blind == with_image.replace("<image>\n", "")  # the text, "in the image" included, is unchanged
-        full_ids, full_images, _ = encode_prompt(record, processor, os.path.join(sample_data_dir, "images"))
+        full_ids, full_images, _ = encode_prompt(record, chat, os.path.join(sample_data_dir, "images"))
         assert image_token in full_ids and "pixel_values" in full_images
 
 

@@ -122,12 +122,20 @@ def format_conversation(turns):
     return " ".join(parts)
 
 
-def to_messages(turns, with_image=True):
+def to_messages(turns, with_image=True, text_content="parts"):
     """HF chat-template messages. with_image=False drops the image entry and keeps the text exactly as it is, so
-    phrases like "the person in the image" stay: that is BPO's blind input."""
+    phrases like "the person in the image" stay: that is BPO's blind input. text_content: how a turn without an image
+    gives its text, "parts" ([{"type": "text", "text": ...}]) or "string" (for templates that print content as it is,
+    see bpo.data.chat.Chat.text_content); a turn with its image is always a list of parts."""
+    if text_content not in ("parts", "string"):
+        raise ValueError(f"text_content must be 'parts' or 'string', got {text_content!r}")
     messages = []
     for turn in turns:
-        content = [{"type": "image"}] if with_image and turn.has_image else []
-        content.append({"type": "text", "text": turn.text})
+        if with_image and turn.has_image:
+            content = [{"type": "image"}, {"type": "text", "text": turn.text}]
+        elif text_content == "string":
+            content = turn.text
+        else:
+            content = [{"type": "text", "text": turn.text}]
         messages.append({"role": turn.role, "content": content})
     return messages

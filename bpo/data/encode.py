@@ -16,11 +16,22 @@ for a template that writes none, the reply followed by EOS. A blind response wri
 scored as the ids the model generated (stop token included), not its decoded text re-tokenised, when the tokenizer is
 the same. The prompt is never cut; responses are cut at the end to fit max_length, and then end without that token
 (`truncated`).
+
+Some generation prompts end with text that the rendered assistant turn does not contain: Gemma-4, thinking unset,
+ends its prompt `<|turn>model\n<|channel>thought\n<channel|>` (an empty thought channel) while a rendered answer is
+`<|turn>model\n{reply}<turn|>`. The model sees the prompt and then emits the answer and its end-of-turn marker, so
+that is what is scored: the response is the rendered turn from the reply on (`{reply}<turn|>`), tokenised after the
+prompt. The rendered conversation checks it: it must be the conversation without a generation prompt, then an
+assistant turn whose text before the reply is a prefix of the generation prompt's tail, then the reply, then the
+marker. Scoring the answer in the rendering without the thought channel would score it after a prompt the model is
+never given (blind generation and evaluation use the generation prompt). Where the rendered conversation does start
+with the prompt (every template before these), it is used as it is. All renderings go through `Chat.render`, with the
+content form and data.chat_template_kwargs read at load time (bpo.data.chat).
 """
 
 from dataclasses import dataclass, field
 
-from bpo.data.conversation import to_messages
+from bpo.data.conversation import Turn
 from bpo.data.records import RESPONSE_KEYS, blind_generation, image_path
 
 
@@ -53,17 +64,15 @@ class EncodedExample:
     prompt_fields: dict = field(default_factory=dict)  # per-token processor outputs over the prompt: key -> list[int]
 
 
-def render_prompt(record, processor, with_image=True):
+def render_prompt(record, chat, with_image=True):
     """The prompt text: the conversation and the template's generation prompt."""
-    messages = to_messages(record.turns, with_image=with_image)
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return chat.render(chat.messages(record.turns, with_image=with_image), add_generation_prompt=True)
 
 
-def render_conversation(record, processor, reply, with_image=True):
+def render_conversation(record, chat, reply, with_image=True):
     """The whole conversation text with `reply` as the final assistant message."""
-    messages = to_messages(record.turns, with_image=with_image)
-    messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
-    return processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    return chat.render(chat.messages([*record.turns, Turn("assistant", reply)], with_image=with_image),
+                       add_generation_prompt=False)
 
 
 def load_image(record, image_root):
@@ -77,10 +86,10 @@ def load_image(record, image_root):
         raise OSError(f"record {record.id} ({record.source}): cannot open image {where}: {e}") from e
 
 
-def encode_prompt(record, processor, image_root, with_image=True):
+def encode_prompt(record, chat, image_root, with_image=True):
     """(prompt_ids, image_inputs, prompt_fields) for one record; image_inputs is {} when with_image=False or there
     is no image."""
-    return process_prompt(processor, render_prompt(record, processor, with_image),
+    return process_prompt(chat.processor, render_prompt(record, chat, with_image),
                           load_image(record, image_root) if with_image and record.image is not None else None)
 
 
@@ -111,31 +120,48 @@ def tokenize_text(processor, text):
     return processor.tokenizer(text, add_special_tokens=_add_special_tokens(processor, text))["input_ids"]
 
 
+def conversation_text(record, chat, prompt, reply, with_image=True):
+    """(text, reply_end): the rendered conversation with `reply` answering `prompt`, starting with `prompt`, and where
+    the reply's text ends in it (None where the template changes the reply's text). Where the template's rendering
+    does not start with the prompt, the text is the prompt followed by the rendered assistant turn from the reply on
+    (see the module docstring), once the rendering checks."""
+    full = render_conversation(record, chat, reply, with_image=with_image)
+    if full.startswith(prompt):
+        at = full.rfind(reply)
+        return full, (at + len(reply) if at >= len(prompt) else None)  # None: the reply is not rendered as given
+    # The generation prompt ends with text the rendered turn lacks (Gemma-4's empty thought channel).
+    bare = chat.render(chat.messages(record.turns, with_image=with_image), add_generation_prompt=False)
+    turn = full[len(bare):] if full.startswith(bare) and prompt.startswith(bare) else None
+    at = turn.find(reply) if turn is not None else -1
+    if at < 0 or not prompt[len(bare):].startswith(turn[:at]):
+        raise TemplateError(
+            f"record {record.id} ({record.source}): the chat template's rendering with the response does not "
+            f"start with its generation-prompt rendering, and its assistant turn does not open like the generation "
+            f"prompt either, so response tokens cannot be separated.\n"
+            f"  prompt: {prompt[-200:]!r}\n  full:   {full[-300:]!r}"
+        )
+    return prompt + turn[at:], len(prompt) + len(reply)
+
+
 def response_ids(record, chat, prompt, prompt_tokens, reply, with_image=True):
     """Token ids of `reply` after the rendered `prompt` (whose text-only tokens are `prompt_tokens`), ending with the
     token that ends the model's turn (see the module docstring)."""
     processor = chat.processor
-    full = render_conversation(record, processor, reply, with_image=with_image)
-    if not full.startswith(prompt):
-        raise TemplateError(
-            f"record {record.id} ({record.source}): the chat template's rendering with the response does not "
-            f"start with its generation-prompt rendering, so response tokens cannot be separated.\n"
-            f"  prompt: {prompt[-200:]!r}\n  full:   {full[-300:]!r}"
-        )
-    if chat.end_of_turn_id is None:
-        # No end-of-turn marker: drop what the template writes after the reply (LLaVA-1.5: a space) and end with EOS.
-        at = full.rfind(reply)
-        if at < len(prompt):
+    full, reply_end = conversation_text(record, chat, prompt, reply, with_image=with_image)
+    if chat.appends_end:
+        # No end-of-turn marker after the reply (LLaVA-1.5 writes a space; GLM-4.1V nothing, its marker opens the
+        # next turn): drop what the template writes after the reply and append the end token.
+        if reply_end is None:
             raise TemplateError(f"record {record.id} ({record.source}): the chat template does not render the "
                                 f"reply's text as given, so its end cannot be found")
-        full = full[:at + len(reply)]
+        full = full[:reply_end]
     tokens = tokenize_text(processor, full)
     n = len(prompt_tokens)
     if tokens[:n] != prompt_tokens:
         raise TokenizationMismatch(_mismatch_message(record, processor, prompt_tokens, tokens))
     ids = tokens[n:]
-    if chat.end_of_turn_id is None:
-        return ids + [chat.eos_id]
+    if chat.appends_end:
+        return ids + [chat.response_end_id]
     if chat.end_of_turn_id not in ids:
         raise TemplateError(f"record {record.id} ({record.source}): the chat template writes no "
                             f"{processor.tokenizer.convert_ids_to_tokens(chat.end_of_turn_id)!r} after this reply")
@@ -182,8 +208,7 @@ def blank_image_example(chat, size=64):
     from PIL import Image
 
     processor = chat.processor
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "."}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = chat.render(chat.messages([Turn("user", ".", has_image=True)]), add_generation_prompt=True)
     ids, images, fields = process_prompt(processor, text, Image.new("RGB", (size, size), (128, 128, 128)))
     return BlankImage(ids, images, fields, chat.pad_id)
 
@@ -194,7 +219,7 @@ def encode_example(record, chat, image_root, max_length, with_image=True, respon
     if unknown:
         raise ValueError(f"unknown response kinds {sorted(unknown)}; expected some of {RESPONSE_KEYS}")
     processor = chat.processor
-    prompt = render_prompt(record, processor, with_image=with_image)
+    prompt = render_prompt(record, chat, with_image=with_image)
     image = load_image(record, image_root) if with_image and record.image is not None else None
     prompt_ids, image_inputs, fields = process_prompt(processor, prompt, image)
     budget = max_length - len(prompt_ids)
@@ -221,14 +246,15 @@ def verify_example(record, chat, image_root, example):
     processor = chat.processor
     with_image = bool(example.image_inputs)
     image = load_image(record, image_root) if with_image else None
+    prompt = render_prompt(record, chat, with_image=with_image)
     for kind, ids in example.response_ids.items():
         if _generated_ids(record, kind, chat):
             continue  # the generated ids themselves: what the model wrote, whatever its tokenizer would make of them
-        full = render_conversation(record, processor, getattr(record, kind), with_image=with_image)
+        full, _ = conversation_text(record, chat, prompt, getattr(record, kind), with_image=with_image)
         seen = process_prompt(processor, full, image)[0]
         mine = example.prompt_ids + ids
-        if chat.end_of_turn_id is None and not example.truncated[kind]:
-            mine = mine[:-1]  # the appended EOS is not in the template's rendering
+        if chat.appends_end and not example.truncated[kind]:
+            mine = mine[:-1]  # the appended end token is not in the template's rendering
         if seen[:len(mine)] != mine:
             first, ours, theirs = _first_difference(mine, seen, processor.tokenizer)
             raise TokenizationMismatch(

@@ -17,6 +17,8 @@ import argparse
 import sys
 from collections import Counter
 
+import yaml
+
 from bpo.data.records import RESPONSE_KEYS, BadRecord, DataFileError, load_records
 
 
@@ -83,6 +85,8 @@ def main(argv=None):
     parser.add_argument("--max-length", type=int, help="token budget per prompt + response (needs --model)")
     parser.add_argument("--chat-template", default="",
                         help="as data.chat_template: a shipped template's name (vicuna_v1) or a Jinja file")
+    parser.add_argument("--chat-template-kwargs", default="{}",
+                        help="as data.chat_template_kwargs: a YAML mapping, e.g. '{enable_thinking: false}'")
     args = parser.parse_args(argv)
     if (args.model is None) != (args.max_length is None):
         parser.error("--model and --max-length go together")
@@ -90,6 +94,12 @@ def main(argv=None):
         parser.error("--model counts image tokens, so it needs the images (drop --no-images)")
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be positive")
+    try:
+        template_kwargs = yaml.safe_load(args.chat_template_kwargs)
+    except yaml.YAMLError:
+        template_kwargs = None
+    if not isinstance(template_kwargs, dict):
+        parser.error("--chat-template-kwargs must be a YAML mapping, e.g. '{enable_thinking: false}'")
 
     try:
         records, bad = load_records(args.file, args.image_root, check_images=not args.no_images, progress=True)
@@ -101,7 +111,7 @@ def main(argv=None):
         from bpo.data.chat import ChatTemplateError, load_chat
 
         try:
-            chat = load_chat(args.model, args.chat_template)
+            chat = load_chat(args.model, args.chat_template, template_kwargs=template_kwargs)
         except ChatTemplateError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

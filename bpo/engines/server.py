@@ -176,10 +176,12 @@ class ServerEngine:
         bodies = [dict(self._payload(n, s, bos), prompt=text) for (text, _, bos), s in zip(prompts, seeds)]
         return self._run("/completions", bodies, [p[1] for p in prompts], wheres)
 
-    def chat(self, prompts, seeds, wheres, max_new_tokens=None):
-        """prompts: list of (messages, local_ids, add_bos) -> list of Reply, in order, from /chat/completions."""
+    def chat(self, prompts, seeds, wheres, max_new_tokens=None, template_kwargs=None):
+        """prompts: list of (messages, local_ids, add_bos) -> list of Reply, in order, from /chat/completions.
+        template_kwargs (data.chat_template_kwargs) go as the request's chat_template_kwargs (vLLM, SGLang)."""
         n = max_new_tokens or self.decode.max_new_tokens
-        bodies = [dict(self._payload(n, s, bos), messages=msgs) for (msgs, _, bos), s in zip(prompts, seeds)]
+        extra = {"chat_template_kwargs": dict(template_kwargs)} if template_kwargs else {}
+        bodies = [dict(self._payload(n, s, bos), messages=msgs, **extra) for (msgs, _, bos), s in zip(prompts, seeds)]
         return self._run("/chat/completions", bodies, [p[1] for p in prompts], wheres)
 
     def close(self):
@@ -203,6 +205,9 @@ def chat_messages(messages, image_path):
     url = None
     out = []
     for m in messages:
+        if isinstance(m["content"], str):  # a text turn for a template that prints content as it is (Chat.text_content)
+            out.append({"role": m["role"], "content": m["content"]})
+            continue
         content = []
         for part in m["content"]:
             if part["type"] == "image":

@@ -89,3 +89,17 @@ def test_to_messages_with_and_without_image():
     # The blind input keeps the text exactly, "the person in the image" included; only the image entry goes.
     assert blind[2] == {"role": "user", "content": [{"type": "text", "text": "Who is the person in the image?"}]}
     assert blind[:2] == to_messages(turns)[:2]
+
+
+def test_to_messages_with_string_text_keeps_the_image_turn_a_list():
+    turns = parse_conversation("USER: Hi ASSISTANT: Hello! USER: <image>\nWho is the person in the image? ASSISTANT:")
+    assert to_messages(turns, text_content="string") == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Who is the person in the image?"}]},
+    ]
+    # Blind, the image turn holds only text: a string too.
+    assert to_messages(turns, with_image=False, text_content="string")[2] == {
+        "role": "user", "content": "Who is the person in the image?"}
+    with pytest.raises(ValueError, match="text_content"):
+        to_messages(turns, text_content="list")

@@ -55,7 +55,7 @@ def test_prompt_tokens_are_the_processor_rendering(chat, processor, image_root):
     assert torch.equal(example.image_inputs["pixel_values"], expected["pixel_values"])
     assert example.image_inputs["pixel_values"].shape == (1, 3, 32, 32)
     assert (example.prompt_ids, example.image_inputs.keys()) == (
-        encode_prompt(record, processor, image_root)[0], encode_prompt(record, processor, image_root)[1].keys())
+        encode_prompt(record, chat, image_root)[0], encode_prompt(record, chat, image_root)[1].keys())
 
 
 def test_response_tokens_are_the_template_suffix(chat, processor, image_root):
@@ -86,7 +86,7 @@ def test_long_responses_are_cut_at_the_end(chat, image_root):
 
 def test_prompt_too_long(chat, processor, image_root):
     record = make_record()
-    n = len(encode_prompt(record, processor, image_root)[0])
+    n = len(encode_prompt(record, chat, image_root)[0])
     encode_example(record, chat, image_root, max_length=n + 1)  # one response token fits
     with pytest.raises(PromptTooLong, match=f"record r1: prompt is {n} tokens") as err:
         encode_example(record, chat, image_root, max_length=n)
@@ -95,11 +95,11 @@ def test_prompt_too_long(chat, processor, image_root):
 
 def test_blind_prompt_is_the_same_text_without_the_image(chat, processor, image_root):
     record = make_record()
-    with_image = render_prompt(record, processor, with_image=True)
-    blind = render_prompt(record, processor, with_image=False)
+    with_image = render_prompt(record, chat, with_image=True)
+    blind = render_prompt(record, chat, with_image=False)
     assert blind == with_image.replace("<image>\n", "")
     assert "the person in the image" in blind
-    ids, image_inputs, fields = encode_prompt(record, processor, image_root, with_image=False)
+    ids, image_inputs, fields = encode_prompt(record, chat, image_root, with_image=False)
     assert image_inputs == {} and fields == {}
     assert processor.image_token_id not in ids
     assert ids == processor.tokenizer(blind)["input_ids"]

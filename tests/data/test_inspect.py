@@ -60,12 +60,17 @@ def test_length_budget(capsys, sample_data_dir, tiny_model_dir):
     assert "prompt too long: " in out and "max_length 60" in out
     too_long = int(out.split("length budget 60: ")[1].split(" prompts too long")[0])
     assert 0 < too_long < 48 and f"records: {48 - too_long} usable, {too_long} bad" in out
+    # Template arguments reach the rendering (the tiny template takes none, so nothing changes).
+    code, out = run(capsys, *args, 400, "--chat-template-kwargs", "{enable_thinking: false}")
+    assert code == 0 and "truncated responses: chosen 0, rejected 0" in out
 
 
 def test_usage_errors_exit_2(capsys, tmp_path, sample_data_dir):
     data = os.path.join(sample_data_dir, "train.jsonl")
     for argv in ([], [data, "--model", "m"], [data, "--max-length", "9"], [data, "--model", "m", "--max-length", "0"],
-                 [data, "--no-images", "--model", "m", "--max-length", "9"]):
+                 [data, "--no-images", "--model", "m", "--max-length", "9"],
+                 [data, "--model", "m", "--max-length", "9", "--chat-template-kwargs", "[1, 2]"],
+                 [data, "--model", "m", "--max-length", "9", "--chat-template-kwargs", "{a: [1"]):
         with pytest.raises(SystemExit) as err:
             main(argv)
         assert err.value.code == 2

@@ -68,16 +68,14 @@ def test_greedy_blind_responses_equal_the_hf_path(blind_runs, sample_data_dir):
 def test_blind_prompt_reaches_the_server_without_image(vllm_server, sample_data_dir):
     """The token ids vLLM reports it decoded from: the hf path's blind ids, with no image token; the same record
     sent with its image (chat endpoint) does carry the image tokens, so the check can tell the two apart."""
-    from transformers import AutoProcessor
-
     from bpo.config import DecodeConfig
-    from bpo.data.conversation import to_messages
+    from bpo.data.chat import load_chat
     from bpo.data.encode import encode_prompt, render_prompt
     from bpo.data.records import image_path, load_records
     from bpo.engines.server import ServerEngine, adds_bos, chat_messages
 
-    processor = AutoProcessor.from_pretrained(vllm_server.model)
-    tok = processor.tokenizer
+    chat = load_chat(vllm_server.model)
+    tok = chat.tokenizer
     image_root = os.path.join(sample_data_dir, "images")
     records, _ = load_records(os.path.join(sample_data_dir, "train.jsonl"), image_root)
     records = [r for r in records if r.image is not None][:4]
@@ -85,15 +83,15 @@ def test_blind_prompt_reaches_the_server_without_image(vllm_server, sample_data_
     engine = ServerEngine(DecodeConfig(engine="vllm", server_url=vllm_server.url, max_new_tokens=4),
                           vllm_server.model, tok, [tok.eos_token_id])
     engine.check_model()
-    blind = [(render_prompt(r, processor, with_image=False), encode_prompt(r, processor, image_root, False)[0])
+    blind = [(render_prompt(r, chat, with_image=False), encode_prompt(r, chat, image_root, False)[0])
              for r in records]
     replies = engine.complete([(t, ids, adds_bos(tok, t)) for t, ids in blind], [0] * 4, [r.id for r in records])
     for (text, ids), reply in zip(blind, replies):
         assert "<image>" not in text
         assert reply.prompt_ids == ids and image_id not in reply.prompt_ids
-    seen = [encode_prompt(r, processor, image_root, True)[0] for r in records]
-    chats = [(chat_messages(to_messages(r.turns, with_image=True), image_path(r, image_root)), ids,
-              adds_bos(tok, render_prompt(r, processor))) for r, ids in zip(records, seen)]
+    seen = [encode_prompt(r, chat, image_root, True)[0] for r in records]
+    chats = [(chat_messages(chat.messages(r.turns, with_image=True), image_path(r, image_root)), ids,
+              adds_bos(tok, render_prompt(r, chat))) for r, ids in zip(records, seen)]
     for ids, reply in zip(seen, engine.chat(chats, [0] * 4, [r.id for r in records])):
         assert reply.prompt_ids == ids and image_id in reply.prompt_ids
     engine.close()

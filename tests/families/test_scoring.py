@@ -128,11 +128,11 @@ def test_blind_prompt_holds_no_image(family, replica, image_root):
     chat = load_chat(replica(family))
     image_id = chat.tokenizer.convert_tokens_to_ids(IMAGE_TOKENS[family])
     record = records()[0]
-    ids, images, fields = encode_prompt(record, chat.processor, image_root, with_image=False)
+    ids, images, fields = encode_prompt(record, chat, image_root, with_image=False)
     assert image_id not in ids and images == {}
     for values in fields.values():  # per-token type fields mark no token as an image token
         assert set(values) == {values[0]}
-    seen_ids, seen_images, _ = encode_prompt(record, chat.processor, image_root, with_image=True)
+    seen_ids, seen_images, _ = encode_prompt(record, chat, image_root, with_image=True)
     assert image_id in seen_ids and seen_images  # the same record with its image does carry it
     assert "the person in the image" in chat.tokenizer.decode(ids)
 
@@ -204,7 +204,7 @@ def test_generation_with_images_is_the_same_batched_or_alone(family, replica, im
     path = replica(family)
     chat = load_chat(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    prompts = [encode_prompt(r, chat.processor, image_root) for r in records()]
+    prompts = [encode_prompt(r, chat, image_root) for r in records()]
     assert len(prompts[0][0]) != len(prompts[1][0])  # so the batch really is padded
     decode = DecodeConfig(max_new_tokens=6)
     batched = generate(model, chat, prompts, decode, seed=0, synced=False)

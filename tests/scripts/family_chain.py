@@ -59,7 +59,7 @@ def reload_check(work):
     base = AutoModelForImageTextToText.from_pretrained(os.path.join(work, "model"), dtype=torch.float32)
     records, _ = load_records(os.path.join(work, "train.jsonl"), os.path.join(work, "images"))
     record = next(r for r in records if r.image)
-    ids, images, fields = encode_prompt(record, chat.processor, os.path.join(work, "images"))
+    ids, images, fields = encode_prompt(record, chat, os.path.join(work, "images"))
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids]), **images,
                        **{k: torch.tensor([v]) for k, v in fields.items()}).logits
