@@ -3,7 +3,8 @@
 import pytest
 
 # Every family bpo claims to train; PaliGemma (no chat template) has tests of its own.
-TRAINABLE = ["llava15", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "internvl"]
+TRAINABLE = ["llava15", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "internvl",
+             "qwen3_vl", "mistral3", "lfm2_vl", "smolvlm2", "glm4v"]
 
 
 @pytest.fixture(scope="session")
