@@ -25,6 +25,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VISION_ENCODERS = ("vision_tower", "visual", "vision_model")
 LANGUAGE_MODELS = ("language_model", "text_model")
 CONNECTORS_IN_VISION = ("merger",)
+MASKED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # config.layer_types values
 PARTS = ("vision_encoder", "connector", "language_model")
 
 
@@ -350,6 +351,11 @@ def shared_layout_unsupported(model):
     attn = text._attn_implementation
     if attn not in ("sdpa", "eager", "flex_attention"):
         return f"attention {attn!r} takes no custom attention mask (use sdpa or flex_attention)"
+    # The layout's masks keep a packed response from seeing the one before it only in attention layers; other layers
+    # (LFM2's short convolutions, linear attention, Mamba) mix neighbouring tokens whatever the mask says.
+    mixing = sorted(set(getattr(text, "layer_types", None) or ()) - set(MASKED_LAYER_TYPES))
+    if mixing:
+        return f"its {'/'.join(mixing)} layers mix tokens outside the attention mask"
     return None
 
 

@@ -19,6 +19,11 @@ a test that passes only there proves nothing about real models.
 | gemma3 | google/gemma-3-4b-it | Gemma3ForConditionalGeneration (bidirectional image block) |
 | internvl | OpenGVLab/InternVL3-1B-hf | InternVLForConditionalGeneration (InternViT + Qwen2) |
 | paligemma | google/paligemma-3b-pt-224 | PaliGemmaForConditionalGeneration (no chat template) |
+| qwen3_vl | Qwen/Qwen3-VL-8B-Instruct | Qwen3VLForConditionalGeneration (interleaved M-RoPE, DeepStack) |
+| mistral3 | mistralai/Ministral-3-14B-Instruct-2512 | Mistral3ForConditionalGeneration (Pixtral + Ministral-3) |
+| lfm2_vl | LiquidAI/LFM2.5-VL-1.6B | Lfm2VlForConditionalGeneration (SigLIP2 NaFlex + LFM2 convolutions) |
+| smolvlm2 | HuggingFaceTB/SmolVLM2-500M-Video-Instruct | SmolVLMForConditionalGeneration (image splitting) |
+| glm4v | zai-org/GLM-4.1V-9B-Thinking | Glm4vForConditionalGeneration (3-D rotary positions) |
 """
 
 import os
@@ -261,8 +266,184 @@ def paligemma():
     return config, processor, {"eos_token_id": text.eos_token_id}
 
 
+def _byte_level_backend(first, special_tokens, corpus=(), vocab_size=640, **kwargs):
+    """A byte-level BPE tokenizer of the generic class (TokenizersBackend, what AutoTokenizer gives checkpoints that
+    ship only a tokenizer.json: Tekken, LFM2, GLM-4), trained with the GPT-4-style split that these share with Qwen2."""
+    from transformers import Qwen2Tokenizer, TokenizersBackend
+
+    proto = build_tokenizer(Qwen2Tokenizer, byte_level=True, first=first, corpus=corpus, vocab_size=vocab_size)
+    tok = TokenizersBackend(tokenizer_object=proto.backend_tokenizer, **kwargs)
+    tok.add_tokens(list(special_tokens), special_tokens=True)  # ids in `first` keep theirs; the rest come after
+    return tok
+
+
+def qwen3_vl():
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = _qwen2_tokenizer(vision_tokens)
+    ids = _ids(tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+               vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+    # Real (Qwen3-VL-8B): head_dim 128, interleaved M-RoPE over sections [24, 20, 20], theta 5e6; here head_dim 8.
+    text = dict(**TEXT, head_dim=8, vocab_size=len(tok), bos_token_id=None,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                                 "rope_theta": 5000000.0},
+                **_ids(tok, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>"))
+    # Real: 27 blocks, patch 16, merge 2, a 48 x 48 grid of learned positions, DeepStack features from blocks
+    # 8, 16, 24 added to the first three LM layers; here 2 blocks, patch 4, an 8 x 8 grid, DeepStack from block 0.
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=TEXT["hidden_size"], num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+    # Real: 65536 .. 16777216 pixels (256 x 256 .. 4096 x 4096) in 16-pixel patches; here 8*8 .. 32*32.
+    size = {"shortest_edge": 8 * 8, "longest_edge": 32 * 32}
+    images = Qwen2VLImageProcessor(size=size, patch_size=4, merge_size=2, temporal_patch_size=2,
+                                   image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    video = Qwen3VLVideoProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}, patch_size=4, merge_size=2,
+                                  temporal_patch_size=2)
+    processor = Qwen3VLProcessor(image_processor=images, video_processor=video, tokenizer=tok,
+                                 chat_template=template("qwen3_vl"))
+    # Qwen/Qwen3-VL-8B-Instruct generation_config.json: eos_token_id [151645, 151643] (<|im_end|>, <|endoftext|>).
+    return config, processor, {"eos_token_id": [tok.convert_tokens_to_ids("<|im_end|>"),
+                                                tok.convert_tokens_to_ids("<|endoftext|>")]}
+
+
+# Tekken's control tokens, ids 0..19 as in the real vocabulary ([IMG] = 10, the config's image_token_index).
+_TEKKEN_CONTROL = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]",
+                   "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]"]
+
+
+def _default_system_message(text):
+    """The default system prompt a Mistral template sets (`default_system_message = '...'`), unquoted."""
+    import re
+
+    quoted = re.search(r"default_system_message = '((?:[^'\\]|\\.)*)'", text).group(1)
+    return quoted.replace("\\n", "\n").replace("\\'", "'")
+
+
+def mistral3():
+    from transformers import (Ministral3Config, Mistral3Config, PixtralImageProcessor, PixtralProcessor,
+                              PixtralVisionConfig)
+
+    # The template writes a default system prompt of ~600 real tokens into every conversation; trained on, it takes
+    # about 500 here (untrained, over 1400 of the tiny vocabulary's).
+    tok = _byte_level_backend(_TEKKEN_CONTROL, [*_TEKKEN_CONTROL, "[ARGS]", "[THINK]", "[/THINK]"],
+                              corpus=[_default_system_message(template("mistral3"))], vocab_size=1000,
+                              unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    # Real (Ministral-3-14B): 40 layers of 5120, head_dim 128, YaRN (factor 16 over 16384 positions), theta 1e9.
+    text = Ministral3Config(**{k: v for k, v in TEXT.items() if k != "max_position_embeddings"}, head_dim=8,
+                            vocab_size=len(tok),
+                            rope_parameters={"type": "yarn", "rope_theta": 1000000000.0, "factor": 16.0,
+                                             "original_max_position_embeddings": 16384,
+                                             "max_position_embeddings": 262144, "beta_fast": 32.0, "beta_slow": 1.0,
+                                             "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1},
+                            **_ids(tok, bos_token_id="<s>", eos_token_id="</s>", pad_token_id="<pad>"))
+    # Real Pixtral encoder: images up to 1540 pixels in 14-pixel patches, 2 x 2 patches merged per token; here up
+    # to 64 pixels in 4-pixel patches.
+    vision = PixtralVisionConfig(**VISION, head_dim=8, image_size=64, patch_size=4)
+    config = Mistral3Config(vision_config=vision, text_config=text, spatial_merge_size=2, vision_feature_layer=-1,
+                            multimodal_projector_bias=False, projector_hidden_act="gelu",
+                            image_token_index=tok.convert_tokens_to_ids("[IMG]"), tie_word_embeddings=False)
+    images = PixtralImageProcessor(size={"longest_edge": 64}, patch_size={"height": 4, "width": 4})
+    processor = PixtralProcessor(image_processor=images, tokenizer=tok, patch_size=4, spatial_merge_size=2,
+                                 image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]",
+                                 chat_template=template("mistral3"))
+    return config, processor, {"eos_token_id": text.eos_token_id}
+
+
+def lfm2_vl():
+    from transformers import (Lfm2Config, Lfm2VlConfig, Lfm2VlImageProcessor, Lfm2VlProcessor,
+                              Siglip2VisionConfig)
+
+    grid = [f"<|img_row_{i}_col_{j}|>" for i in range(1, 4) for j in range(1, 4)]
+    first = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>",
+             "<|im_start|>", "<|im_end|>", "<|tool_list_start|>", "<|tool_list_end|>", "<|tool_call_start|>",
+             "<|tool_call_end|>", "<|tool_response_start|>", "<|tool_response_end|>"]
+    tok = _byte_level_backend(first, [*first, "<image>", "<|image_start|>", "<|image_end|>", *grid,
+                                      "<|img_thumbnail|>"],
+                              bos_token="<|startoftext|>", eos_token="<|im_end|>", pad_token="<|pad|>")
+    # Real (LFM2.5-1.2B): 16 layers, gated short convolutions with 6 attention layers among them; here one of each.
+    text = Lfm2Config(**{**TEXT, "tie_word_embeddings": True}, block_multiple_of=16,
+                      layer_types=["conv", "full_attention"], vocab_size=len(tok),
+                      **_ids(tok, bos_token_id="<|startoftext|>", eos_token_id="<|im_end|>", pad_token_id="<|pad|>"))
+    # Real: SigLIP2 NaFlex, 16-pixel patches, 256 learned positions; here 4-pixel patches, 64 positions.
+    vision = Siglip2VisionConfig(**VISION, patch_size=4, num_patches=64, vision_use_head=False)
+    config = Lfm2VlConfig(vision_config=vision, text_config=text, projector_hidden_size=32, downsample_factor=2,
+                          image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True)
+    # Real: 512-pixel tiles (2 to 10 and a thumbnail) once an image is over 256 tokens (x2 tolerance), 64..256
+    # tokens an image; here 16-pixel tiles, 4..16 tokens: the wide image stays whole, the tall one is tiled.
+    images = Lfm2VlImageProcessor(encoder_patch_size=4, tile_size=16, min_image_tokens=4, max_image_tokens=16,
+                                  downsample_factor=2, do_image_splitting=True, min_tiles=2, max_tiles=10,
+                                  use_thumbnail=True, max_pixels_tolerance=2.0, image_mean=[0.5, 0.5, 0.5],
+                                  image_std=[0.5, 0.5, 0.5])
+    processor = Lfm2VlProcessor(image_processor=images, tokenizer=tok, chat_template=template("lfm2_vl"))
+    return config, processor, {"eos_token_id": text.eos_token_id}
+
+
+def smolvlm2():
+    from transformers import (GPT2Tokenizer, LlamaConfig, SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor,
+                              SmolVLMVideoProcessor)
+
+    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
+    tok = build_tokenizer(GPT2Tokenizer, byte_level=True,
+                          special_tokens=["<fake_token_around_image>", "<image>", "<end_of_utterance>",
+                                          "<global-img>", *grid],
+                          unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                          pad_token="<|im_end|>")
+    text = LlamaConfig(**TEXT, vocab_size=len(tok), **_ids(tok, bos_token_id="<|im_start|>",
+                                                            eos_token_id="<end_of_utterance>",
+                                                            pad_token_id="<|im_end|>"))
+    # Real (SmolVLM2-500M-Video-Instruct, the transformers defaults): up to 4 x 512 pixels in 512-pixel tiles plus a
+    # global image, SigLIP patches of 16, pixel-shuffled by 4 -> 64 tokens a tile; here up to 2 x 32 pixels in
+    # 32-pixel tiles, patches of 4, shuffled by 4 -> 4 tokens a tile.
+    vision = dict(VISION, image_size=32, patch_size=4)
+    config = SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=4,
+                           image_token_id=tok.convert_tokens_to_ids("<image>"))
+    images = SmolVLMImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                   do_image_splitting=True, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    video = SmolVLMVideoProcessor(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = SmolVLMProcessor(image_processor=images, video_processor=video, tokenizer=tok, image_seq_len=4,
+                                 chat_template=template("smolvlm2"))
+    return config, processor, {"eos_token_id": text.eos_token_id}
+
+
+def glm4v():
+    from transformers import Glm4vConfig, Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
+
+    first = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+             "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+             "<|end_of_video|>", "<|image|>", "<|video|>"]
+    tok = _byte_level_backend(first, first, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    ids = _ids(tok, image_token_id="<|image|>", video_token_id="<|video|>", image_start_token_id="<|begin_of_image|>",
+               image_end_token_id="<|end_of_image|>", video_start_token_id="<|begin_of_video|>",
+               video_end_token_id="<|end_of_video|>")
+    # Real (GLM-4.1V-9B): head_dim 128, rotary on half of it, M-RoPE sections [8, 12, 12]; here head_dim 16 (two
+    # heads, one KV head) so that the rotated half holds all three sections: [2, 1, 1].
+    text = dict(**{**TEXT, "num_attention_heads": 2, "num_key_value_heads": 1}, vocab_size=len(tok),
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5,
+                                 "rope_theta": 10000.0},
+                **_ids(tok, eos_token_id="<|endoftext|>", pad_token_id="<|endoftext|>"))
+    # Real: 24 blocks on 336-pixel position grids of 14-pixel patches, 2 x 2 merged; here 2 blocks, 32 / 4.
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, image_size=32, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=TEXT["hidden_size"])
+    config = Glm4vConfig(vision_config=vision, text_config=text, **ids)
+    # Real: 112*112 .. 28*28*15000 pixels in 14-pixel patches; here 8*8 .. 32*32 in 4-pixel ones.
+    size = {"shortest_edge": 8 * 8, "longest_edge": 32 * 32}
+    images = Glm4vImageProcessor(size=size, patch_size=4, merge_size=2, temporal_patch_size=2)
+    video = Glm4vVideoProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}, patch_size=4, merge_size=2,
+                                temporal_patch_size=2)
+    processor = Glm4vProcessor(image_processor=images, video_processor=video, tokenizer=tok,
+                               chat_template=template("glm4v"))
+    # zai-org/GLM-4.1V-9B-Thinking generation_config.json: eos_token_id [151329, 151336, 151338], i.e.
+    # <|endoftext|>, <|user|> and <|observation|>: the model ends its turn by opening the next one.
+    return config, processor, {"eos_token_id": [tok.convert_tokens_to_ids(t)
+                                                for t in ("<|endoftext|>", "<|user|>", "<|observation|>")]}
+
+
 FAMILIES = {f.__name__: f for f in (llava15, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, idefics3, gemma3,
-                                    internvl, paligemma)}
+                                    internvl, paligemma, qwen3_vl, mistral3, lfm2_vl, smolvlm2, glm4v)}
 
 
 def write_family(name, out_dir, seed=0):

@@ -17,14 +17,16 @@ from bpo.tiny.llava import CORPUS as LLAVA_CORPUS
 CORPUS = [*LLAVA_CORPUS, "user assistant system model User: Assistant: You are a helpful assistant. Picture 1:"]
 
 
-def build_tokenizer(cls, byte_level, first=(), special_tokens=(), vocab_size=640, **kwargs):
+def build_tokenizer(cls, byte_level, first=(), special_tokens=(), vocab_size=640, corpus=(), **kwargs):
     """An instance of the real tokenizer class `cls` with a vocabulary trained here.
 
     byte_level: True for byte-level BPE families (every byte is a base symbol), False for SentencePiece-style ones
     (byte-fallback tokens <0x00>..<0xFF> in the vocabulary, as Llama and Gemma have). `first`: the tokens that open
     the real vocabulary, in its order (Llama: <unk> <s> </s>), so ids keep their real order; default: the class's
-    own special tokens. kwargs go to `cls` (its unk/bos/eos/pad tokens, add_bos_token); `special_tokens` are added
-    afterwards as special tokens, in order, as the checkpoints' added tokens are.
+    own special tokens. `corpus`: texts the family's template writes itself, trained on as well (Ministral-3's long
+    default system prompt), so that they take a real share of the context. kwargs go to `cls` (its unk/bos/eos/pad
+    tokens, add_bos_token); `special_tokens` are added afterwards as special tokens, in order, as the checkpoints'
+    added tokens are.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -44,7 +46,7 @@ def build_tokenizer(cls, byte_level, first=(), special_tokens=(), vocab_size=640
     first = list(first) or [str(t) for t in proto.all_special_tokens]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=first + reserved,
                                   initial_alphabet=alphabet, show_progress=False)
-    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
+    bpe.train_from_iterator([*CORPUS, *corpus] * 4, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     tokenizer = cls(vocab=model["vocab"], merges=merges, **kwargs)

@@ -3,10 +3,13 @@
 import pytest
 
 # Every family bpo claims to train; PaliGemma (no chat template) has tests of its own.
-TRAINABLE = ["llava15", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "internvl"]
+TRAINABLE = ["llava15", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "internvl",
+             "qwen3_vl", "mistral3", "lfm2_vl", "smolvlm2", "glm4v"]
 # One family per kind of processor (LLaVA's CLIP, Qwen-VL's with its torchvision video processor, Idefics3's image
-# splitting, Gemma-3's token types, InternVL's tiles): the families `make test-latest` checks on the newest releases.
-PROCESSOR_KINDS = ["llava15", "qwen2_vl", "idefics3", "gemma3", "internvl"]
+# splitting, Gemma-3's token types, InternVL's tiles, and each newer family's own): the families `make test-latest`
+# checks on the newest releases.
+PROCESSOR_KINDS = ["llava15", "qwen2_vl", "idefics3", "gemma3", "internvl", "qwen3_vl", "mistral3", "lfm2_vl",
+                   "smolvlm2", "glm4v"]
 
 
 def marked(families):

@@ -19,15 +19,27 @@ from bpo.data.records import Record
 
 from .conftest import TRAINABLE, marked
 
-# The text each family's template writes right after an assistant reply's text; None: LLaVA-1.5's published template
-# writes only a space, so the scored response is the reply followed by </s>, which Vicuna v1 (its training format)
-# ends every answer with.
+# The text each family's template writes right after an assistant reply's text; None: the template writes no end
+# marker, so the scored response is the reply followed by the token in APPENDED_EOS. LLaVA-1.5's published template
+# writes only a space, and Vicuna v1 (its training format) ends every answer with </s>. GLM-4.1V's writes only "\n"
+# and a next turn opens with <|user|>, which is how the model ends its turn (its generation config stops on
+# <|endoftext|>, <|user|> and <|observation|>; a chat reply ends with <|user|>). Ministral-3's writes its eos_token, </s>, after every assistant message.
 END_MARKERS = {"llava15": None, "llava_next": "</s>", "llava_onevision": "<|im_end|>", "qwen2_vl": "<|im_end|>",
                "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>",
-               "internvl": "<|im_end|>"}
+               "internvl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "mistral3": "</s>", "lfm2_vl": "<|im_end|>",
+               "smolvlm2": "<end_of_utterance>", "glm4v": None}
+APPENDED_EOS = {"llava15": "</s>", "glm4v": "<|user|>"}
+# Templates that print a text turn's content as it is (GLM-4.1V: `{{ msg.content }}`): a transformers user gives
+# those turns as plain strings. GLM's reply then ends by the next turn's opener, not by a marker of its own.
+STRING_CONTENT = {"glm4v"}
+ENDS_BY_NEXT_TURN = {"glm4v"}
 IMAGE_TOKENS = {"llava15": "<image>", "llava_next": "<image>", "llava_onevision": "<image>",
                 "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "idefics3": "<image>",
-                "gemma3": "<image_soft_token>", "internvl": "<IMG_CONTEXT>"}
+                "gemma3": "<image_soft_token>", "internvl": "<IMG_CONTEXT>", "qwen3_vl": "<|image_pad|>",
+                "mistral3": "[IMG]", "lfm2_vl": "<image>", "smolvlm2": "<image>", "glm4v": "<|image|>"}
+# Ministral-3's template writes a ~600-token default system prompt (~500 in the replica's vocabulary) into every
+# prompt; the others' prompts here are under 200 tokens.
+MAX_LENGTH = 1000
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +68,22 @@ def records():
     ]
 
 
-def hf_response_logprob(model, processor, record, image, reply, marker):
+def user_messages(family, record):
+    """The record's conversation as a transformers user writes it for this family's template."""
+    return to_messages(record.turns, text_content="string" if family in STRING_CONTENT else "parts")
+
+
+def hf_response_logprob(model, processor, family, record, image, reply, marker, eos=None):
     """(sum of log p(response tokens), response token ids) from the stock forward, as a transformers user computes
     them."""
-    messages = to_messages(record.turns)
+    messages = user_messages(family, record)
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full = processor.apply_chat_template(
-        messages + [{"role": "assistant", "content": [{"type": "text", "text": reply}]}],
-        add_generation_prompt=False, tokenize=False)
+    content = reply if family in STRING_CONTENT else [{"type": "text", "text": reply}]
+    full = processor.apply_chat_template(messages + [{"role": "assistant", "content": content}],
+                                         add_generation_prompt=False, tokenize=False)
     assert full.startswith(prompt)
     if marker is None:
-        text = full.rstrip() + "</s>"
+        text = full.rstrip() + eos
     else:
         end = full.index(marker, full.rindex(reply)) + len(marker)
         text = full[:end]
@@ -98,7 +115,7 @@ def test_sequence_logprobs_equal_the_plain_hf_forward(family, replica, image_roo
     chat = load_chat(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     recs = records()
-    examples = [encode_example(r, chat, image_root, max_length=400) for r in recs]
+    examples = [encode_example(r, chat, image_root, max_length=MAX_LENGTH) for r in recs]
     for record, example in zip(recs, examples):
         verify_example(record, chat, image_root, example)
     batch = collate(examples, chat.pad_id)  # 6 rows of different lengths: padding and per-token fields exercised
@@ -108,12 +125,13 @@ def test_sequence_logprobs_equal_the_plain_hf_forward(family, replica, image_roo
     per_row = sequence_logps(token_logps, inputs["labels"][:, 1:] != -100)
     ours = split_by_kind(per_row, batch)  # (chosen (B,), rejected (B,), blind (B,))
 
-    end_id = chat.tokenizer.convert_tokens_to_ids(END_MARKERS[family] or "</s>")
+    end_id = chat.tokenizer.convert_tokens_to_ids(END_MARKERS[family] or APPENDED_EOS[family])
     for b, record in enumerate(recs):
         image = Image.open(os.path.join(image_root, record.image)).convert("RGB")
         for k, kind in enumerate(("chosen", "rejected", "blind")):
-            expected, expected_ids = hf_response_logprob(model, chat.processor, record, image, getattr(record, kind),
-                                                         END_MARKERS[family])
+            expected, expected_ids = hf_response_logprob(model, chat.processor, family, record, image,
+                                                         getattr(record, kind),
+                                                         END_MARKERS[family], APPENDED_EOS.get(family))
             # Labels are exactly the response tokens plus the end token, as the model sees them in the conversation.
             assert examples[b].response_ids[kind] == expected_ids, (family, record.id, kind)
             assert expected_ids[-1] == end_id
@@ -142,10 +160,11 @@ def test_generation_stops_at_the_end_of_turn(family, replica):
     from bpo.data.chat import load_chat
 
     chat = load_chat(replica(family))
-    end = chat.tokenizer.convert_tokens_to_ids(END_MARKERS[family] or "</s>")
+    end = chat.tokenizer.convert_tokens_to_ids(END_MARKERS[family] or APPENDED_EOS[family])
     assert chat.response_end_id == end and end in chat.stop_ids
     assert chat.tokenizer.eos_token_id in chat.stop_ids
-    assert (chat.end_of_turn_id is None) == (family == "llava15")
+    assert (chat.end_of_turn_id is None) == (END_MARKERS[family] is None and family not in ENDS_BY_NEXT_TURN)
+    assert chat.end_of_turn_appended == (family in ENDS_BY_NEXT_TURN)
 
 
 # The connector of each family, by module; everything under the image encoder and the language model is theirs.
@@ -154,7 +173,12 @@ CONNECTORS = {"llava15": ["model.multi_modal_projector"],
               "llava_onevision": ["model.image_newline", "model.multi_modal_projector"],
               "qwen2_vl": ["model.visual.merger"], "qwen2_5_vl": ["model.visual.merger"],
               "idefics3": ["model.connector"], "gemma3": ["model.multi_modal_projector"],
-              "internvl": ["model.multi_modal_projector"]}
+              "internvl": ["model.multi_modal_projector"],
+              # Qwen3-VL's DeepStack mergers (model.visual.deepstack_merger_list) stay with the image encoder, as
+              # LLaMA-Factory freezes them with it; GLM-4.1V's model.visual.downsample likewise.
+              "qwen3_vl": ["model.visual.merger"], "mistral3": ["model.multi_modal_projector"],
+              "lfm2_vl": ["model.multi_modal_projector"], "smolvlm2": ["model.connector"],
+              "glm4v": ["model.visual.merger"]}
 
 
 @pytest.mark.parametrize("family", TRAINABLE)
@@ -169,7 +193,8 @@ def test_freezing_by_what_a_module_is(family, replica):
     assert sorted(parts["connector"][2]) == CONNECTORS[family]
     assert parts["vision_encoder"][0] is False and parts["connector"][0] and parts["language_model"][0]
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    vision_module = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "idefics3": "model.vision_model."}
+    vision_module = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "idefics3": "model.vision_model.",
+                     "qwen3_vl": "model.visual.", "glm4v": "model.visual.", "smolvlm2": "model.vision_model."}
     prefix = vision_module.get(family, "model.vision_tower.")
     assert frozen and all(n.startswith(prefix) and ".merger." not in n for n in frozen)
     assert sum(p.numel() for n, p in model.named_parameters() if n in frozen) == parts["vision_encoder"][1]
@@ -186,7 +211,8 @@ def test_inspect_accepts_every_record_as_the_model_sees_it(family, replica, imag
             for r, q in zip(records(), (HISTORY, SINGLE))]
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert main([str(path), "--image-root", image_root, "--model", replica(family), "--max-length", "400"]) == 0
+    args = [str(path), "--image-root", image_root, "--model", replica(family), "--max-length", str(MAX_LENGTH)]
+    assert main(args) == 0
     assert "2 usable, 0 bad" in capsys.readouterr().out
 
 
@@ -213,7 +239,7 @@ def test_generation_with_images_is_the_same_batched_or_alone(family, replica, im
     # Alone, it is what transformers' own generate makes of the processor's whole output.
     bos = chat.tokenizer.bos_token
     for record, g in zip(records(), alone):
-        text = chat.processor.apply_chat_template(to_messages(record.turns), add_generation_prompt=True,
+        text = chat.processor.apply_chat_template(user_messages(family, record), add_generation_prompt=True,
                                                   tokenize=False)
         image = Image.open(os.path.join(image_root, record.image)).convert("RGB")
         inputs = chat.processor(text=[text], images=[image], return_tensors="pt",

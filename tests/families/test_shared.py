@@ -25,7 +25,11 @@ def score(model, scorer, batch, device=torch.device("cpu"), backward=True):
     return logps.detach().cpu(), grads.cpu(), int(inputs["attention_mask"].sum())
 
 
-@pytest.mark.parametrize("family", TRAINABLE)
+# Families with layers that mix tokens outside attention (LFM2's short convolutions): scored in rows.
+MIXING = ["lfm2_vl"]
+
+
+@pytest.mark.parametrize("family", [f for f in TRAINABLE if f not in MIXING])
 def test_shared_equals_rows(family, replica, image_root):  # noqa: F811
     from transformers import AutoModelForImageTextToText
 
@@ -42,7 +46,8 @@ def test_shared_equals_rows(family, replica, image_root):  # noqa: F811
     recs = records()
     recs[1].blind = None  # an example without a blind response
     recs[0].rejected = "Sure, " + "and then more detail, " * 8  # long enough to be cut below
-    prompt_len = len(encode_example(recs[0], chat, image_root, 1000).prompt_ids)
+    # The longer prompt (LFM2-VL tiles the tall image: the second) leaves 12 tokens for a response.
+    prompt_len = max(len(encode_example(r, chat, image_root, 1000).prompt_ids) for r in recs)
     examples = [encode_example(r, chat, image_root, prompt_len + 12) for r in recs]
     assert examples[0].truncated["rejected"]
     scorer = SequenceScorer(model, impl="fused")
@@ -54,6 +59,31 @@ def test_shared_equals_rows(family, replica, image_root):  # noqa: F811
         assert (shared[1] - rows[1]).norm() <= 1e-5 * rows[1].norm(), max_tokens
         assert shared[2] < 0.7 * rows[2]  # the prompt and its image are computed once
 
+
+
+@pytest.mark.parametrize("family", MIXING)
+def test_layers_outside_attention_refuse_the_shared_layout(family, replica, image_root):  # noqa: F811
+    """A packed response would see the one before it through the convolutions: the shared layout is refused, with
+    the reason, and scoring falls back to rows; packed anyway, its log-probs do move."""
+    from transformers import AutoModelForImageTextToText
+
+    from bpo.data.chat import load_chat
+    from bpo.data.dataset import collate
+    from bpo.data.encode import encode_example
+    from bpo.data.shared import collate_shared
+    from bpo.model import SequenceScorer, choose_layout, shared_layout_unsupported
+
+    path = replica(family)
+    chat = load_chat(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    assert "conv layers mix tokens outside the attention mask" in shared_layout_unsupported(model)
+    layout, why = choose_layout("shared", model)
+    assert layout == "rows" and "conv layers" in why
+    examples = [encode_example(r, chat, image_root, 1000) for r in records()]
+    scorer = SequenceScorer(model, impl="fused")
+    rows = score(model, scorer, collate(examples, chat.pad_id), backward=False)[0]
+    packed = score(model, scorer, collate_shared(examples, chat.pad_id, 10_000), backward=False)[0]
+    assert not torch.allclose(packed, rows, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["llava15", "gemma3"])  # plain causal text model; sliding layers + image blocks
