@@ -102,3 +102,26 @@ def test_llava15_published_template_is_flagged_and_vicuna_v1_restores_its_traini
     lossy = published.processor.apply_chat_template(to_messages(record.turns), add_generation_prompt=True,
                                                     tokenize=False)
     assert lossy == "USER: Hi ASSISTANT: Hello! USER: <image>\nWhere does the person in the image live? ASSISTANT:"
+
+
+def test_a_processor_missing_its_package_stops_the_job_naming_the_pip_package(replica, data, tmp_path, monkeypatch):
+    """SmolVLM2's processor needs num2words; without it the job ends at start with one line that says what to
+    install, not a traceback from inside transformers."""
+    import importlib
+
+    import transformers.models.smolvlm.processing_smolvlm as smolvlm
+
+    model_dir = replica("smolvlm2")  # built while num2words is there
+    monkeypatch.setattr(smolvlm, "num2words", None)  # what the module holds when the import failed
+    config = write_config(tmp_path / "cfg.yaml", {
+        "model": {"path": model_dir, "dtype": "fp32"},
+        "data": {"train_file": str(data / "train.jsonl"), "image_root": str(data)},
+        "blind": {"output_file": str(tmp_path / "blind.jsonl")},
+    })
+    from bpo import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(importlib.import_module("bpo.generate_blind").main, ["--config", config])
+    message = str(exit_.value)
+    assert message.startswith("error: ") and model_dir in message
+    assert "pip install num2words" in message and '".[families]"' in message
