@@ -9,6 +9,9 @@ import sys
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The team's shared material beside the checkout (real chat templates, real benchmark files), read where it lies and
+# never copied into the project; CI lays a copy of it beside its clone. BPO_SHARED points elsewhere (a worktree).
+SHARED = os.environ.get("BPO_SHARED") or os.path.normpath(os.path.join(REPO, "..", "shared"))
 
 
 def free_port():

@@ -1,4 +1,4 @@
-"""Published chat templates of newer families (/work/shared/fixtures/chat_templates, read where they lie) rendered
+"""Published chat templates of newer families (../shared/fixtures/chat_templates, read where they lie) rendered
 through bpo.data.chat and .encode: the prompt is the family's own, the scored response is exactly the answer and the
 token the model ends its turn with, and no turn's content is printed as a Python repr.
 
@@ -16,13 +16,14 @@ from bpo.data.conversation import parse_conversation
 from bpo.data.encode import conversation_text, render_prompt, response_ids, tokenize_text
 from bpo.data.records import Record
 
-FIXTURES = "/work/shared/fixtures/chat_templates"
+from jobs import SHARED
+
+FIXTURES = os.path.join(SHARED, "fixtures", "chat_templates")
 SAMPLE = "USER: Hi ASSISTANT: Hello! USER: <image>\nWhere does the person in the image live? ASSISTANT:"
 CHOSEN = "I can't help with that."
 REJECTED = "Sure, it is 1 Example Road."
 QUESTION = "Where does the person in the image live?"
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FIXTURES), reason=f"{FIXTURES} (published templates) not here")
 
 
 class TextProcessor:
