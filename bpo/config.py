@@ -21,8 +21,9 @@ from bpo.atomic import write_text
 class ModelConfig:
     path: str = ""  # local checkpoint directory; bpo never downloads
     dtype: str = "bf16"  # bf16 | fp16 | fp32: the dtype weights are loaded and trained in
-    # auto = flash_attention_2 when importable on CUDA (the shared layout then falls back to rows), else sdpa;
-    # flex_attention: the shared layout's masks as FlexAttention block masks (no (L, L) mask materialised)
+    # auto = a kernel that takes loss.scoring=shared's masks: flex_attention on CUDA (FlexAttention block masks, no
+    # (L, L) mask materialised), sdpa elsewhere (dense masks). flash_attention_2 takes no custom mask: it needs
+    # loss.scoring=rows, and with shared the job stops at start.
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -71,7 +72,7 @@ class LossConfig:
     logprob_impl: str = "fused"  # fused = chunked head, never full-vocabulary logits; naive = log_softmax reference
     logprob_chunk_size: int = 1024  # tokens per chunk of the fused head
     # shared = each prompt (and image) computed once with its responses after it (bpo.data.shared); rows = one padded
-    # row per response, the readable reference. A family the shared layout cannot take falls back to rows, logged.
+    # row per response, the readable reference. An attention that cannot take the shared layout stops the job.
     scoring: str = "shared"
 
 
@@ -402,6 +403,12 @@ def validate(cfg):
     _choice(cfg.loss.reduction, ("sum", "mean"), "loss.reduction")
     _choice(cfg.loss.logprob_impl, ("fused", "naive"), "loss.logprob_impl")
     _choice(cfg.loss.scoring, ("shared", "rows"), "loss.scoring")
+    if cfg.loss.scoring == "shared" and cfg.model.attn_implementation == "flash_attention_2":
+        # Never a silent fallback to rows: that is another job, ~3x the prompt tokens (issue 22).
+        raise ConfigError("loss.scoring=shared gives each sequence a custom attention mask (each response sees its "
+                          "prompt, never a sibling), and model.attn_implementation=flash_attention_2 takes none: use "
+                          "model.attn_implementation=auto (flex_attention on CUDA, sdpa on CPU), sdpa or "
+                          "flex_attention, or set loss.scoring=rows")
     _choice(cfg.optim.schedule, ("cosine", "constant"), "optim.schedule")
     _choice(cfg.optim.name, ("adamw", "adamw_8bit", "paged_adamw_8bit"), "optim.name")
     _choice(cfg.model.finetune, ("full", "lora", "qlora"), "model.finetune")

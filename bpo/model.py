@@ -28,17 +28,15 @@ CONNECTORS_IN_VISION = ("merger",)
 PARTS = ("vision_encoder", "connector", "language_model")
 
 
-def resolve_attn_implementation(requested):
+def resolve_attn_implementation(requested, cuda=None):
+    """model.attn_implementation -> what the model is built with. `auto` is a kernel that takes the shared-prompt
+    layout's masks (loss.scoring=shared, the default), so the path a user starts is the path the tests score:
+    flex_attention on CUDA (block masks, the (L, L) mask never built), sdpa elsewhere (FlexAttention has no CPU
+    backward). flash_attention_2 is never chosen by `auto`: it takes no custom mask (issue 22)."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "flex_attention" if cuda else "sdpa"
 
 
 def load_model(model_cfg, path=None, ds_config=None, quantize=False):
@@ -335,12 +333,13 @@ class SequenceScorer(nn.Module):
 
 
 def choose_layout(scoring, model):
-    """The batch layout a model is scored with: loss.scoring, unless the family cannot take the shared layout;
-    returns (layout, a line for the start-up log)."""
+    """The batch layout a model is scored with: loss.scoring; returns (layout, a line for the start-up log). A model
+    that cannot take the shared layout stops the job (bpo.config.validate refuses the known case before any weights
+    load): scoring it in rows instead would run a different, slower job than the one asked for."""
     if scoring == "shared":
         why = shared_layout_unsupported(model)
         if why is not None:
-            return "rows", f"scoring: rows (loss.scoring=shared, but {type(model).__name__}: {why})"
+            raise ValueError(f"loss.scoring=shared, but {type(model).__name__}: {why}; or set loss.scoring=rows")
     return scoring, f"scoring: {scoring}"
 
 
@@ -349,7 +348,8 @@ def shared_layout_unsupported(model):
     text = model.config.get_text_config()
     attn = text._attn_implementation
     if attn not in ("sdpa", "eager", "flex_attention"):
-        return f"attention {attn!r} takes no custom attention mask (use sdpa or flex_attention)"
+        return (f"attention {attn!r} takes no custom attention mask: use model.attn_implementation=sdpa or "
+                f"flex_attention (CUDA)")
     return None
 
 
