@@ -144,12 +144,15 @@ def reward_margins(examples, cfg, model_path, chat):
     from bpo.data.shared import make_collate
     from bpo.loss import sequence_logps
     from bpo.model import SequenceScorer, choose_layout, load_model, model_inputs
+    from bpo.ops.logprobs import describe_impl
 
     records = [as_record(e) for e in examples]
     mine = list(range(dist.rank(), len(records), dist.world_size()))
     dataset = PreferenceDataset(records, chat, "", cfg.data.max_length, responses=("chosen", "rejected"))
     device = dist.device()
-    policy = SequenceScorer(load_model(cfg.model, path=model_path), impl=cfg.loss.logprob_impl).to(device).eval()
+    head = dict(impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size)  # scored exactly as in training
+    dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, device))
+    policy = SequenceScorer(load_model(cfg.model, path=model_path), **head).to(device).eval()
     if cfg.eval.ref_cache:
         from bpo.ref_cache import CachedReference
 
@@ -160,7 +163,7 @@ def reward_margins(examples, cfg, model_path, chat):
         from bpo.reference import LiveReference
 
         ref_model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path)
-        reference = LiveReference(SequenceScorer(ref_model, impl=cfg.loss.logprob_impl).to(device).eval(),
+        reference = LiveReference(SequenceScorer(ref_model, **head).to(device).eval(),
                                   cfg.loss.reduction)
     layout, why = choose_layout(cfg.loss.scoring, policy.model)
     dist.print0(why)

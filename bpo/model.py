@@ -14,7 +14,7 @@ from torch import nn
 from bpo import dist
 from bpo.data import shared
 from bpo.ops.logit_transform import LogitTransform
-from bpo.ops.logprobs import naive_sequence_logprobs, resolve_backend, sequence_logprobs
+from bpo.ops.logprobs import DEFAULT_CHUNK_SIZE, naive_sequence_logprobs, resolve_impl, sequence_logprobs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -194,12 +194,11 @@ class SequenceScorer(nn.Module):
     `deepspeed.initialize`, after this wrapper exists, so its callers say True.
     """
 
-    def __init__(self, model, impl="fused", chunk_size=1024, blank=None, zero3=None):
+    def __init__(self, model, impl="auto", chunk_size=DEFAULT_CHUNK_SIZE, blank=None, zero3=None):
         super().__init__()
         self.model = model
-        self.impl = impl
+        self.impl = impl  # loss.logprob_impl; jobs pass the head resolve_impl chose (and printed), tests may pass auto
         self.chunk_size = chunk_size
-        self.backend = None  # resolved on first forward, when the device is known
         self.transform = LogitTransform.from_model(model)  # what model's forward does to its logits (Gemma softcap)
         self.accepted = set(inspect.signature(model.model.forward).parameters) - {"input_ids", "attention_mask"}
         self.dtype = next(model.parameters()).dtype
@@ -237,11 +236,12 @@ class SequenceScorer(nn.Module):
             hidden = hidden.flatten(0, 1)[predictor_index]  # (R, M, H): the state before each response token
         targets = labels[:, 1:]  # (R, M)
         weight = self.model.get_output_embeddings().weight  # (V, H)
+        if self.impl == "auto":
+            self.impl = resolve_impl(self.impl, hidden.device)  # once, now that the device is known
         if self.impl == "naive":
             return naive_sequence_logprobs(hidden, weight, targets, transform=self.transform)
-        if self.backend is None:
-            self.backend = resolve_backend(hidden.device)
-        return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend,
+        backend = "triton" if self.impl == "triton" else "torch"
+        return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=backend,
                                  transform=self.transform)
 
     def _shared_masks(self, seq, extra):

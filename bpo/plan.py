@@ -52,6 +52,8 @@ import json
 import os
 from dataclasses import dataclass, replace
 
+from bpo.config import LossConfig
+
 GiB = 2**30
 ALLOWANCE_BYTES = 4 * GiB
 SUB_GROUP_SIZE = 10**8  # ds_configs/zero3.json's sub_group_size
@@ -251,7 +253,7 @@ class Setup:
     seq_len: int = 2048
     micro_batch: int = 1
     responses: int = 3
-    chunk_size: int = 1024
+    chunk_size: int = LossConfig.logprob_chunk_size
     head: str = "fused"  # fused | naive
     reference: str = "cached"  # cached | live | adapters_off (LoRA: the policy with its adapters off)
     grad_ckpt: bool = True

@@ -133,6 +133,7 @@ def main(argv=None):
     from bpo.data.usable import usable_records
     from bpo.fingerprint import digest_of
     from bpo.model import choose_layout
+    from bpo.ops.logprobs import describe_impl
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -147,6 +148,7 @@ def main(argv=None):
     world, rank = dist.world_size(), dist.rank()
     out_dir = cfg.cache.output_dir
     dist.print0(chat.describe())
+    dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, dist.device()))
     processor, pad_id = chat.processor, chat.pad_id
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
                                 check_images=cfg.data.check_images,

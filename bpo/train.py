@@ -27,6 +27,7 @@ from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
 from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
                        resolve_attn_implementation, set_gradient_checkpointing, set_trainable,
                        text_hidden_size)
+from bpo.ops.logprobs import describe_impl
 from bpo.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
 from bpo.stop import EXIT_CODE as STOPPED_EXIT_CODE, StopRequest
@@ -230,6 +231,7 @@ def train(cfg):
     log = run_log.make_log(cfg.train.output_dir, tensorboard=cfg.train.tensorboard, plot=cfg.train.plot)
 
     dist.print0(chat.describe())
+    dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, dist.device()))
     pad_id = chat.pad_id
     dataset = build_data(cfg, chat, log)
     blank = blank_image_example(chat)  # ZeRO-3 lockstep for micro-batches without an image (bpo.model)
@@ -256,7 +258,7 @@ def train(cfg):
         reference, ref_kind = AdapterOffReference(engine, cfg.loss.reduction), "policy with adapters off"
     dist.print0(f"world={world} micro_batch={cfg.train.micro_batch_size} grad_accum={cfg.train.grad_accum} "
                 f"global_batch={ds_config['train_batch_size']} examples, steps/epoch={per_epoch}, total steps={total}, "
-                f"log-prob head={cfg.loss.logprob_impl}, reference={ref_kind}")
+                f"reference={ref_kind}")
 
     start = 0
     if point is not None:

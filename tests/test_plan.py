@@ -80,7 +80,7 @@ def test_fused_head_counts_its_weight_gradient_at_72b():
     """The fused head's backward holds an fp32 (V, H) accumulator and its bf16 copy: ~7 GiB at V = 152064,
     H = 8192, which the 70B template's plan left out (50.6 GiB shown, ~57.5 GiB needed)."""
     dims = plan.load_dims("llava-next-72b")
-    setup = Setup(nodes=8, gpus_per_node=8, seq_len=4096, scoring="rows")
+    setup = Setup(nodes=8, gpus_per_node=8, seq_len=4096, scoring="rows", chunk_size=1024)
     rows, _ = rows_of(dims, setup)
     assert rows["head:fused"] == 1024 * 152064 * 10 + 6 * 152064 * 8192
     assert rows["step"] == (2 + 4) * 10**8  # a partition of 1.1B trained parameters steps in sub-groups of 1e8
