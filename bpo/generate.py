@@ -31,9 +31,9 @@ def load_generator(model_cfg, path, zero3):
         return model.to(dist.device()).eval()
     import deepspeed
 
-    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-          "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": model_cfg.dtype == "bf16"},
-          "fp16": {"enabled": model_cfg.dtype == "fp16"}}
+    from bpo.ds_configs import inference_config
+
+    ds = inference_config(model_cfg)  # ds_configs/zero3_inference.json, as the reference-cache job reads it
     model = load_model(model_cfg, path=path, ds_config=ds)
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.eval()

@@ -44,11 +44,10 @@ def parse_args(argv=None):
 def build_scorer(cfg, blank):
     import deepspeed
 
+    from bpo.ds_configs import inference_config
     from bpo.model import SequenceScorer, load_model
 
-    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-          "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": cfg.model.dtype == "bf16"},
-          "fp16": {"enabled": cfg.model.dtype == "fp16"}}
+    ds = inference_config(cfg.model)  # ds_configs/zero3_inference.json, as ZeRO-3 generation reads it
     # QLoRA's reference is its 4-bit base: the cache holds what training's adapters-off forward would compute.
     model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ds,
                        quantize=cfg.model.finetune == "qlora")

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import torch
 
-from bpo import checkpoint, dist, lora, optim, reshard, run_log, sampler
+from bpo import checkpoint, dist, ds_configs, lora, optim, reshard, run_log, sampler
 from bpo.config import check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.data.records import enforce_max_image_pixels
 from bpo.faults import maybe_crash
@@ -48,28 +48,29 @@ def parse_args(argv=None):
 
 
 def build_ds_config(cfg, world_size, hidden_size=None):
-    """Read the DeepSpeed JSON and fill its "auto" entries from the one config tree.
+    """Read the DeepSpeed JSON and fill its "auto" entries from the one config tree; an entry the config decides that
+    the file sets to another value is an error naming both (bpo.ds_configs.fill).
 
     ZeRO's bucket sizes follow the language model's `hidden_size` as transformers' DeepSpeed integration sizes them
     (H^2 elements per gradient-reduction bucket, 0.9 H^2 per parameter prefetch, parameters under 10 H kept whole):
     DeepSpeed's own default bucket, 5e8 elements, is allocated whole with contiguous_gradients, 1 GB in bf16 per
     rank whatever the model. Without `hidden_size` they are left to DeepSpeed."""
-    with open(cfg.train.ds_config) as f:
-        ds = json.load(f)
-    fills = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-    }
-    for key, value in fills.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
+    path = cfg.train.ds_config
+    ds = ds_configs.read(path)
+    t = cfg.train
+    for key, value, config_key, shown in [
+        ("train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", None),
+        ("gradient_accumulation_steps", t.grad_accum, "train.grad_accum", None),
+        ("train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
+         f"train.micro_batch_size x train.grad_accum x {world_size} ranks", None),
+        ("gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip", None),
+    ]:
+        ds_configs.fill(ds, key, value, path, key, config_key, shown)
     opt = ds.get("optimizer", {}).get("params", {})
     for key, value in {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                        "weight_decay": cfg.optim.weight_decay}.items():
-        if opt.get(key) == "auto":
-            opt[key] = value
+        if key in opt:  # an optimizer parameter the file leaves out is DeepSpeed's default: not bpo's to add
+            ds_configs.fill(opt, key, value, path, f"optimizer.params.{key}", f"optim.{key}")
     zero = ds.get("zero_optimization", {})
     sizes = {"reduce_bucket_size": hidden_size ** 2, "stage3_prefetch_bucket_size": int(0.9 * hidden_size ** 2),
              "stage3_param_persistence_threshold": 10 * hidden_size} if hidden_size else {}
@@ -79,9 +80,8 @@ def build_ds_config(cfg, world_size, hidden_size=None):
                 zero[key] = sizes[key]
             else:
                 zero.pop(key)  # DeepSpeed's own default
-    ds.setdefault("bf16", {})["enabled"] = cfg.model.dtype == "bf16"
-    ds.setdefault("fp16", {})["enabled"] = cfg.model.dtype == "fp16"
-    return optim.adapt_ds_config(ds, cfg.optim, cfg.train.ds_config)  # a bitsandbytes optimizer replaces its section
+    ds_configs.fill_dtype(ds, cfg.model.dtype, path)
+    return optim.adapt_ds_config(ds, cfg.optim, path)  # a bitsandbytes optimizer replaces its section
 
 
 def build_data(cfg, chat, log):
