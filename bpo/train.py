@@ -22,7 +22,7 @@ import torch
 from bpo import checkpoint, dist, ds_configs, lora, optim, reshard, run_log, sampler
 from bpo.config import check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.data.records import enforce_max_image_pixels
-from bpo.faults import maybe_crash
+from bpo.faults import maybe_crash, maybe_slow
 from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
 from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
                        resolve_attn_implementation, set_gradient_checkpointing, set_trainable,
@@ -319,15 +319,20 @@ def train(cfg):
 
     checkpoint.save(engine, cfg.train.output_dir, total, cfg.train.keep_checkpoints)
     stop_request.clear()  # a request that came with the last step: the run is complete, nothing to stop
-    if cfg.train.export_16bit and dist.is_rank0():
+    log.close()
+    if cfg.train.export_16bit:
         from bpo.export import export
 
-        # From the checkpoint just written, streaming, in the model class's key names: loads with from_pretrained.
-        # A LoRA run writes its adapter directory, or with lora.export=merged full weights with the adapters folded in.
-        export(checkpoint.checkpoint_root(cfg.train.output_dir), os.path.join(cfg.train.output_dir, "hf_model"),
-               dtype=cfg.model.dtype, base_model=cfg.model.path, force=True,
-               merge=lora.uses_adapters(cfg.model) and cfg.lora.export == "merged")
-    log.close()
+        def export_model():
+            # From the checkpoint just written, streaming, in the model class's key names: loads with from_pretrained.
+            # A LoRA run writes its adapter directory, or with lora.export=merged full weights with the adapters
+            # folded in. At 70B this is ~140 GB written by one process: longer than a collective may wait.
+            maybe_slow("export")
+            export(checkpoint.checkpoint_root(cfg.train.output_dir), os.path.join(cfg.train.output_dir, "hf_model"),
+                   dtype=cfg.model.dtype, base_model=cfg.model.path, force=True,
+                   merge=lora.uses_adapters(cfg.model) and cfg.lora.export == "merged")
+
+        dist.on_rank0_polled(export_model, os.path.join(cfg.train.output_dir, "export"), "to export the model")
     dist.barrier()
     dist.print0(f"done: {total} steps, run directory {cfg.train.output_dir}")
     return 0
