@@ -16,6 +16,7 @@ Model placement, by `zero3`:
   DeepSpeed-Inference) scales far better for large models and is the recommended route at 70B.
 """
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -26,6 +27,10 @@ from bpo.model import load_model
 
 
 def load_generator(model_cfg, path, zero3):
+    if model_cfg.attn_implementation == "auto":
+        # auto picks a kernel for the shared-prompt scoring masks (flex_attention on CUDA); decoding has no such
+        # masks, and SDPA is transformers' everyday generation path.
+        model_cfg = dataclasses.replace(model_cfg, attn_implementation="sdpa")
     if not zero3:
         model = load_model(model_cfg, path=path)
         return model.to(dist.device()).eval()
