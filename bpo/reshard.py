@@ -9,9 +9,9 @@ same sequence of global batches (keep micro_batch_size x grad_accum x ranks, the
 
 The conversion runs once per tag, on rank 0, into step_N/universal (built as step_N/universal.tmp and renamed when
 done, so a killed conversion is redone), with every torch.load weights-only (bpo.safe_load). The other ranks wait by
-watching the file system rather than in a collective (bpo.dist.on_rank0_polled): at 70B the conversion reads and writes about one checkpoint
-(~0.8 TB) in a single process, longer than the collective timeout. It needs disk for that second copy, which is
-pruned with its tag.
+watching the file system rather than in a collective (bpo.dist.on_rank0_polled): at 70B the conversion reads and
+writes about one checkpoint (~0.8 TB) in a single process, longer than the collective timeout. It needs disk for
+that second copy, which is pruned with its tag.
 """
 
 import argparse

@@ -9,7 +9,6 @@ Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -58,14 +57,14 @@ def build_ds_config(cfg, world_size, hidden_size=None):
     path = cfg.train.ds_config
     ds = ds_configs.read(path)
     t = cfg.train
-    for key, value, config_key, shown in [
-        ("train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", None),
-        ("gradient_accumulation_steps", t.grad_accum, "train.grad_accum", None),
+    for key, value, config_key in [
+        ("train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size"),
+        ("gradient_accumulation_steps", t.grad_accum, "train.grad_accum"),
         ("train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
-         f"train.micro_batch_size x train.grad_accum x {world_size} ranks", None),
-        ("gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip", None),
+         f"train.micro_batch_size x train.grad_accum x {world_size} ranks"),
+        ("gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip"),
     ]:
-        ds_configs.fill(ds, key, value, path, key, config_key, shown)
+        ds_configs.fill(ds, key, value, path, key, config_key)
     opt = ds.get("optimizer", {}).get("params", {})
     for key, value in {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                        "weight_decay": cfg.optim.weight_decay}.items():

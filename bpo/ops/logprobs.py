@@ -41,7 +41,8 @@ from bpo.ops.logit_transform import LogitTransform
 
 NO_TRANSFORM = LogitTransform()
 BACKENDS = ("torch", "triton")  # sequence_logprobs' backends
-IMPLS = ("naive", "fused", "triton", "auto")  # loss.logprob_impl: naive = naive_sequence_logprobs, fused = "torch"
+# loss.logprob_impl: naive = naive_sequence_logprobs; fused and triton = sequence_logprobs on backend "torch" / "triton"
+IMPLS = ("naive", "fused", "triton", "auto")
 
 # Tokens whose logits the torch backend holds at once. Defined once, with the measurement that chose it, in the config
 # tree (loss.logprob_chunk_size); bpo.config imports nothing heavy, so the kernels may read it.

@@ -79,8 +79,9 @@ def test_bf16_scores_match_fp32(family, replica, image_root):  # noqa: F811
 @pytest.mark.parametrize("impl", ["fused", "naive"])
 def test_heads_accumulate_log_softmax_in_fp32(impl):
     """bf16 hidden states and weight: the head's log-probs are fp32's log_softmax of the bf16 logits (a bf16
-    log_softmax would be off by ~1e-2; fp32's by ~1e-6). The Triton head keeps its running max, sum and logits tile in
-    fp32 too (bpo/ops/triton_logprobs.py); tests/ops/test_triton_logprobs.py holds its bf16 output to the naive one's."""
+    log_softmax would be off by ~1e-2; fp32's by ~1e-6). The Triton head keeps its running max, sum and logits tile
+    in fp32 too (bpo/ops/triton_logprobs.py); tests/ops/test_triton_logprobs.py holds its bf16 output to the naive
+    one's."""
     from bpo.ops import naive_sequence_logprobs, sequence_logprobs
 
     g = torch.Generator().manual_seed(0)
