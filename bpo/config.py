@@ -21,8 +21,9 @@ from bpo.atomic import write_text
 class ModelConfig:
     path: str = ""  # local checkpoint directory; bpo never downloads
     dtype: str = "bf16"  # bf16 | fp16 | fp32: the dtype weights are loaded and trained in
-    # auto = flash_attention_2 when importable on CUDA (the shared layout then falls back to rows), else sdpa;
-    # flex_attention: the shared layout's masks as FlexAttention block masks (no (L, L) mask materialised)
+    # auto = a kernel that takes loss.scoring=shared's masks: flex_attention on CUDA (FlexAttention block masks, no
+    # (L, L) mask materialised), sdpa elsewhere (dense masks). flash_attention_2 takes no custom mask: it needs
+    # loss.scoring=rows, and with shared the job stops at start.
     attn_implementation: str = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -71,10 +72,18 @@ class LossConfig:
     # generation term). 0 = the paper's objective.
     sft_weight: float = 0.0
     reduction: str = "sum"  # sum | mean of per-token log-probs over a response
-    logprob_impl: str = "fused"  # fused = chunked head, never full-vocabulary logits; naive = log_softmax reference
-    logprob_chunk_size: int = 1024  # tokens per chunk of the fused head
+    # The log-prob head (bpo.ops): naive = log_softmax over the full-vocabulary logits, the readable reference;
+    # fused = the chunked torch head, never full-vocabulary logits; triton = the Triton kernels (CUDA; CPU only under
+    # TRITON_INTERPRET=1), refused where they cannot run; auto = triton on a CUDA device with triton installed, else
+    # fused. Every job prints the head it runs at start.
+    logprob_impl: str = "auto"
+    # Tokens per chunk of the fused head (triton tiles on its own); bpo.ops.logprobs.DEFAULT_CHUNK_SIZE is this value.
+    # Its fp32 (V, chunk) logits block is the head's only vocabulary-sized tensor: benchmarks/logprob_bench.py at
+    # V = 128256, H = 1024, 4096 tokens put the peak at ~0.11x the naive head's with 256 (the fp32 lm_head gradient
+    # is most of it), ~0.13x with 512, and larger chunks were no faster.
+    logprob_chunk_size: int = 256
     # shared = each prompt (and image) computed once with its responses after it (bpo.data.shared); rows = one padded
-    # row per response, the readable reference. A family the shared layout cannot take falls back to rows, logged.
+    # row per response, the readable reference. An attention that cannot take the shared layout stops the job.
     scoring: str = "shared"
 
 
@@ -420,8 +429,14 @@ def validate(cfg):
             "model.attn_implementation")
     _choice(cfg.loss.type, ("bpo", "dpo", "sft"), "loss.type")
     _choice(cfg.loss.reduction, ("sum", "mean"), "loss.reduction")
-    _choice(cfg.loss.logprob_impl, ("fused", "naive"), "loss.logprob_impl")
+    _choice(cfg.loss.logprob_impl, ("naive", "fused", "triton", "auto"), "loss.logprob_impl")
     _choice(cfg.loss.scoring, ("shared", "rows"), "loss.scoring")
+    if cfg.loss.scoring == "shared" and cfg.model.attn_implementation == "flash_attention_2":
+        # Never a silent fallback to rows: that is another job, ~3x the prompt tokens (issue 22).
+        raise ConfigError("loss.scoring=shared gives each sequence a custom attention mask (each response sees its "
+                          "prompt, never a sibling), and model.attn_implementation=flash_attention_2 takes none: use "
+                          "model.attn_implementation=auto (flex_attention on CUDA, sdpa on CPU), sdpa or "
+                          "flex_attention, or set loss.scoring=rows")
     _choice(cfg.optim.schedule, ("cosine", "constant"), "optim.schedule")
     _choice(cfg.optim.name, ("adamw", "adamw_8bit", "paged_adamw_8bit"), "optim.name")
     _choice(cfg.model.finetune, ("full", "lora", "qlora"), "model.finetune")

@@ -3,6 +3,7 @@
 import atexit
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -125,4 +126,42 @@ def on_rank0(fn):
     result, error = broadcast_object((result, error))
     if error is not None:
         raise error
+    return result
+
+
+POLL_S = 2.0  # how often ranks waiting on rank 0's long work look at the file system
+
+
+def on_rank0_polled(fn, marker, what):
+    """fn() on rank 0 while the other ranks wait by polling the file system, never in a collective. For rank-0 work
+    that may take longer than BPO_DIST_TIMEOUT_S (converting a 0.8 TB checkpoint, exporting the model, judging every
+    answer): a barrier behind it would time out and kill a healthy job. Rank 0 writes `marker`.done when fn has
+    returned, or `marker`.failed with its error, which the other ranks then raise. The markers live in a directory
+    every rank sees (the run's own), are cleared first and removed at the end. Returns fn's result on rank 0, None on
+    the others. A rank 0 killed outright writes nothing: the launcher (deepspeed, torchrun, srun) ends the others."""
+    done, failed = marker + ".done", marker + ".failed"
+    if is_rank0():
+        for path in (done, failed):
+            if os.path.exists(path):
+                os.remove(path)
+    barrier()  # no rank may see a stale marker from an earlier attempt
+    result = None
+    if is_rank0():
+        try:
+            result = fn()
+        except BaseException as e:
+            with open(failed, "w") as f:
+                f.write(f"{type(e).__name__}: {e}")
+            raise
+        with open(done, "w") as f:
+            f.write("done\n")
+    else:
+        while not os.path.exists(done):
+            if os.path.exists(failed):
+                with open(failed) as f:
+                    raise RuntimeError(f"rank 0 failed {what}: {f.read()}")
+            time.sleep(POLL_S)
+    barrier()  # every rank has seen the marker: rank 0 may remove it
+    if is_rank0():
+        os.remove(done)
     return result

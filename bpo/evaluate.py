@@ -35,6 +35,7 @@ from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config
 from bpo.data.conversation import Turn
 from bpo.data.records import Record, enforce_max_image_pixels
 from bpo.engines.server import ServerError, adds_bos, chat_messages, connect
+from bpo.faults import maybe_slow
 from bpo.fingerprint import digest_of, model_fingerprint
 from bpo.generate import generate, load_generator
 from bpo.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
@@ -143,12 +144,15 @@ def reward_margins(examples, cfg, model_path, chat):
     from bpo.data.shared import make_collate
     from bpo.loss import sequence_logps
     from bpo.model import SequenceScorer, choose_layout, load_model, model_inputs
+    from bpo.ops.logprobs import describe_impl
 
     records = [as_record(e) for e in examples]
     mine = list(range(dist.rank(), len(records), dist.world_size()))
     dataset = PreferenceDataset(records, chat, "", cfg.data.max_length, responses=("chosen", "rejected"))
     device = dist.device()
-    policy = SequenceScorer(load_model(cfg.model, path=model_path), impl=cfg.loss.logprob_impl).to(device).eval()
+    head = dict(impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size)  # scored exactly as in training
+    dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, device))
+    policy = SequenceScorer(load_model(cfg.model, path=model_path), **head).to(device).eval()
     if cfg.eval.ref_cache:
         from bpo.ref_cache import CachedReference
 
@@ -159,7 +163,7 @@ def reward_margins(examples, cfg, model_path, chat):
         from bpo.reference import LiveReference
 
         ref_model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path)
-        reference = LiveReference(SequenceScorer(ref_model, impl=cfg.loss.logprob_impl).to(device).eval(),
+        reference = LiveReference(SequenceScorer(ref_model, **head).to(device).eval(),
                                   cfg.loss.reduction)
     layout, why = choose_layout(cfg.loss.scoring, policy.model)
     dist.print0(why)
@@ -293,7 +297,8 @@ def main(argv=None):
     if scored:
         margins = gather_dict(reward_margins(scored, cfg, model_path, chat))
 
-    if dist.is_rank0():
+    def judge_and_report():  # rank 0 alone; judging every answer (a model or a server) can take hours
+        maybe_slow("judge")
         verdicts = judge.judge([JudgeItem(r["id"], text_only(e).prompt_text, e.image, r["response"])
                                 for r, e in zip(rows, examples)])
         for row, v in zip(rows, verdicts):
@@ -305,7 +310,9 @@ def main(argv=None):
         for name, text in (("report.json", json.dumps(report, indent=1)), ("report.md", markdown(report))):
             write_text(os.path.join(ecfg.output_dir, name), text)
         print(markdown(report), flush=True)
-    dist.barrier()
+
+    # The other ranks poll for rank 0's marker instead of waiting in a barrier that BPO_DIST_TIMEOUT_S would end.
+    dist.on_rank0_polled(judge_and_report, os.path.join(ecfg.output_dir, "judge"), "to judge and report")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ point, on every rank or only on the one named.
 The exit is `os._exit`, so no finally-block, atexit hook or buffered write runs: on disk it looks exactly like a
 SIGKILL or a node failure at that moment, which is what the resume paths must survive. `BPO_CRASH_SLEEP_S=<s>` makes
 the crashing rank wait that long first: a slow write that is then killed, while the other ranks carry on.
+`BPO_SLOW=<point>:<s>` makes a job sleep that long at a named point and carry on: rank-0 work (an export, judging)
+slower than BPO_DIST_TIMEOUT_S, which the other ranks must wait out without timing out.
 """
 
 import os
@@ -11,6 +13,7 @@ import time
 
 ENV = "BPO_CRASH_AFTER"
 SLEEP_ENV = "BPO_CRASH_SLEEP_S"
+SLOW_ENV = "BPO_SLOW"
 EXIT_CODE = 17
 
 
@@ -25,3 +28,9 @@ def maybe_crash(point, count):
     if name == point and count >= int(n):
         time.sleep(float(os.environ.get(SLEEP_ENV, "0")))
         os._exit(EXIT_CODE)
+
+
+def maybe_slow(point):
+    name, _, seconds = os.environ.get(SLOW_ENV, "").partition(":")
+    if name == point:
+        time.sleep(float(seconds))

@@ -16,6 +16,7 @@ Model placement, by `zero3`:
   DeepSpeed-Inference) scales far better for large models and is the recommended route at 70B.
 """
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 
@@ -26,14 +27,18 @@ from bpo.model import load_model
 
 
 def load_generator(model_cfg, path, zero3):
+    if model_cfg.attn_implementation == "auto":
+        # auto picks a kernel for the shared-prompt scoring masks (flex_attention on CUDA); decoding has no such
+        # masks, and SDPA is transformers' everyday generation path.
+        model_cfg = dataclasses.replace(model_cfg, attn_implementation="sdpa")
     if not zero3:
         model = load_model(model_cfg, path=path)
         return model.to(dist.device()).eval()
     import deepspeed
 
-    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-          "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": model_cfg.dtype == "bf16"},
-          "fp16": {"enabled": model_cfg.dtype == "fp16"}}
+    from bpo.ds_configs import inference_config
+
+    ds = inference_config(model_cfg)  # ds_configs/zero3_inference.json, as the reference-cache job reads it
     model = load_model(model_cfg, path=path, ds_config=ds)
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     engine.eval()

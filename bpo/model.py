@@ -14,7 +14,7 @@ from torch import nn
 from bpo import dist
 from bpo.data import shared
 from bpo.ops.logit_transform import LogitTransform
-from bpo.ops.logprobs import naive_sequence_logprobs, resolve_backend, sequence_logprobs
+from bpo.ops.logprobs import DEFAULT_CHUNK_SIZE, naive_sequence_logprobs, resolve_impl, sequence_logprobs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -29,17 +29,15 @@ MASKED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention"
 PARTS = ("vision_encoder", "connector", "language_model")
 
 
-def resolve_attn_implementation(requested):
+def resolve_attn_implementation(requested, cuda=None):
+    """model.attn_implementation -> what the model is built with. `auto` is a kernel that takes the shared-prompt
+    layout's masks (loss.scoring=shared, the default), so the path a user starts is the path the tests score:
+    flex_attention on CUDA (block masks, the (L, L) mask never built), sdpa elsewhere (FlexAttention has no CPU
+    backward). flash_attention_2 is never chosen by `auto`: it takes no custom mask (issue 22)."""
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "flex_attention" if cuda else "sdpa"
 
 
 def load_model(model_cfg, path=None, ds_config=None, quantize=False):
@@ -197,12 +195,11 @@ class SequenceScorer(nn.Module):
     `deepspeed.initialize`, after this wrapper exists, so its callers say True.
     """
 
-    def __init__(self, model, impl="fused", chunk_size=1024, blank=None, zero3=None):
+    def __init__(self, model, impl="auto", chunk_size=DEFAULT_CHUNK_SIZE, blank=None, zero3=None):
         super().__init__()
         self.model = model
-        self.impl = impl
+        self.impl = impl  # loss.logprob_impl; jobs pass the head resolve_impl chose (and printed), tests may pass auto
         self.chunk_size = chunk_size
-        self.backend = None  # resolved on first forward, when the device is known
         self.transform = LogitTransform.from_model(model)  # what model's forward does to its logits (Gemma softcap)
         self.accepted = set(inspect.signature(model.model.forward).parameters) - {"input_ids", "attention_mask"}
         self.dtype = next(model.parameters()).dtype
@@ -240,11 +237,12 @@ class SequenceScorer(nn.Module):
             hidden = hidden.flatten(0, 1)[predictor_index]  # (R, M, H): the state before each response token
         targets = labels[:, 1:]  # (R, M)
         weight = self.model.get_output_embeddings().weight  # (V, H)
+        if self.impl == "auto":
+            self.impl = resolve_impl(self.impl, hidden.device)  # once, now that the device is known
         if self.impl == "naive":
             return naive_sequence_logprobs(hidden, weight, targets, transform=self.transform)
-        if self.backend is None:
-            self.backend = resolve_backend(hidden.device)
-        return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend,
+        backend = "triton" if self.impl == "triton" else "torch"
+        return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=backend,
                                  transform=self.transform)
 
     def _shared_masks(self, seq, extra):
@@ -336,10 +334,17 @@ class SequenceScorer(nn.Module):
 
 
 def choose_layout(scoring, model):
-    """The batch layout a model is scored with: loss.scoring, unless the family cannot take the shared layout;
-    returns (layout, a line for the start-up log)."""
+    """The batch layout a model is scored with: loss.scoring; returns (layout, a line for the start-up log).
+
+    An attention implementation that takes no custom mask stops the job (bpo.config.validate refuses the known case
+    before any weights load): scoring in rows instead would run a different, slower job than the one asked for, and
+    another attention fixes it. A family whose layers mix tokens outside the attention mask (LFM2's convolutions) can
+    only be scored in rows, whatever the attention: it is, and the start-up log says why."""
     if scoring == "shared":
-        why = shared_layout_unsupported(model)
+        why = attention_without_mask(model)
+        if why is not None:
+            raise ValueError(f"loss.scoring=shared, but {type(model).__name__}: {why}; or set loss.scoring=rows")
+        why = layers_outside_attention(model)
         if why is not None:
             return "rows", f"scoring: rows (loss.scoring=shared, but {type(model).__name__}: {why})"
     return scoring, f"scoring: {scoring}"
@@ -347,13 +352,21 @@ def choose_layout(scoring, model):
 
 def shared_layout_unsupported(model):
     """Why this model cannot score the shared-prompt layout (bpo.data.shared), or None when it can."""
-    text = model.config.get_text_config()
-    attn = text._attn_implementation
+    return attention_without_mask(model) or layers_outside_attention(model)
+
+
+def attention_without_mask(model):
+    attn = model.config.get_text_config()._attn_implementation
     if attn not in ("sdpa", "eager", "flex_attention"):
-        return f"attention {attn!r} takes no custom attention mask (use sdpa or flex_attention)"
-    # The layout's masks keep a packed response from seeing the one before it only in attention layers; other layers
-    # (LFM2's short convolutions, linear attention, Mamba) mix neighbouring tokens whatever the mask says.
-    mixing = sorted(set(getattr(text, "layer_types", None) or ()) - set(MASKED_LAYER_TYPES))
+        return (f"attention {attn!r} takes no custom attention mask: use model.attn_implementation=sdpa or "
+                f"flex_attention (CUDA)")
+    return None
+
+
+def layers_outside_attention(model):
+    """The layout's masks keep a packed response from seeing the one before it only in attention layers; other
+    layers (LFM2's short convolutions, linear attention, Mamba) mix neighbouring tokens whatever the mask says."""
+    mixing = sorted(set(getattr(model.config.get_text_config(), "layer_types", None) or ()) - set(MASKED_LAYER_TYPES))
     if mixing:
         return f"its {'/'.join(mixing)} layers mix tokens outside the attention mask"
     return None

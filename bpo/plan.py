@@ -2,6 +2,8 @@
 
     python -m bpo.plan --model llava-1.5-7b --nodes 1 --gpus-per-node 8
     python -m bpo.plan --model /models/Qwen2-VL-72B-Instruct --nodes 8 --gpus-per-node 8 --seq-len 4096 [--markdown]
+    python -m bpo.plan --config configs/bpo_70b.yaml --model llava-next-72b --nodes 8 train.ref_cache=CACHE
+        (every training setting from the config and its overrides; bpo.plan_docs writes the docs' figures this way)
 
 --model is a Hugging Face config.json, a directory holding one (no weights are read), or a built-in name with the
 published dimensions: llava-1.5-7b, llava-next-72b, qwen2-vl-72b. Every figure is bytes per GPU unless it says
@@ -51,6 +53,8 @@ import argparse
 import json
 import os
 from dataclasses import dataclass, replace
+
+from bpo.config import LossConfig
 
 GiB = 2**30
 ALLOWANCE_BYTES = 4 * GiB
@@ -251,7 +255,7 @@ class Setup:
     seq_len: int = 2048
     micro_batch: int = 1
     responses: int = 3
-    chunk_size: int = 1024
+    chunk_size: int = LossConfig.logprob_chunk_size
     head: str = "fused"  # fused | naive
     reference: str = "cached"  # cached | live | adapters_off (LoRA: the policy with its adapters off)
     grad_ckpt: bool = True
@@ -289,6 +293,32 @@ class Setup:
     @property
     def adapters(self):
         return self.finetune in ("lora", "qlora")
+
+
+def setup_from_config(cfg, **cluster):
+    """The Setup a training config runs (bpo.config tree): its lengths, batch, head, reference, optimizer, fine-tuning
+    and scoring, and the ZeRO stage and offload of its ds_config; `cluster`: what a config does not say (nodes,
+    gpus_per_node, gpu_mem_gib). The Triton head (loss.logprob_impl triton, or auto on CUDA) is priced as the fused
+    one, an upper bound: it keeps the same fp32 lm_head gradient and tiles far smaller than a chunk of logits."""
+    from bpo.ds_configs import DS_CONFIGS, read
+
+    path = cfg.train.ds_config
+    if not os.path.isabs(path) and not os.path.exists(path):  # ds_configs/... from another directory
+        path = os.path.join(os.path.dirname(DS_CONFIGS), path)
+    zero = read(path).get("zero_optimization", {})
+    offloaded = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
+    adapters = cfg.model.finetune != "full"
+    reference = ("cached" if cfg.train.ref_cache else
+                 "adapters_off" if adapters and not cfg.train.ref_model_path else "live")
+    return Setup(zero=zero.get("stage", 3),
+                 offload="param" if offloaded("offload_param") else "optimizer" if offloaded("offload_optimizer")
+                 else "none",
+                 seq_len=cfg.data.max_length, micro_batch=cfg.train.micro_batch_size,
+                 responses={"bpo": 3, "dpo": 2, "sft": 1}[cfg.loss.type], chunk_size=cfg.loss.logprob_chunk_size,
+                 head="naive" if cfg.loss.logprob_impl == "naive" else "fused", reference=reference,
+                 grad_ckpt=cfg.model.gradient_checkpointing, train_vision_tower=cfg.model.train_vision_tower,
+                 optim=cfg.optim.name, finetune=cfg.model.finetune, lora_r=cfg.lora.r, scoring=cfg.loss.scoring,
+                 **cluster)
 
 
 def lora_params(dims, setup):
@@ -515,7 +545,12 @@ def report(dims, setup, markdown=False):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="config.json, a directory with one, or " + ", ".join(BUILTIN))
+    parser.add_argument("--model", help="config.json, a directory with one, or " + ", ".join(BUILTIN)
+                        + " (with --config: model.path when left out)")
+    parser.add_argument("--config", help="a training config (YAML): every setting it decides is read from it, and "
+                                         "the flags for those are refused; nodes, GPUs, GPU memory and the response "
+                                         "length stay flags")
+    parser.add_argument("overrides", nargs="*", help="with --config: section.key=value, applied after the file")
     parser.add_argument("--nodes", type=int, default=Setup.nodes)
     parser.add_argument("--gpus-per-node", type=int, default=Setup.gpus_per_node)
     parser.add_argument("--zero", type=int, default=Setup.zero, choices=(1, 2, 3))
@@ -540,18 +575,45 @@ def parse_args(argv=None):
     parser.add_argument("--gpu-mem-gb", type=float, default=Setup.gpu_mem_gib,
                         help="usable memory per GPU in GiB (an H100 80GB reports 79.6 GiB)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    return parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if not args.model and not args.config:
+        parser.error("--model is required without --config")
+    if args.overrides and not args.config:
+        parser.error(f"overrides {args.overrides} need --config")
+    if args.config:
+        given = [d for d in CONFIG_DECIDES if getattr(args, d) != parser.get_default(d)]
+        if given:
+            parser.error(f"--config decides {', '.join(given)}: set them in the config or as section.key=value "
+                         f"overrides")
+    return args
+
+
+# The Setup fields a training config decides (setup_from_config), named as parse_args names them.
+CONFIG_DECIDES = ("zero", "offload", "seq_len", "micro_batch", "responses", "chunk_size", "head", "reference",
+                  "grad_ckpt", "train_vision_tower", "optim", "finetune", "lora_r", "scoring")
+
+
+def build_setup(args):
+    """(model, Setup) from the command line: from --config and its overrides when given, else from the flags."""
+    cluster = dict(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gb)
+    if args.config:
+        from bpo.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        return args.model or cfg.model.path, setup_from_config(cfg, response_len=args.response_len, **cluster)
+    return args.model, Setup(zero=args.zero, offload=args.offload,
+                             seq_len=args.seq_len, micro_batch=args.micro_batch, responses=args.responses,
+                             chunk_size=args.chunk_size, head=args.head, reference=args.reference,
+                             grad_ckpt=args.grad_ckpt, train_vision_tower=args.train_vision_tower, optim=args.optim,
+                             finetune=args.finetune, lora_r=args.lora_r, scoring=args.scoring,
+                             response_len=args.response_len, **cluster)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    setup = Setup(nodes=args.nodes, gpus_per_node=args.gpus_per_node, zero=args.zero, offload=args.offload,
-                  seq_len=args.seq_len, micro_batch=args.micro_batch, responses=args.responses,
-                  chunk_size=args.chunk_size, head=args.head, reference=args.reference, grad_ckpt=args.grad_ckpt,
-                  train_vision_tower=args.train_vision_tower, gpu_mem_gib=args.gpu_mem_gb, optim=args.optim,
-                  finetune=args.finetune, lora_r=args.lora_r, scoring=args.scoring, response_len=args.response_len)
+    model, setup = build_setup(args)
     try:
-        text, fits = report(load_dims(args.model), setup, markdown=args.markdown)
+        text, fits = report(load_dims(model), setup, markdown=args.markdown)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print(text)

@@ -44,11 +44,10 @@ def parse_args(argv=None):
 def build_scorer(cfg, blank):
     import deepspeed
 
+    from bpo.ds_configs import inference_config
     from bpo.model import SequenceScorer, load_model
 
-    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-          "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": cfg.model.dtype == "bf16"},
-          "fp16": {"enabled": cfg.model.dtype == "fp16"}}
+    ds = inference_config(cfg.model)  # ds_configs/zero3_inference.json, as ZeRO-3 generation reads it
     # QLoRA's reference is its 4-bit base: the cache holds what training's adapters-off forward would compute.
     model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path, ds_config=ds,
                        quantize=cfg.model.finetune == "qlora")
@@ -133,6 +132,7 @@ def main(argv=None):
     from bpo.data.usable import usable_records
     from bpo.fingerprint import digest_of
     from bpo.model import choose_layout
+    from bpo.ops.logprobs import describe_impl
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -148,6 +148,7 @@ def main(argv=None):
     world, rank = dist.world_size(), dist.rank()
     out_dir = cfg.cache.output_dir
     dist.print0(chat.describe())
+    dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, dist.device()))
     processor, pad_id = chat.processor, chat.pad_id
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
                                 check_images=cfg.data.check_images,

@@ -9,9 +9,9 @@ same sequence of global batches (keep micro_batch_size x grad_accum x ranks, the
 
 The conversion runs once per tag, on rank 0, into step_N/universal (built as step_N/universal.tmp and renamed when
 done, so a killed conversion is redone), with every torch.load weights-only (bpo.safe_load). The other ranks wait by
-watching the file system rather than in a collective: at 70B the conversion reads and writes about one checkpoint
-(~0.8 TB) in a single process, longer than the collective timeout. It needs disk for that second copy, which is
-pruned with its tag.
+watching the file system rather than in a collective (bpo.dist.on_rank0_polled): at 70B the conversion reads and
+writes about one checkpoint (~0.8 TB) in a single process, longer than the collective timeout. It needs disk for
+that second copy, which is pruned with its tag.
 """
 
 import argparse
@@ -23,16 +23,11 @@ from bpo import dist
 from bpo.safe_load import weights_only_loads
 
 UNIVERSAL = "universal"
-POLL_S = 2.0
 
 
 def ds_config_entry():
     """What the DeepSpeed config needs to load a universal checkpoint."""
     return {"load_universal": True}
-
-
-def _failed_marker(out):
-    return out + ".failed"
 
 
 def convert(tag_dir):
@@ -58,31 +53,18 @@ def convert(tag_dir):
 
 def prepare(point):
     """Collective: (load_dir, tag) for engine.load_checkpoint of the universal copy of `point`, converting first
-    when there is none."""
+    when there is none (rank 0, the others polling: bpo.dist.on_rank0_polled)."""
     out = os.path.join(point.path, UNIVERSAL)
-    marker = _failed_marker(out)
-    if dist.is_rank0() and os.path.exists(marker):
-        os.remove(marker)
-    dist.barrier()  # no rank may see a stale marker from an earlier attempt
-    if dist.is_rank0():
+
+    def convert_once():
         if os.path.isdir(out):
             print(f"reshard: using {out}", flush=True)
-        else:
-            print(f"reshard: {point.path} was saved on {point.world} rank(s), this run has {dist.world_size()}; "
-                  f"converting it to DeepSpeed's universal format in {out}", flush=True)
-            t0 = time.time()
-            try:
-                convert(point.path)
-            except BaseException as e:
-                with open(marker, "w") as f:
-                    f.write(f"{type(e).__name__}: {e}")
-                raise
-            print(f"reshard: converted in {time.time() - t0:.1f}s", flush=True)
-    else:
-        while not os.path.isdir(out):
-            if os.path.exists(marker):
-                with open(marker) as f:
-                    raise RuntimeError(f"rank 0 failed to convert {point.path}: {f.read()}")
-            time.sleep(POLL_S)
-    dist.barrier()
+            return
+        print(f"reshard: {point.path} was saved on {point.world} rank(s), this run has {dist.world_size()}; "
+              f"converting it to DeepSpeed's universal format in {out}", flush=True)
+        t0 = time.time()
+        convert(point.path)
+        print(f"reshard: converted in {time.time() - t0:.1f}s", flush=True)
+
+    dist.on_rank0_polled(convert_once, out, f"to convert {point.path}")  # markers universal.done / .failed
     return point.path, UNIVERSAL

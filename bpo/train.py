@@ -9,7 +9,6 @@ Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,14 +18,15 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import torch
 
-from bpo import checkpoint, dist, lora, optim, reshard, run_log, sampler
+from bpo import checkpoint, dist, ds_configs, lora, optim, reshard, run_log, sampler
 from bpo.config import check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.data.records import enforce_max_image_pixels
-from bpo.faults import maybe_crash
+from bpo.faults import maybe_crash, maybe_slow
 from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
 from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
                        resolve_attn_implementation, set_gradient_checkpointing, set_trainable,
                        text_hidden_size)
+from bpo.ops.logprobs import describe_impl
 from bpo.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
 from bpo.stop import EXIT_CODE as STOPPED_EXIT_CODE, StopRequest
@@ -47,28 +47,29 @@ def parse_args(argv=None):
 
 
 def build_ds_config(cfg, world_size, hidden_size=None):
-    """Read the DeepSpeed JSON and fill its "auto" entries from the one config tree.
+    """Read the DeepSpeed JSON and fill its "auto" entries from the one config tree; an entry the config decides that
+    the file sets to another value is an error naming both (bpo.ds_configs.fill).
 
     ZeRO's bucket sizes follow the language model's `hidden_size` as transformers' DeepSpeed integration sizes them
     (H^2 elements per gradient-reduction bucket, 0.9 H^2 per parameter prefetch, parameters under 10 H kept whole):
     DeepSpeed's own default bucket, 5e8 elements, is allocated whole with contiguous_gradients, 1 GB in bf16 per
     rank whatever the model. Without `hidden_size` they are left to DeepSpeed."""
-    with open(cfg.train.ds_config) as f:
-        ds = json.load(f)
-    fills = {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-    }
-    for key, value in fills.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
+    path = cfg.train.ds_config
+    ds = ds_configs.read(path)
+    t = cfg.train
+    for key, value, config_key in [
+        ("train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size"),
+        ("gradient_accumulation_steps", t.grad_accum, "train.grad_accum"),
+        ("train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
+         f"train.micro_batch_size x train.grad_accum x {world_size} ranks"),
+        ("gradient_clipping", cfg.optim.grad_clip, "optim.grad_clip"),
+    ]:
+        ds_configs.fill(ds, key, value, path, key, config_key)
     opt = ds.get("optimizer", {}).get("params", {})
     for key, value in {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
                        "weight_decay": cfg.optim.weight_decay}.items():
-        if opt.get(key) == "auto":
-            opt[key] = value
+        if key in opt:  # an optimizer parameter the file leaves out is DeepSpeed's default: not bpo's to add
+            ds_configs.fill(opt, key, value, path, f"optimizer.params.{key}", f"optim.{key}")
     zero = ds.get("zero_optimization", {})
     sizes = {"reduce_bucket_size": hidden_size ** 2, "stage3_prefetch_bucket_size": int(0.9 * hidden_size ** 2),
              "stage3_param_persistence_threshold": 10 * hidden_size} if hidden_size else {}
@@ -78,9 +79,8 @@ def build_ds_config(cfg, world_size, hidden_size=None):
                 zero[key] = sizes[key]
             else:
                 zero.pop(key)  # DeepSpeed's own default
-    ds.setdefault("bf16", {})["enabled"] = cfg.model.dtype == "bf16"
-    ds.setdefault("fp16", {})["enabled"] = cfg.model.dtype == "fp16"
-    return optim.adapt_ds_config(ds, cfg.optim, cfg.train.ds_config)  # a bitsandbytes optimizer replaces its section
+    ds_configs.fill_dtype(ds, cfg.model.dtype, path)
+    return optim.adapt_ds_config(ds, cfg.optim, path)  # a bitsandbytes optimizer replaces its section
 
 
 def build_data(cfg, chat, log):
@@ -231,6 +231,7 @@ def train(cfg):
     log = run_log.make_log(cfg.train.output_dir, tensorboard=cfg.train.tensorboard, plot=cfg.train.plot)
 
     dist.print0(chat.describe())
+    dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, dist.device()))
     pad_id = chat.pad_id
     dataset = build_data(cfg, chat, log)
     blank = blank_image_example(chat)  # ZeRO-3 lockstep for micro-batches without an image (bpo.model)
@@ -257,7 +258,7 @@ def train(cfg):
         reference, ref_kind = AdapterOffReference(engine, cfg.loss.reduction), "policy with adapters off"
     dist.print0(f"world={world} micro_batch={cfg.train.micro_batch_size} grad_accum={cfg.train.grad_accum} "
                 f"global_batch={ds_config['train_batch_size']} examples, steps/epoch={per_epoch}, total steps={total}, "
-                f"log-prob head={cfg.loss.logprob_impl}, reference={ref_kind}")
+                f"reference={ref_kind}")
 
     start = 0
     if point is not None:
@@ -318,15 +319,20 @@ def train(cfg):
 
     checkpoint.save(engine, cfg.train.output_dir, total, cfg.train.keep_checkpoints)
     stop_request.clear()  # a request that came with the last step: the run is complete, nothing to stop
-    if cfg.train.export_16bit and dist.is_rank0():
+    log.close()
+    if cfg.train.export_16bit:
         from bpo.export import export
 
-        # From the checkpoint just written, streaming, in the model class's key names: loads with from_pretrained.
-        # A LoRA run writes its adapter directory, or with lora.export=merged full weights with the adapters folded in.
-        export(checkpoint.checkpoint_root(cfg.train.output_dir), os.path.join(cfg.train.output_dir, "hf_model"),
-               dtype=cfg.model.dtype, base_model=cfg.model.path, force=True,
-               merge=lora.uses_adapters(cfg.model) and cfg.lora.export == "merged")
-    log.close()
+        def export_model():
+            # From the checkpoint just written, streaming, in the model class's key names: loads with from_pretrained.
+            # A LoRA run writes its adapter directory, or with lora.export=merged full weights with the adapters
+            # folded in. At 70B this is ~140 GB written by one process: longer than a collective may wait.
+            maybe_slow("export")
+            export(checkpoint.checkpoint_root(cfg.train.output_dir), os.path.join(cfg.train.output_dir, "hf_model"),
+                   dtype=cfg.model.dtype, base_model=cfg.model.path, force=True,
+                   merge=lora.uses_adapters(cfg.model) and cfg.lora.export == "merged")
+
+        dist.on_rank0_polled(export_model, os.path.join(cfg.train.output_dir, "export"), "to export the model")
     dist.barrier()
     dist.print0(f"done: {total} steps, run directory {cfg.train.output_dir}")
     return 0

@@ -6,7 +6,7 @@
 #   SBATCH_PARTITION=gpu SBATCH_ACCOUNT=myproj MODEL_PATH=/models/llava-next-72b-hf sbatch --nodes=8 slurm/bpo_70b.sh
 #   BPO_PROFILE=cpu-tiny sbatch --gpus-per-node=0 --nodes=2 --time=15 slurm/bpo_70b.sh      (CPU, tiny model)
 #
-# Memory per GPU: python -m bpo.plan --model llava-next-72b --nodes 8 --seq-len 4096 (about 42 of 80 GiB).
+# Memory per GPU: the "# plan says:" line of configs/bpo_70b.yaml (python -m bpo.plan --config configs/bpo_70b.yaml ...).
 # Requeued on preemption, and by itself 5 minutes before the time limit (USR1) once training has checkpointed the step
 # it was at; it always passes train.resume=true, so a rerun continues from the newest complete checkpoint (and starts
 # fresh when there is none), on however many nodes it gets.

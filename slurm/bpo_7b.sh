@@ -6,7 +6,7 @@
 #   SBATCH_PARTITION=gpu SBATCH_ACCOUNT=myproj MODEL_PATH=/models/llava-1.5-7b-hf sbatch slurm/bpo_7b.sh
 #   BPO_PROFILE=cpu-tiny sbatch --gpus-per-node=0 --time=15 slurm/bpo_7b.sh                 (CPU, tiny model)
 #
-# Memory per GPU: python -m bpo.plan --model llava-1.5-7b --nodes 1 --micro-batch 2 (about 21 of 80 GiB).
+# Memory per GPU: the "# plan says:" line of configs/bpo_7b.yaml (python -m bpo.plan --config configs/bpo_7b.yaml ...).
 # Requeued on preemption, and by itself 5 minutes before the time limit (USR1) once training has checkpointed the step
 # it was at; it always passes train.resume=true.
 #SBATCH --job-name=bpo-7b

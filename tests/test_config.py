@@ -36,6 +36,7 @@ def test_file_then_overrides(tmp_path):
     ("data.max_image_pixels=0", "data.max_image_pixels must be at least 1"),
     ("loss.sft_weight=-0.5", "loss.sft_weight must be >= 0"),
     ("train.max_tokens_per_sequence=-1", "train.max_tokens_per_sequence must be >= 0, got -1"),
+    ("loss.logprob_impl=torch", r"loss.logprob_impl must be one of \('naive', 'fused', 'triton', 'auto'\)"),
 ])
 def test_bad_settings_name_the_key(override, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -171,7 +171,8 @@ def test_reference_by_adapters_off_equals_a_separate_frozen_copy(models, sample_
 @pytest.fixture(scope="module")
 def lora_runs(models, sample_data_dir, tmp_path_factory):
     """Two LoRA trainings on 2 ranks: bpo's tiny LLaVA (adapter export at the end) and the Qwen2-VL replica
-    (gradient checkpointing, merged export at the end)."""
+    (gradient checkpointing, merged export at the end). The tiny run's export is slowed past a short collective
+    timeout (SLOW_EXPORT): rank 1 must wait it out polling, not in a barrier."""
     root = tmp_path_factory.mktemp("lora")
     data = add_blind(os.path.join(sample_data_dir, "train.jsonl"), root / "train_blind.jsonl")
     runs = {}
@@ -187,9 +188,23 @@ def lora_runs(models, sample_data_dir, tmp_path_factory):
                       "micro_batch_size": 2, "max_steps": steps, "export_16bit": True, "plot": False,
                       "tensorboard": False},
         })
-        proc = run_job("train.py", config)
+        proc = run_job("train.py", config, env=SLOW_EXPORT if name == "tiny" else None)
         runs[name] = (root / name, read_metrics(root / name), proc.stdout)
     return runs
+
+
+# Rank 0's export sleeps 30 s first (bpo.faults.maybe_slow); collectives time out after 20 s, which a barrier behind
+# the export would hit (a gloo barrier fails "Timed out waiting"), while every other collective of the run is quick.
+SLOW_EXPORT = {"BPO_SLOW": "export:30", "BPO_DIST_TIMEOUT_S": "20"}
+
+
+def test_a_slow_export_outlasts_the_collective_timeout(lora_runs):
+    """Issue 22: the run whose export took longer than BPO_DIST_TIMEOUT_S ended with exit 0 (run_job checks), the
+    export whole, and the polling markers gone."""
+    run_dir, _, stdout = lora_runs["tiny"]
+    assert "done: 4 steps" in stdout
+    assert os.path.isfile(run_dir / "hf_model" / "adapter_model.safetensors")
+    assert not [f for f in os.listdir(run_dir) if f.startswith("export.")]
 
 
 @pytest.mark.parametrize("name", ["tiny", "qwen2_vl"])

@@ -80,7 +80,7 @@ def test_fused_head_counts_its_weight_gradient_at_72b():
     """The fused head's backward holds an fp32 (V, H) accumulator and its bf16 copy: ~7 GiB at V = 152064,
     H = 8192, which the 70B template's plan left out (50.6 GiB shown, ~57.5 GiB needed)."""
     dims = plan.load_dims("llava-next-72b")
-    setup = Setup(nodes=8, gpus_per_node=8, seq_len=4096, scoring="rows")
+    setup = Setup(nodes=8, gpus_per_node=8, seq_len=4096, scoring="rows", chunk_size=1024)
     rows, _ = rows_of(dims, setup)
     assert rows["head:fused"] == 1024 * 152064 * 10 + 6 * 152064 * 8192
     assert rows["step"] == (2 + 4) * 10**8  # a partition of 1.1B trained parameters steps in sub-groups of 1e8
@@ -245,3 +245,40 @@ def test_cli_takes_the_memory_levers(capsys):
     out = capsys.readouterr().out
     assert "optimizer (fp32 master + 8-bit Adam m, v)" in out and "LoRA parameters (r=8" in out
     assert "reference: the policy with adapters off" in out and "parameters (NF4 decoder Linear, bf16 rest)" in out
+
+
+def test_setup_from_config_reads_what_the_config_decides():
+    from bpo.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs", "bpo_70b.yaml"), ["train.ref_cache=C"])
+    setup = plan.setup_from_config(cfg, nodes=8)
+    assert (setup.seq_len, setup.micro_batch, setup.responses, setup.head, setup.reference, setup.grad_ckpt,
+            setup.scoring, setup.chunk_size, setup.zero, setup.offload, setup.ranks) == (
+        4096, 1, 3, "fused", "cached", True, "shared", cfg.loss.logprob_chunk_size, 3, "none", 64)
+    lora = load_config(None, ["model.finetune=lora", "loss.logprob_impl=naive", "loss.type=dpo",
+                              f"train.ds_config={REPO}/ds_configs/zero3_offload.json"])
+    setup = plan.setup_from_config(lora)
+    assert (setup.finetune, setup.reference, setup.head, setup.responses, setup.offload) == (
+        "lora", "adapters_off", "naive", 2, "param")
+    with pytest.raises(SystemExit):  # a flag the config decides is refused, not silently ignored
+        plan.parse_args(["--config", os.path.join(REPO, "configs", "bpo_7b.yaml"), "--seq-len", "5"])
+
+
+def test_docs_quote_what_plan_computes_from_the_configs():
+    """configs/bpo_7b.yaml and bpo_70b.yaml (their `# plan says:` line) and README.md's plan tables are what bpo.plan
+    computes from those configs now: a change to a config, a default or the plan fails here until
+    `python -m bpo.plan_docs` rewrites them."""
+    from bpo import plan_docs
+
+    docs = plan_docs.documents()
+    assert set(docs) == {"configs/bpo_7b.yaml", "configs/bpo_70b.yaml", "README.md"}
+    for path, (now, generated) in docs.items():
+        assert now == generated, f"{path}: memory figures drifted from bpo.plan; run python -m bpo.plan_docs"
+    assert docs["README.md"][0].count("<!-- plan: configs/") == 2
+    # The check can fail: a stale figure is rewritten, and the figure follows the config it is computed from.
+    text = docs["configs/bpo_7b.yaml"][0]
+    line = next(x for x in text.split("\n") if x.startswith(plan_docs.SAYS_LINE))
+    assert plan_docs.config_text("configs/bpo_7b.yaml", text.replace(line, "# plan says: 25 GiB")) == text
+    args = "--model llava-1.5-7b --nodes 1 --gpus-per-node 8 train.ref_cache=CACHE"
+    assert plan_docs.summary("configs/bpo_7b.yaml", args) in line
+    assert plan_docs.summary("configs/bpo_7b.yaml", args + " data.max_length=4096") not in line

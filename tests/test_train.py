@@ -148,7 +148,7 @@ def test_one_rank_with_more_accumulation_equals_two_ranks(short_run, train_setup
 def test_fused_head_equals_naive_head(short_run, train_setup):
     _, run_dir, rows = short_run
     config, naive_dir = train_setup("naive", train__max_steps=3, train__save_every=0, loss__logprob_impl="naive")
-    run_job("train.py", config)
+    assert "log-prob head: naive (loss.logprob_impl=naive)" in run_job("train.py", config).stdout
     _assert_close_runs(rows, read_metrics(naive_dir), 1e-5)
     a, b = _final_weights(run_dir), _final_weights(naive_dir)
     for name in a:  # the same parameter updates, lm_head included

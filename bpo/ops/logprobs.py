@@ -7,7 +7,8 @@ their gradients: at N = 4096 tokens and V = 128256 that is 2 GiB per fp32 copy. 
   * ``naive_sequence_logprobs``  - the readable reference (also the trainer's ``logprob_impl: naive``);
   * ``_ChunkedLogprobs``         - a torch autograd.Function that walks over chunks of tokens and keeps
                                    only one (V, chunk) block of logits alive at a time;
-  * ``sequence_logprobs``        - the plain function the trainer calls; it picks the backend.
+  * ``sequence_logprobs``        - the plain function the trainer calls, on the backend it is given;
+  * ``resolve_impl``             - loss.logprob_impl (naive | fused | triton | auto) -> the head that runs.
 
 The Triton backend lives in ``bpo/ops/triton_logprobs.py`` and is imported only when asked for.
 Every head takes ``transform`` (``bpo.ops.logit_transform.LogitTransform``): the scaling and/or softcap
@@ -35,16 +36,17 @@ import importlib.util
 
 import torch
 
+from bpo.config import LossConfig
 from bpo.ops.logit_transform import LogitTransform
 
 NO_TRANSFORM = LogitTransform()
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton")  # sequence_logprobs' backends
+# loss.logprob_impl: naive = naive_sequence_logprobs; fused and triton = sequence_logprobs on backend "torch" / "triton"
+IMPLS = ("naive", "fused", "triton", "auto")
 
-# Tokens whose logits the torch backend holds at once: the fp32 block costs chunk_size * V * 4 bytes
-# (125 MiB at V = 128256). Chosen with benchmarks/logprob_bench.py at V = 128256, H = 1024, 4096 tokens:
-# 256 puts the peak at ~0.11x naive (the fp32 grad_W, V * H * 4 bytes, is most of it), 512 at ~0.13x
-# (over the 1/8 budget); larger chunks showed no speed gain on CPU.
-DEFAULT_CHUNK_SIZE = 256
+# Tokens whose logits the torch backend holds at once. Defined once, with the measurement that chose it, in the config
+# tree (loss.logprob_chunk_size); bpo.config imports nothing heavy, so the kernels may read it.
+DEFAULT_CHUNK_SIZE = LossConfig.logprob_chunk_size
 
 
 def naive_sequence_logprobs(hidden, weight, labels, ignore_index=-100, temperature=1.0, transform=NO_TRANSFORM):
@@ -119,12 +121,26 @@ def sequence_logprobs(
     return out.reshape(labels.shape)
 
 
-def resolve_backend(device) -> str:
-    """"triton" on a CUDA device when triton is installed, else "torch". The caller logs the choice."""
-    device = torch.device(device)
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return "triton"
-    return "torch"
+def resolve_impl(impl, device) -> str:
+    """loss.logprob_impl -> the head that runs on ``device``: "naive", "fused" or "triton". ``auto`` is triton on a
+    CUDA device when triton is installed, else fused; the job prints the result at start. An explicit "triton" that
+    cannot run here raises (check_backend): no head is ever swapped for another behind the config's back."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown log-prob head {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return "triton" if cuda and importlib.util.find_spec("triton") is not None else "fused"
+    if impl == "triton":
+        check_backend("triton", device)
+    return impl
+
+
+def describe_impl(impl, chunk_size, device) -> str:
+    """The start-up line naming the head loss.logprob_impl=`impl` runs on `device`; raises where it cannot run, so a
+    job calls it before any weights load."""
+    head = resolve_impl(impl, device)
+    detail = f", chunk {chunk_size} tokens" if head == "fused" else ""
+    return f"log-prob head: {head} (loss.logprob_impl={impl}{detail})"
 
 
 def check_backend(name, device) -> None:

@@ -139,3 +139,43 @@ def test_flex_attention_is_refused_on_cpu_before_anything_loads():
         with pytest.raises(SystemExit, match="model.attn_implementation=flex_attention needs a CUDA GPU"):
             cli.run(job.main, ["model.path=/nonexistent", "data.train_file=/nonexistent.jsonl",
                                "cache.output_dir=/nonexistent-cache", "model.attn_implementation=flex_attention"])
+
+
+def test_auto_attention_takes_the_shared_layout_and_flash_attention_stops_it(monkeypatch):
+    """Issue 22: the attention `auto` picks on each platform takes the shared layout, and one that cannot take it
+    stops the job instead of scoring rows silently (config check before weights load, model check after)."""
+    import os
+    import types
+
+    from bpo.config import ConfigError, load_config
+    from bpo.model import choose_layout, resolve_attn_implementation
+
+    assert resolve_attn_implementation("auto", cuda=True) == "flex_attention"
+    assert resolve_attn_implementation("auto", cuda=False) == "sdpa"
+    assert resolve_attn_implementation("flash_attention_2", cuda=True) == "flash_attention_2"
+
+    def fake(attn):  # only what choose_layout reads: the text config's attention
+        text = types.SimpleNamespace(_attn_implementation=attn)
+        return types.SimpleNamespace(config=types.SimpleNamespace(get_text_config=lambda: text))
+
+    for attn in ("flex_attention", "sdpa", "eager"):
+        assert choose_layout("shared", fake(attn)) == ("shared", "scoring: shared")
+    assert choose_layout("rows", fake("flash_attention_2")) == ("rows", "scoring: rows")
+    with pytest.raises(ValueError, match="model.attn_implementation=sdpa or flex_attention.*loss.scoring=rows"):
+        choose_layout("shared", fake("flash_attention_2"))
+    with pytest.raises(ConfigError, match="sdpa or flex_attention, or set loss.scoring=rows"):
+        load_config(None, ["model.attn_implementation=flash_attention_2"])
+    assert load_config(None, ["model.attn_implementation=flash_attention_2", "loss.scoring=rows"])
+    # Generation has no shared masks: auto decodes with SDPA there; an explicit choice is kept.
+    from bpo import generate
+
+    seen, model = [], types.SimpleNamespace()
+    model.to, model.eval = (lambda device: model), (lambda: model)
+    monkeypatch.setattr(generate, "load_model", lambda cfg, path=None: seen.append(cfg.attn_implementation) or model)
+    for attn in ("auto", "eager"):
+        generate.load_generator(load_config(None, [f"model.attn_implementation={attn}"]).model, "m", zero3=False)
+    assert seen == ["sdpa", "eager"]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for name in ("bpo_7b.yaml", "bpo_70b.yaml"):  # the shipped cluster configs take the tested path
+        cfg = load_config(os.path.join(repo, "configs", name))
+        assert (cfg.model.attn_implementation, cfg.loss.scoring) == ("auto", "shared"), name

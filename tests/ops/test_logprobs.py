@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bpo.ops import naive_sequence_logprobs, resolve_backend, sequence_logprobs
+from bpo.ops import naive_sequence_logprobs, resolve_impl, sequence_logprobs
 from bpo.ops import logprobs as logprobs_mod
 from bpo.ops.logit_transform import LogitTransform
 from ops.reference import TRANSFORMS, compare_to_naive, make_inputs, run
@@ -257,12 +257,36 @@ def test_ignored_rows_cost_no_matmul():
 
 
 # ---- backend choice -----------------------------------------------------------------------------------------------
-def test_resolve_backend(monkeypatch):
-    assert resolve_backend(torch.device("cpu")) == "torch"
+def test_resolve_impl(monkeypatch):
+    """loss.logprob_impl -> the head that runs: auto is triton on CUDA with triton installed, else fused; the explicit
+    names are kept as asked, and an explicit triton that cannot run raises instead of becoming fused."""
+    for impl in ("naive", "fused"):
+        assert resolve_impl(impl, torch.device("cpu")) == impl
+    assert resolve_impl("auto", torch.device("cpu")) == "fused"
     has_triton = importlib.util.find_spec("triton") is not None
-    assert resolve_backend(torch.device("cuda")) == ("triton" if has_triton else "torch")
+    assert resolve_impl("auto", torch.device("cuda")) == ("triton" if has_triton else "fused")
+    with pytest.raises(ValueError, match="unknown log-prob head 'torch'"):
+        resolve_impl("torch", torch.device("cpu"))
+    assert logprobs_mod.describe_impl("auto", 256, torch.device("cpu")) == (
+        "log-prob head: fused (loss.logprob_impl=auto, chunk 256 tokens)")
     monkeypatch.setattr(logprobs_mod.importlib.util, "find_spec", lambda name: None)
-    assert resolve_backend(torch.device("cuda")) == "torch"
+    assert resolve_impl("auto", torch.device("cuda")) == "fused"
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        resolve_impl("triton", torch.device("cuda"))
+
+
+def test_one_chunk_default():
+    """The fused head's chunk is defined once, in the config tree, and every default reads it."""
+    import inspect
+
+    from bpo.config import load_config
+    from bpo.model import SequenceScorer
+    from bpo.plan import Setup
+
+    default = load_config().loss.logprob_chunk_size
+    assert logprobs_mod.DEFAULT_CHUNK_SIZE == default == Setup.chunk_size
+    for fn in (sequence_logprobs, SequenceScorer.__init__):
+        assert inspect.signature(fn).parameters["chunk_size"].default == default, fn
 
 
 def test_bad_arguments_raise():
