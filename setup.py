@@ -20,6 +20,7 @@ setup(
         "tokenizers",
         "jsonlines",
         "pillow",
+        "pyarrow",  # parquet data files as `datasets` writes them (bpo/data/formats.py); tested with 26.0.1
         "pyyaml",
         "tqdm",
         "tensorboard",

@@ -38,8 +38,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # A file (.json, .jsonl, either .gz, .parquet as `datasets` writes it) or a hub-style dataset folder (bpo.data.formats)
     train_file: str = ""
+    split: str = ""  # the split of a dataset folder: SPLIT or CONFIG/SPLIT (e.g. test/harm); empty for a single file
     image_root: str = ""  # directory the records' `image` names are relative to
+    # Where images stored inline (parquet HF Image bytes) are extracted, as images/<sha256[:16]>.<ext>; empty = the
+    # data file's folder
+    image_cache: str = ""
     max_length: int = 1024  # prompt (never cut) + response (cut at the end) tokens per sequence
     # Chat template used instead of the checkpoint's: a Jinja file, or a template shipped in bpo/templates
     # (vicuna_v1: what LLaVA-1.5 was trained with; its published template writes no end of turn). Empty = checkpoint.
@@ -177,8 +182,9 @@ class CacheConfig:
 class EvalConfig:
     """bpo/evaluate.py: generate on a test set, judge safety, pairwise and implicit-reward accuracy."""
 
-    test_file: str = ""  # a file (MMSafe-PO, SPA-VL) or a directory (MM-SafetyBench)
-    format: str = "mmsafe_po"  # mmsafe_po | mm_safetybench | spa_vl
+    test_file: str = ""  # a file or dataset folder (MMSafe-PO, SPA-VL, VLGuard, FigStep CSV) or a directory (MM-SafetyBench)
+    split: str = ""  # the split of a dataset folder (SPA-VL: test/harm); images inline are extracted to data.image_cache
+    format: str = "mmsafe_po"  # mmsafe_po | mm_safetybench | spa_vl | figstep | vlguard (docs/eval_formats.md)
     image_root: str = ""  # default: data.image_root
     model_path: str = ""  # the model evaluated (e.g. an exported run); default: model.path
     output_dir: str = "runs/eval"

@@ -30,7 +30,7 @@ if __package__ in (None, ""):
 from bpo import dist
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config, require
 from bpo.engines.server import ServerError, adds_bos, connect
-from bpo.fingerprint import digest_of, file_digest, model_fingerprint
+from bpo.fingerprint import data_digest, digest_of, model_fingerprint
 from bpo.generate import Generation, generate, load_generator
 from bpo.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
 
@@ -136,9 +136,11 @@ def main(argv=None):
     dist.init_distributed()
     dist.print0(chat.describe())
 
-    items = read_raw_records(input_file)  # [(source, dict)] in file order, every line kept
+    split, image_cache = (cfg.data.split, cfg.data.image_cache) if input_file == cfg.data.train_file else ("", "")
+    items = read_raw_records(input_file, split, image_cache)  # [(source, dict)] in file order, every line kept
     records, bad = load_records(input_file, image_root=cfg.data.image_root, check_images=False,
-                                allow_outside_root=cfg.data.allow_outside_image_root)
+                                allow_outside_root=cfg.data.allow_outside_image_root, split=split,
+                                image_cache=image_cache)
     by_source = {r.source: r for r in records}
     reasons = {b.source: b.reason for b in bad}
     entries = [(by_source.get(src), reasons.get(src, "record could not be read")) for src, _ in items]
@@ -147,7 +149,7 @@ def main(argv=None):
 
     settings = {
         # Hashed by rank 0 alone: every rank reading the model's weights at once multiplies the I/O by the ranks.
-        **dist.on_rank0(lambda: {"input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path))}),
+        **dist.on_rank0(lambda: {"input": data_digest(input_file, split), "model": digest_of(model_fingerprint(model_path))}),
         "decode": {k: v for k, v in vars(cfg.decode).items() if k not in TRANSPORT_KEYS},
         "batches_per_shard": cfg.blind.batches_per_shard, "format": 1,
         "chat_template": digest_of(chat.processor.chat_template),

@@ -78,6 +78,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file")
     parser.add_argument("--image-root", help="directory the image names are relative to (default: current directory)")
+    parser.add_argument("--split", default="", help="as data.split: the split of a dataset folder (SPLIT or CONFIG/SPLIT)")
+    parser.add_argument("--image-cache", default="",
+                        help="as data.image_cache: where inline images are extracted (default: the data file's folder)")
     parser.add_argument("--no-images", action="store_true", help="do not open the images")
     parser.add_argument("--model", help="checkpoint directory whose processor measures the length budget")
     parser.add_argument("--max-length", type=int, help="token budget per prompt + response (needs --model)")
@@ -92,7 +95,8 @@ def main(argv=None):
         parser.error("--max-length must be positive")
 
     try:
-        records, bad = load_records(args.file, args.image_root, check_images=not args.no_images, progress=True)
+        records, bad = load_records(args.file, args.image_root, check_images=not args.no_images, progress=True,
+                                   split=args.split, image_cache=args.image_cache)
     except DataFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
