@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # A file (.json, .jsonl, either .gz, .parquet as `datasets` writes it) or a hub-style dataset folder (bpo.data.formats)
+    # .json, .jsonl, either gzipped, .parquet as `datasets` writes it, or a hub dataset folder (bpo.data.formats)
     train_file: str = ""
     split: str = ""  # the split of a dataset folder: SPLIT or CONFIG/SPLIT (e.g. test/harm); empty for a single file
     image_root: str = ""  # directory the records' `image` names are relative to
@@ -182,8 +182,9 @@ class CacheConfig:
 class EvalConfig:
     """bpo/evaluate.py: generate on a test set, judge safety, pairwise and implicit-reward accuracy."""
 
-    test_file: str = ""  # a file or dataset folder (MMSafe-PO, SPA-VL, VLGuard, FigStep CSV) or a directory (MM-SafetyBench)
-    split: str = ""  # the split of a dataset folder (SPA-VL: test/harm); images inline are extracted to data.image_cache
+    # A file or hub dataset folder (MMSafe-PO, SPA-VL), a CSV (FigStep), test.json (VLGuard), a checkout (MMSB)
+    test_file: str = ""
+    split: str = ""  # the split of a dataset folder (SPA-VL: test/harm); inline images go to data.image_cache
     format: str = "mmsafe_po"  # mmsafe_po | mm_safetybench | spa_vl | figstep | vlguard (docs/eval_formats.md)
     image_root: str = ""  # default: data.image_root
     model_path: str = ""  # the model evaluated (e.g. an exported run); default: model.path
@@ -195,6 +196,9 @@ class EvalConfig:
     reward_accuracy: bool = True  # implicit reward margins vs the reference (eval.ref_cache, else model.path live)
     ref_cache: str = ""  # a reference cache built on the test file (bpo/ref_logprobs.py data.train_file=TEST)
     limit: int = 0  # evaluate only the first N examples (0 = all)
+    # Ask every example that has an image a second time with the image withheld (same text, marker dropped) and
+    # report both safety rates side by side per category: the modality gap. Doubles generation and judging.
+    modality_probe: bool = True
 
 
 # Entity types the data builder knows, each with the phrase that replaces a mention of such an entity (the order is
@@ -412,7 +416,7 @@ def validate(cfg):
     _choice(cfg.optim.name, ("adamw", "adamw_8bit", "paged_adamw_8bit"), "optim.name")
     _choice(cfg.model.finetune, ("full", "lora", "qlora"), "model.finetune")
     _choice(cfg.lora.export, ("adapter", "merged"), "lora.export")
-    _choice(cfg.eval.format, ("mmsafe_po", "mm_safetybench", "spa_vl"), "eval.format")
+    _choice(cfg.eval.format, ("mmsafe_po", "mm_safetybench", "spa_vl", "figstep", "vlguard"), "eval.format")
     _choice(cfg.decode.engine, ("hf", "vllm"), "decode.engine")
     if cfg.decode.engine == "vllm" and not cfg.decode.server_url.startswith(("http://", "https://")):
         raise ConfigError("decode.engine=vllm needs decode.server_url, the server's API base such as "

@@ -149,7 +149,8 @@ def main(argv=None):
 
     settings = {
         # Hashed by rank 0 alone: every rank reading the model's weights at once multiplies the I/O by the ranks.
-        **dist.on_rank0(lambda: {"input": data_digest(input_file, split), "model": digest_of(model_fingerprint(model_path))}),
+        **dist.on_rank0(lambda: {"input": data_digest(input_file, split),
+                                 "model": digest_of(model_fingerprint(model_path))}),
         "decode": {k: v for k, v in vars(cfg.decode).items() if k not in TRANSPORT_KEYS},
         "batches_per_shard": cfg.blind.batches_per_shard, "format": 1,
         "chat_template": digest_of(chat.processor.chat_template),

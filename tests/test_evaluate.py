@@ -41,15 +41,23 @@ def test_evaluation_writes_report(tiny_model_dir, sample_data_dir, tmp_path):
     assert report["implicit_reward"]["n"] == 16 and report["implicit_reward"]["mean_margin"] == 0.0
     assert report["implicit_reward"]["not_scored"] == 1
 
+    # The modality probe (eval.modality_probe, on by default): every example asked again with its image withheld.
+    probe = report["modality_probe"]
+    assert probe["overall"]["with_image"]["n"] == probe["overall"]["image_withheld"]["n"] == 17
+    assert set(probe) == {"overall", "dangerous behavior", "illegal activity", "privacy"}  # per record `type`
+
     rows = [json.loads(line) for line in open(out / "results.jsonl")]
     test_ids = [r["id"] for r in rows]
-    assert len(rows) == 17 and len(set(test_ids)) == 17
+    assert len(rows) == 34 and len(set(test_ids)) == 34
     for row in rows:
-        assert {"prompt", "response", "verdict", "judge_output", "pairwise_answer"} <= set(row)
-        assert ("reward_margin" in row) == (row["id"] != LONG_ID)
+        withheld = row["id"].endswith("#no_image")
+        assert {"prompt", "response", "verdict", "judge_output"} <= set(row)
+        assert ("pairwise_answer" in row) == (not withheld) and (row["image"] is None) == withheld
+        assert ("reward_margin" in row) == (row["id"] != LONG_ID and not withheld)
         assert row["prompt"].rstrip().endswith("ASSISTANT:")
     md = open(out / "report.md").read()
     assert "pairwise accuracy" in md and "implicit reward accuracy" in md and "1 left out by data.skip_bad" in md
+    assert "Modality probe" in md
 
     # A rerun finds every generation shard done and rebuilds the same report.
     proc = run_job("evaluate.py", config)

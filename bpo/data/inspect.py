@@ -78,7 +78,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file")
     parser.add_argument("--image-root", help="directory the image names are relative to (default: current directory)")
-    parser.add_argument("--split", default="", help="as data.split: the split of a dataset folder (SPLIT or CONFIG/SPLIT)")
+    parser.add_argument("--split", default="",
+                        help="as data.split: the split of a dataset folder (SPLIT or CONFIG/SPLIT)")
     parser.add_argument("--image-cache", default="",
                         help="as data.image_cache: where inline images are extracted (default: the data file's folder)")
     parser.add_argument("--no-images", action="store_true", help="do not open the images")

@@ -11,9 +11,11 @@ The file is opened by `bpo.data.formats` (every job reads data through it): `.js
 `<image_cache>/images/<sha256[:16]><ext>`), or a hub-style dataset folder with a `split` (`SPLIT` or `CONFIG/SPLIT`).
 JSON text is decided by content: a file whose first non-blank character is `[` is a JSON array, anything else is
 JSONL. A record without an `id` whose image came inline is hashed with the image bytes' sha256 in place of the name,
-so its id does not depend on where the image was extracted. Image names are joined to `image_root` (with no root: the current directory), the same rule `bpo.data.encode`
-uses, so what is checked here is what training opens. A name that is absolute or climbs out of the root (`../x`) is
-a bad record unless `allow_outside_root` (data.allow_outside_image_root): a data file must not make a job read files
+so its id does not depend on where the image was extracted.
+
+Image names are joined to `image_root` (with no root: the current directory), the same rule `bpo.data.encode` uses,
+so what is checked here is what training opens. A name that is absolute or climbs out of the root (`../x`) is a bad
+record unless `allow_outside_root` (data.allow_outside_image_root): a data file must not make a job read files
 elsewhere; an inline image (bytes inside the data file, `formats.InlineImage`) names no file and is exempt. Symbolic
 links inside the root are followed: whoever made the root put them there. An image of more than
 `max_image_pixels` (data.max_image_pixels) is a bad record, refused from its header before it is decoded.

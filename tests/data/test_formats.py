@@ -24,7 +24,8 @@ def png(color):
 
 
 def write_hub_parquet(path, rows):
-    """Rows as `datasets` writes MMSafe-PO's hub release: prompt (no id), image {bytes, path}, chosen, rejected, type."""
+    """Rows as `datasets` writes MMSafe-PO's hub release: prompt (no id), image {bytes, path}, chosen, rejected,
+    type."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     table = pa.table({
         "prompt": [r["prompt"] for r in rows],
