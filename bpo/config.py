@@ -268,8 +268,12 @@ class BuildRewriteConfig:
 class BuildConfig:
     """python -m bpo.build_data: text-only preference data -> MMSafe-PO records (bpo/build_data/)."""
 
-    input_file: str = ""  # JSON or JSONL: HH-RLHF transcripts (chosen/rejected) or prompt/chosen/rejected
-    input_format: str = "auto"  # auto (per record: `prompt` present -> prompt, else hh) | hh | prompt
+    # HH-RLHF transcripts (chosen/rejected), prompt/chosen/rejected or PKU-SafeRLHF records: JSON, JSONL, either
+    # gzipped (HH-RLHF's harmless-base/test.jsonl.gz), parquet, or a hub dataset folder with build.input_split
+    input_file: str = ""
+    input_split: str = ""  # SPLIT or CONFIG/SPLIT of a dataset folder (bpo.data.formats); empty for a single file
+    # auto (per record: `response_0` present -> pku, else `prompt` present -> prompt, else hh) | hh | prompt | pku
+    input_format: str = "auto"
     output_file: str = ""  # JSONL of MMSafe-PO records; OUTPUT.report.json beside it
     image_dir: str = ""  # where the records' images are written (the image root); empty = OUTPUT_images
     batch_size: int = 16  # records handed to the request workers at once; the progress bar moves per batch
@@ -471,7 +475,7 @@ def validate(cfg):
 
 def validate_build(b):
     """The build section's values; what the build job needs set is `require_build`, which that job calls."""
-    _choice(b.input_format, ("auto", "hh", "prompt"), "build.input_format")
+    _choice(b.input_format, ("auto", "hh", "prompt", "pku"), "build.input_format")
     _choice(b.entity.backend, ("llm", "spacy", "given"), "build.entity.backend")
     _choice(b.image.backend, ("bank", "diffusers"), "build.image.backend")
     _choice(b.rewrite.backend, ("llm", "none"), "build.rewrite.backend")
