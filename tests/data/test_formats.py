@@ -140,3 +140,29 @@ def test_real_mmsafe_po_test_split():
 def test_real_hh_rlhf_gzip():
     raw = read_raw_records(real_path("hh-rlhf", "harmless-base", "test.jsonl.gz"))
     assert len(raw) == 2312 and all(set(obj) == {"chosen", "rejected"} for _, obj in raw)
+
+
+def test_inspect_reads_a_hub_folder_by_split(tmp_path, capsys):
+    from bpo.data.inspect import main
+
+    write_hub_parquet(str(tmp_path / "hub" / "data" / "test-00000-of-00001.parquet"),
+                      [hub_row((1, 1, 1)), hub_row((2, 2, 2))])
+    code = main([str(tmp_path / "hub"), "--split", "test", "--image-cache", str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    assert code == 0 and "records: 2 usable, 0 bad" in out and "variant (conversation key): prompt: 2" in out
+    assert main([str(tmp_path / "hub")]) == 2
+    assert "pick one with data.split" in capsys.readouterr().err
+
+
+def test_fingerprints_of_a_hub_folder(tmp_path):
+    from bpo.fingerprint import data_digest, images_fingerprint
+
+    path = str(tmp_path / "data" / "test-00000-of-00001.parquet")
+    write_hub_parquet(path, [hub_row((1, 1, 1))])
+    before = data_digest(str(tmp_path), "test")
+    assert before != data_digest(path)  # a folder's digest names its files
+    # Inline images are in the data digest, not in the by-name image fingerprint.
+    assert images_fingerprint(str(tmp_path), "", split="test", image_cache=str(tmp_path / "c")) == \
+        images_fingerprint(str(tmp_path), "/elsewhere", split="test", image_cache=str(tmp_path / "c"))
+    write_hub_parquet(path, [hub_row((9, 9, 9))])
+    assert data_digest(str(tmp_path), "test") != before
