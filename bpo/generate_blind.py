@@ -29,6 +29,7 @@ if __package__ in (None, ""):
 
 from bpo import dist
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config, require
+from bpo.data.formats import InlineImage
 from bpo.engines.server import ServerError, adds_bos, connect
 from bpo.fingerprint import data_digest, digest_of, model_fingerprint
 from bpo.generate import Generation, generate, load_generator
@@ -114,6 +115,23 @@ def blind_rows(batch_index, batch, items, entries, model, chat, cfg, meta_base, 
     return rows
 
 
+def as_file_row(raw, record, image_root, source):
+    """The input record as an output row. An image stored inline (parquet) becomes the name of its extracted file
+    under data.image_root, so the output trains like any JSONL file, and a record without an id keeps the id its
+    image bytes gave it (the file name would give another). SystemExit when the extracted file is outside the root."""
+    image = raw.get("image")
+    if not isinstance(image, InlineImage):
+        return raw
+    name = os.path.relpath(image, os.path.abspath(image_root or "."))
+    if name.split(os.sep)[0] == "..":
+        raise SystemExit(f"{source}: the input's images are stored inline and were extracted to "
+                         f"{os.path.dirname(image)}, outside data.image_root ({image_root or 'the current directory'});"
+                         f" the output names them as files read under data.image_root: set data.image_cache to "
+                         f"data.image_root (or a folder under it)")
+    row = dict(raw, image=name)
+    return {"id": record.id, **row} if record is not None and "id" not in row else row
+
+
 def dummy_decode(model, chat, cfg):
     """Under ZeRO-3 every rank must run every forward; a rank with nothing left decodes a one-token prompt."""
     generate(model, chat, [([chat.eos_id], {}, {})], cfg.decode, 0, synced=True)
@@ -145,7 +163,8 @@ def main(argv=None):
     reasons = {b.source: b.reason for b in bad}
     entries = [(by_source.get(src), reasons.get(src, "record could not be read")) for src, _ in items]
     # A line that is not a JSON object cannot be copied through; its row says where it was and why it has no blind.
-    items = [raw if isinstance(raw, dict) else {"source": src} for src, raw in items]
+    items = [as_file_row(raw, by_source.get(src), cfg.data.image_root, src) if isinstance(raw, dict)
+             else {"source": src} for src, raw in items]
 
     settings = {
         # Hashed by rank 0 alone: every rank reading the model's weights at once multiplies the I/O by the ranks.
