@@ -16,7 +16,6 @@
   / `.jsonl` / `.jsonl.gz`. Several files of one split are read in name order.
 """
 
-import glob
 import gzip
 import hashlib
 import os
@@ -92,13 +91,19 @@ def find_split(folder, split):
 
 
 def _split_files(folder):
-    """{"CONFIG/SPLIT" or "SPLIT": [files]} for every data file under folder (two levels at most)."""
+    """{"CONFIG/SPLIT" or "SPLIT": [files]} for every data file under folder (two folders deep at most: the walk
+    does not descend further, so a folder of extracted images below costs nothing)."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(folder, "**", "*"), recursive=True)):
+    paths = []
+    for here, dirs, files in os.walk(folder):
+        depth = os.path.relpath(here, folder).count(os.sep) + (here != folder)
+        dirs[:] = [d for d in dirs if not d.startswith(".")] if depth < 2 else []
+        paths += [os.path.join(here, f) for f in files]
+    for path in sorted(paths):
         rel = os.path.relpath(path, folder)
         suffix = next((s for s in _DATA_SUFFIXES if rel.endswith(s)), None)
         parts = rel.split(os.sep)
-        if suffix is None or not os.path.isfile(path) or len(parts) > 3 or parts[0].startswith("."):
+        if suffix is None:
             continue
         stem = parts[-1][: -len(suffix)]
         if len(parts) == 3 or (len(parts) == 2 and stem.isdigit()):  # CONFIG/SPLIT/0000.parquet, SPLIT/0000.parquet

@@ -95,13 +95,16 @@ def test_a_dataset_folder_is_read_by_split(tmp_path):
 
 def test_split_names_follow_the_hub_layouts(tmp_path):
     for rel in ("test/harm-00000-of-00001.parquet", "test/help-00000-of-00001.parquet",
-                "evalharm/test/0000.parquet", "evalhelp/test/0000.parquet", "data/train.jsonl.gz"):
+                "evalharm/test/0000.parquet", "evalhelp/test/0000.parquet", "data/train.jsonl.gz",
+                ".cache/data/dev-00000-of-00001.parquet", "data/images/deep/dev.json"):  # hidden, too deep: not data
         os.makedirs(os.path.dirname(tmp_path / rel), exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
     assert find_split(str(tmp_path), "harm") == [str(tmp_path / "test/harm-00000-of-00001.parquet")]
     assert find_split(str(tmp_path), "test/help") == [str(tmp_path / "test/help-00000-of-00001.parquet")]
     assert find_split(str(tmp_path), "evalharm/test") == [str(tmp_path / "evalharm/test/0000.parquet")]
     assert find_split(str(tmp_path), "train") == [str(tmp_path / "data/train.jsonl.gz")]
+    with pytest.raises(FormatError, match="no split 'dev'"):
+        find_split(str(tmp_path), "dev")
     with pytest.raises(FormatError, match="several configs"):
         find_split(str(tmp_path), "test")  # evalharm/test or evalhelp/test
 
