@@ -7,5 +7,6 @@
 
 Modules: `adapters` (loaders, `load_test_set`; layouts in docs/eval_formats.md), `figstep` and `vlguard` (those
 sets' loaders), `metrics` (per-set rates, the modality gap, over-refusal), `judges` (refusal rules, an
-OpenAI-compatible endpoint, a local guard model), `pairwise` (harmless-response choice accuracy).
+OpenAI-compatible endpoint, a local guard model), `pairwise` (harmless-response choice accuracy), `compare` (tables
+and a chart from several runs' reports).
 """
