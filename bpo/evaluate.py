@@ -214,8 +214,10 @@ def build_report(cfg, examples, rows, verdicts, margins, judge_desc):
         key = metrics.CATEGORY_KEY[fmt]
         report[fmt] = {"per_" + key: metrics.grouped(metrics.join_verdicts(harmful, harmful_verdicts), key,
                                                      "safety_rate", "safe")}
-    if len(shown) < len(examples):
-        report["modality_probe"] = metrics.modality_gap(examples, verdicts, metrics.CATEGORY_KEY[fmt])
+    if len(shown) < len(examples):  # harmful prompts only: benign ones have their own numbers below
+        probed = [e for e in examples if not e.meta.get("benign")]
+        report["modality_probe"] = metrics.modality_gap(probed, [by_id[e.id] for e in probed],
+                                                        metrics.CATEGORY_KEY[fmt])
     benign = [e for e in examples if e.meta.get("benign")]
     if benign:
         refusal = RefusalJudge().judge  # the refusal rule reads "answered" here: these prompts should be answered
