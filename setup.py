@@ -20,7 +20,7 @@ setup(
         "tokenizers",
         "jsonlines",
         "pillow",
-        "pyarrow",  # parquet data files as `datasets` writes them (bpo/data/formats.py); tested with 26.0.1
+        "pyarrow>=26",  # parquet as `datasets` writes it (bpo/data/formats.py); no upper bound: majors come quarterly
         "pyyaml",
         "tqdm",
         "tensorboard",
