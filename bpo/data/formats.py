@@ -1,6 +1,7 @@
 """Data files as their authors publish them -> the raw bytes or rows `bpo.data.records` reads.
 
-    kind, payload = open_data(path, split="", image_cache="")
+    for name, kind, payload in open_data(path, split="", image_cache=""):  # one entry per file read
+        ...  # kind "bytes": the file's (gunzipped) bytes; "rows": (row index, dict) in file order
 
 - `.json` / `.jsonl` (and any other name): the bytes, read by `bpo.data.records` as a JSON array or JSONL.
 - `.json.gz` / `.jsonl.gz` (HH-RLHF ships `harmless-base/test.jsonl.gz`): the same, gunzipped.
