@@ -16,9 +16,6 @@ An example's id is "<entry id>/<subset>", its meta holds `subset`, `benign` (tru
 (harmful_category, or "safe"), `subcategory` and `reference` (the published response).
 """
 
-import json
-import os
-
 from bpo.data.conversation import Turn
 from bpo.eval.adapters import BadExample, EvalExample, image_under_root
 
@@ -43,18 +40,12 @@ def _pairs(entry):
 
 
 def load_vlguard(path, image_root="", check_images=True, allow_outside_root=False, subsets=tuple(SUBSETS.values())):
-    """Examples in file order (entry by entry, pairs in their order), of the subsets asked for."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            entries = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); VLGuard's test.json is one JSON "
-                             f"array") from None
-    if not isinstance(entries, list):
-        raise ValueError(f"{path} holds a JSON {type(entries).__name__}, not VLGuard's array of entries")
+    """Examples in file order (entry by entry, pairs in their order), of the subsets asked for. The file is read by
+    the shared reader (a JSON array as published; JSONL or gzipped alike); DataFileError when it cannot be read."""
+    from bpo.data.records import read_raw_records
+
     examples, bad, seen = [], [], set()
-    for i, entry in enumerate(entries):
-        source = f"{path}[{i}]"
+    for source, entry in read_raw_records(path):
         eid = entry.get("id") if isinstance(entry, dict) else None
         try:
             if not isinstance(entry, dict):

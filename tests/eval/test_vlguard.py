@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
+from bpo.data.records import DataFileError
 from bpo.eval.vlguard import load_vlguard
 from real_data import real_path
 
@@ -46,5 +47,5 @@ def test_images_under_the_root_and_bad_entries(tmp_path):
     assert reasons["no-pairs"] == "no 'instr-resp' list"
     assert all(b.source.startswith(f"{tmp_path / 'test.json'}[") for b in bad)
     (tmp_path / "broken.json").write_text("[{")
-    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+    with pytest.raises(DataFileError, match="broken.json starts like a JSON array but is not valid JSON"):
         load_vlguard(str(tmp_path / "broken.json"))
