@@ -37,8 +37,9 @@ class InlineImage(str):
         return obj
 
 
-class FormatError(OSError):
-    """The data file or folder cannot be read in any format bpo knows; the message says what to do."""
+class DataFileError(OSError):
+    """The data file or folder cannot be read at all (as a whole); the message names it and says what to do. Jobs
+    end on it with that one line (bpo.cli)."""
 
 
 def image_ext(data):
@@ -69,7 +70,7 @@ def extract_image(data, image_cache):
                 f.write(data)
             os.replace(tmp, out)
         except OSError as e:
-            raise FormatError(f"cannot extract an inline image to {folder}: {e}; set data.image_cache (or "
+            raise DataFileError(f"cannot extract an inline image to {folder}: {e}; set data.image_cache (or "
                               f"eval.image_cache) to a writable folder") from e
     return InlineImage(out, digest)
 
@@ -78,7 +79,7 @@ def find_split(folder, split):
     """The data files of `split` (`SPLIT` or `CONFIG/SPLIT`) in a dataset folder, in name order."""
     found = _split_files(folder)
     if not split:
-        raise FormatError(f"{folder} is a dataset folder with split(s) {sorted(found) or 'none'}; pick one with "
+        raise DataFileError(f"{folder} is a dataset folder with split(s) {sorted(found) or 'none'}; pick one with "
                           f"data.split (eval.split for evaluation), e.g. {next(iter(sorted(found)), 'train')!r}")
     if split in found:
         return found[split]
@@ -86,9 +87,9 @@ def find_split(folder, split):
     if len(matches) == 1:
         return found[matches[0]]
     if matches:
-        raise FormatError(f"split {split!r} is in several configs of {folder}: {sorted(matches)}; name one as "
+        raise DataFileError(f"split {split!r} is in several configs of {folder}: {sorted(matches)}; name one as "
                           f"CONFIG/SPLIT")
-    raise FormatError(f"no split {split!r} in {folder}; found {sorted(found) or 'no data files'}")
+    raise DataFileError(f"no split {split!r} in {folder}; found {sorted(found) or 'no data files'}")
 
 
 def _split_files(folder):
@@ -124,7 +125,7 @@ def open_data(path, split="", image_cache=""):
         files = find_split(path, split)
     else:
         if split:
-            raise FormatError(f"data.split={split!r} picks a split of a dataset folder, but {path} is one file; "
+            raise DataFileError(f"data.split={split!r} picks a split of a dataset folder, but {path} is one file; "
                               f"leave the split empty or point at the folder")
         files = [path]
     return [_open_one(f, image_cache or os.path.dirname(os.path.abspath(f))) for f in files]
@@ -137,12 +138,12 @@ def _open_one(path, image_cache):
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise FormatError(f"cannot read data file {path}: {e}") from e
+        raise DataFileError(f"cannot read data file {path}: {e}") from e
     if path.endswith(".gz") or data.startswith(b"\x1f\x8b"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as e:
-            raise FormatError(f"data file {path} is not a complete gzip file ({e}); download it again") from e
+            raise DataFileError(f"data file {path} is not a complete gzip file ({e}); download it again") from e
     return path, "bytes", data
 
 
@@ -150,11 +151,11 @@ def _parquet_rows(path, image_cache):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise FormatError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+        raise DataFileError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
     try:
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError
-        raise FormatError(f"data file {path} is not a readable parquet file ({type(e).__name__}: {e})") from e
+        raise DataFileError(f"data file {path} is not a readable parquet file ({type(e).__name__}: {e})") from e
 
     def rows():
         index = 0

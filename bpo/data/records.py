@@ -30,17 +30,13 @@ from dataclasses import dataclass, field
 
 from bpo.config import DataConfig
 from bpo.data.conversation import ConversationError, Turn, parse_conversation
-from bpo.data.formats import FormatError, InlineImage, open_data
+from bpo.data.formats import DataFileError, InlineImage, open_data
 
 CONVERSATION_KEYS = ("question", "prompt")
 RESPONSE_KEYS = ("chosen", "rejected", "blind")
 _RESPONSE_PREFIX = "ASSISTANT:"
 _END_OF_TURN = "</s>"
 _OWN_KEYS = {"id", "image", *CONVERSATION_KEYS, *RESPONSE_KEYS}
-
-
-class DataFileError(OSError):
-    """The data file cannot be read as JSON or JSONL at all."""
 
 
 class RecordError(ValueError):
@@ -201,14 +197,11 @@ def raise_if_bad(bad, path):
 def _read_entries(path, split="", image_cache=""):
     """[(source, obj, error)] in file order; error is None or why the entry is not a JSON object."""
     entries = []
-    try:
-        for name, kind, payload in open_data(path, split, image_cache):
-            if kind == "rows":
-                entries += _checked([(f"{name}[{i}]", row, None) for i, row in payload])
-            else:
-                entries += _parse_text(name, payload)
-    except FormatError as e:
-        raise DataFileError(str(e)) from e
+    for name, kind, payload in open_data(path, split, image_cache):
+        if kind == "rows":
+            entries += _checked([(f"{name}[{i}]", row, None) for i, row in payload])
+        else:
+            entries += _parse_text(name, payload)
     return entries
 
 

@@ -15,6 +15,7 @@ import csv
 import os
 
 from bpo.data.conversation import Turn
+from bpo.data.formats import DataFileError
 from bpo.eval.adapters import BadExample, EvalExample, check_image
 
 # The text every FigStep query sends with its image: QueryType.figstep (6) in ThuCCSLab/FigStep
@@ -48,10 +49,11 @@ def load_figstep(path, image_dir=None, check_images=False):
         with open(path, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError) as e:
-        raise FileNotFoundError(f"cannot read the FigStep CSV {path}: {e}") from e
+        raise DataFileError(f"cannot read the FigStep CSV {path}: {e}") from e
     missing = [c for c in FIGSTEP_COLUMNS if rows and c not in rows[0]] if rows else list(FIGSTEP_COLUMNS)
     if missing:
-        raise ValueError(f"{path} is not a SafeBench CSV: no column(s) {missing} (expected {list(FIGSTEP_COLUMNS)})")
+        raise DataFileError(f"{path} is not a SafeBench CSV: no column(s) {missing} (expected "
+                            f"{list(FIGSTEP_COLUMNS)})")
     if folder is None:
         raise FileNotFoundError(f"no folder of FigStep images (query_*.png) for {path}; looked in "
                                 f"{[os.path.normpath(c) for c in searched]}: set eval.image_root")

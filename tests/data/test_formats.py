@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from bpo.data.formats import FormatError, InlineImage, find_split, open_data
+from bpo.data.formats import InlineImage, find_split, open_data
 from bpo.data.records import DataFileError, load_records, read_raw_records, stable_id
 from real_data import real_path
 
@@ -103,9 +103,9 @@ def test_split_names_follow_the_hub_layouts(tmp_path):
     assert find_split(str(tmp_path), "test/help") == [str(tmp_path / "test/help-00000-of-00001.parquet")]
     assert find_split(str(tmp_path), "evalharm/test") == [str(tmp_path / "evalharm/test/0000.parquet")]
     assert find_split(str(tmp_path), "train") == [str(tmp_path / "data/train.jsonl.gz")]
-    with pytest.raises(FormatError, match="no split 'dev'"):
+    with pytest.raises(DataFileError, match="no split 'dev'"):
         find_split(str(tmp_path), "dev")
-    with pytest.raises(FormatError, match="several configs"):
+    with pytest.raises(DataFileError, match="several configs"):
         find_split(str(tmp_path), "test")  # evalharm/test or evalhelp/test
 
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from bpo.data.formats import DataFileError
 from bpo.eval.adapters import load_test_set
 from bpo.eval.figstep import FIGSTEP_PROMPT, load_figstep
 from real_data import real_path
@@ -47,5 +48,5 @@ def test_image_root_and_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="set eval.image_root"):
         load_figstep(str(csv_copy))
     (tmp_path / "other.csv").write_text("question\nx\n")
-    with pytest.raises(ValueError, match=r"not a SafeBench CSV: no column\(s\) \['dataset'"):
+    with pytest.raises(DataFileError, match=r"not a SafeBench CSV: no column\(s\) \['dataset'"):
         load_figstep(str(tmp_path / "other.csv"), image_dir=str(tmp_path / "pngs"))
