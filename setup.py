@@ -20,6 +20,7 @@ setup(
         "tokenizers",
         "jsonlines",
         "pillow",
+        "pyarrow>=26",  # parquet as `datasets` writes it (bpo/data/formats.py); no upper bound: majors come quarterly
         "pyyaml",
         "tqdm",
         "tensorboard",

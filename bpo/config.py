@@ -39,8 +39,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # .json, .jsonl, either gzipped, .parquet as `datasets` writes it, or a hub dataset folder (bpo.data.formats)
     train_file: str = ""
+    split: str = ""  # the split of a dataset folder: SPLIT or CONFIG/SPLIT (e.g. test/harm); empty for a single file
     image_root: str = ""  # directory the records' `image` names are relative to
+    # Where images stored inline (parquet HF Image bytes) are extracted, as images/<sha256[:16]>.<ext>; empty = the
+    # data file's folder
+    image_cache: str = ""
     max_length: int = 1024  # prompt (never cut) + response (cut at the end) tokens per sequence
     # Chat template used instead of the checkpoint's: a Jinja file, or a template shipped in bpo/templates
     # (vicuna_v1: what LLaVA-1.5 was trained with; its published template writes no end of turn). Empty = checkpoint.
@@ -189,8 +194,10 @@ class CacheConfig:
 class EvalConfig:
     """bpo/evaluate.py: generate on a test set, judge safety, pairwise and implicit-reward accuracy."""
 
-    test_file: str = ""  # a file (MMSafe-PO, SPA-VL) or a directory (MM-SafetyBench)
-    format: str = "mmsafe_po"  # mmsafe_po | mm_safetybench | spa_vl
+    # A file or hub dataset folder (MMSafe-PO, SPA-VL), a CSV (FigStep), test.json (VLGuard), a checkout (MMSB)
+    test_file: str = ""
+    split: str = ""  # the split of a dataset folder (SPA-VL: test/harm); inline images go to data.image_cache
+    format: str = "mmsafe_po"  # mmsafe_po | mm_safetybench | spa_vl | figstep | vlguard (docs/eval_formats.md)
     image_root: str = ""  # default: data.image_root
     model_path: str = ""  # the model evaluated (e.g. an exported run); default: model.path
     output_dir: str = "runs/eval"
@@ -201,6 +208,9 @@ class EvalConfig:
     reward_accuracy: bool = True  # implicit reward margins vs the reference (eval.ref_cache, else model.path live)
     ref_cache: str = ""  # a reference cache built on the test file (bpo/ref_logprobs.py data.train_file=TEST)
     limit: int = 0  # evaluate only the first N examples (0 = all)
+    # Ask every example that has an image a second time with the image withheld (same text, marker dropped) and
+    # report both safety rates side by side per category: the modality gap. Doubles generation and judging.
+    modality_probe: bool = True
 
 
 # Entity types the data builder knows, each with the phrase that replaces a mention of such an entity (the order is
@@ -270,8 +280,12 @@ class BuildRewriteConfig:
 class BuildConfig:
     """python -m bpo.build_data: text-only preference data -> MMSafe-PO records (bpo/build_data/)."""
 
-    input_file: str = ""  # JSON or JSONL: HH-RLHF transcripts (chosen/rejected) or prompt/chosen/rejected
-    input_format: str = "auto"  # auto (per record: `prompt` present -> prompt, else hh) | hh | prompt
+    # HH-RLHF transcripts (chosen/rejected), prompt/chosen/rejected or PKU-SafeRLHF records: JSON, JSONL, either
+    # gzipped (HH-RLHF's harmless-base/test.jsonl.gz), parquet, or a hub dataset folder with build.input_split
+    input_file: str = ""
+    input_split: str = ""  # SPLIT or CONFIG/SPLIT of a dataset folder (bpo.data.formats); empty for a single file
+    # auto (per record: `response_0` present -> pku, else `prompt` present -> prompt, else hh) | hh | prompt | pku
+    input_format: str = "auto"
     output_file: str = ""  # JSONL of MMSafe-PO records; OUTPUT.report.json beside it
     image_dir: str = ""  # where the records' images are written (the image root); empty = OUTPUT_images
     batch_size: int = 16  # records handed to the request workers at once; the progress bar moves per batch
@@ -441,7 +455,7 @@ def validate(cfg):
     _choice(cfg.optim.name, ("adamw", "adamw_8bit", "paged_adamw_8bit"), "optim.name")
     _choice(cfg.model.finetune, ("full", "lora", "qlora"), "model.finetune")
     _choice(cfg.lora.export, ("adapter", "merged"), "lora.export")
-    _choice(cfg.eval.format, ("mmsafe_po", "mm_safetybench", "spa_vl"), "eval.format")
+    _choice(cfg.eval.format, ("mmsafe_po", "mm_safetybench", "spa_vl", "figstep", "vlguard"), "eval.format")
     _choice(cfg.decode.engine, ("hf", "vllm"), "decode.engine")
     if cfg.decode.engine == "vllm" and not cfg.decode.server_url.startswith(("http://", "https://")):
         raise ConfigError("decode.engine=vllm needs decode.server_url, the server's API base such as "
@@ -496,7 +510,7 @@ def validate(cfg):
 
 def validate_build(b):
     """The build section's values; what the build job needs set is `require_build`, which that job calls."""
-    _choice(b.input_format, ("auto", "hh", "prompt"), "build.input_format")
+    _choice(b.input_format, ("auto", "hh", "prompt", "pku"), "build.input_format")
     _choice(b.entity.backend, ("llm", "spacy", "given"), "build.entity.backend")
     _choice(b.image.backend, ("bank", "diffusers"), "build.image.backend")
     _choice(b.rewrite.backend, ("llm", "none"), "build.rewrite.backend")

@@ -2,7 +2,8 @@
 
 Single process:  python bpo/evaluate.py --config FILE eval.model_path=RUN/hf_model eval.test_file=test.json
 Many GPUs:       deepspeed --num_gpus 8 bpo/evaluate.py --config FILE ...
-Test sets:       eval.format=mmsafe_po (file), mm_safetybench (directory), spa_vl (file); see docs/eval_formats.md
+Test sets:       eval.format=mmsafe_po | mm_safetybench (directory) | spa_vl | figstep (CSV) | vlguard (test.json);
+                 a file or a hub dataset folder with eval.split (docs/eval_formats.md)
 On a server:     python bpo/evaluate.py --config FILE decode.engine=vllm decode.server_url=http://HOST:8000/v1 ...
 Judges:          eval.judge.type=refusal (offline rules) | openai (eval.judge.url, .model, .api_key_env) | hf (.path)
 
@@ -50,22 +51,25 @@ def parse_args(argv=None):
 
 
 def load_examples(ecfg, image_root, dcfg):
+    """The test set's usable examples (bad ones printed and skipped), then, with eval.modality_probe, a copy of each
+    one that has an image, asked without it: id "<id>#no_image", meta image_withheld and probe_of."""
     from bpo.eval import adapters
+    from bpo.eval.metrics import WITHHELD
 
-    if ecfg.format == "mmsafe_po":
-        examples, bad = adapters.load_mmsafe_po(ecfg.test_file, image_root=image_root,
-                                                allow_outside_root=dcfg.allow_outside_image_root,
-                                                max_image_pixels=dcfg.max_image_pixels)
-    elif ecfg.format == "mm_safetybench":
-        examples, bad = adapters.load_mm_safetybench(ecfg.test_file, image_dir=image_root or None)
-    else:
-        examples, bad = adapters.load_spa_vl_harm(ecfg.test_file, image_root=image_root)
+    examples, bad = adapters.load_test_set(ecfg.format, ecfg.test_file, image_root, ecfg.split, dcfg.image_cache,
+                                           allow_outside_root=dcfg.allow_outside_image_root,
+                                           max_image_pixels=dcfg.max_image_pixels)
     for b in bad:
         dist.print0(f"skipping {b}")
     if ecfg.limit:
         examples = examples[:ecfg.limit]
     if not examples:
         raise SystemExit(f"no usable examples in {ecfg.test_file}")
+    if ecfg.modality_probe:
+        examples = examples + [
+            dataclasses.replace(text_only(e), id=f"{e.id}#no_image", image=None, chosen=None, rejected=None,
+                                meta=dict(e.meta, **{WITHHELD: True, "probe_of": e.id}))
+            for e in examples if e.image is not None]
     return examples
 
 
@@ -114,12 +118,15 @@ def generation_rows(batch, examples, model, chat, cfg, seed):
                      "response": text, "new_tokens": n, "finish_reason": finish})
         if error:
             rows[-1]["generation_error"] = error
-    if ecfg.pairwise and all(e.chosen is not None for e in examples):
-        queries = [pairwise_prompt(text_only(e), ecfg.pairwise_seed) for e in exs]
-        records = [as_record(e, [Turn("user", q, e.image is not None)]) for e, (q, _) in zip(exs, queries)]
-        answers = decode_records(model, chat, cfg, records, batch, seed, ecfg.pairwise_max_new_tokens)
-        for row, (_, chosen_first), answer in zip(rows, queries, answers):
-            row.update(pairwise_answer=answer[0], pairwise_chosen_first=chosen_first)
+    paired = [k for k, e in enumerate(exs) if e.chosen is not None]  # the image-withheld copies have no pair
+    if ecfg.pairwise and paired:
+        queries = [pairwise_prompt(text_only(exs[k]), ecfg.pairwise_seed) for k in paired]
+        records = [as_record(exs[k], [Turn("user", q, exs[k].image is not None)])
+                   for k, (q, _) in zip(paired, queries)]
+        answers = decode_records(model, chat, cfg, records, [batch[k] for k in paired], seed,
+                                 ecfg.pairwise_max_new_tokens)
+        for k, (_, chosen_first), answer in zip(paired, queries, answers):
+            rows[k].update(pairwise_answer=answer[0], pairwise_chosen_first=chosen_first)
     return rows
 
 
@@ -188,24 +195,47 @@ def gather_dict(local):
 
 
 def build_report(cfg, examples, rows, verdicts, margins, judge_desc):
-    from bpo.eval import adapters
+    """The set's own numbers on the examples as published (with their images; harmful prompts only), then the
+    modality probe and, for benign prompts, over-refusal."""
+    from bpo.eval import metrics
+    from bpo.eval.judges import JudgeItem, RefusalJudge
     from bpo.eval.pairwise import PairwiseItem, score_pairwise
 
+    fmt = cfg.eval.format
+    by_id = {v.id: v for v in verdicts}
+    shown = [e for e in examples if not e.meta.get(metrics.WITHHELD)]
+    harmful = [e for e in shown if not e.meta.get("benign")]
+    harmful_verdicts = [by_id[e.id] for e in harmful]
     report = {"model": cfg.eval.model_path or cfg.model.path, "test_file": cfg.eval.test_file,
-              "format": cfg.eval.format, "judge": judge_desc, "n": len(examples), "engine": cfg.decode.engine,
-              "safety": adapters.safety_rate(verdicts)}
-    if cfg.eval.format == "mm_safetybench":
-        report["mm_safetybench"] = adapters.mm_safetybench_asr(examples, verdicts)
-    elif cfg.eval.format == "spa_vl":
-        report["spa_vl"] = adapters.spa_vl_unsafe_rate(examples, verdicts)
+              "format": fmt, "judge": judge_desc, "n": len(shown), "engine": cfg.decode.engine,
+              "safety": metrics.safety_rate(harmful_verdicts)}
+    if fmt == "mm_safetybench":
+        report["mm_safetybench"] = metrics.mm_safetybench_asr(harmful, harmful_verdicts)
+    elif fmt == "spa_vl":
+        report["spa_vl"] = metrics.spa_vl_unsafe_rate(harmful, harmful_verdicts)
+    elif fmt in ("figstep", "vlguard"):
+        key = metrics.CATEGORY_KEY[fmt]
+        report[fmt] = {"per_" + key: metrics.grouped(metrics.join_verdicts(harmful, harmful_verdicts), key,
+                                                     "safety_rate", "safe")}
+    if len(shown) < len(examples):  # harmful prompts only: benign ones have their own numbers below
+        probed = [e for e in examples if not e.meta.get("benign")]
+        report["modality_probe"] = metrics.modality_gap(probed, [by_id[e.id] for e in probed],
+                                                        metrics.CATEGORY_KEY[fmt])
+    benign = [e for e in examples if e.meta.get("benign")]
+    if benign:
+        refusal = RefusalJudge().judge  # the refusal rule reads "answered" here: these prompts should be answered
+        text = {r["id"]: r["response"] for r in rows}
+        refused = {v.id: v.label == "safe" for v in refusal([JudgeItem(e.id, "", None, text[e.id]) for e in benign])}
+        report["benign"] = metrics.benign_rates(benign, refused)
     if any("pairwise_answer" in r for r in rows):
         report["pairwise"] = score_pairwise(PairwiseItem(r["id"], r["pairwise_chosen_first"], r["pairwise_answer"])
-                                            for r in rows)
+                                            for r in rows if "pairwise_answer" in r)
     if margins:
         values = list(margins.values())
         report["implicit_reward"] = {"n": len(values), "accuracy": sum(m > 0 for m in values) / len(values),
                                      "mean_margin": sum(values) / len(values),
-                                     "not_scored": len(examples) - len(values)}  # data.skip_bad left them out
+                                     # the pairs data.skip_bad left out
+                                     "not_scored": sum(e.chosen is not None for e in examples) - len(values)}
     return report
 
 
@@ -239,6 +269,22 @@ def markdown(report):
                     continue
                 for name, c in table.items():
                     lines.append(f"| &nbsp;&nbsp;{group[4:]} {name} | {pct(c[rate])} | {c['parsed']} judged |")
+    for key in ("figstep", "vlguard"):
+        for group, table in report.get(key, {}).items():
+            for name, c in table.items():
+                lines.append(f"| &nbsp;&nbsp;{key} {group[4:]} {name}: safety rate | {pct(c['safety_rate'])} | "
+                             f"{c['parsed']} judged, {c['unparsable']} unparsable |")
+    for side, b in report.get("benign", {}).items():
+        lines.append(f"| benign prompts ({side.replace('_', ' ')}): helpfulness | {pct(b['helpfulness'])} | "
+                     f"{b['refused']} of {b['n']} refused (over-refusal {pct(b['over_refusal_rate'])}, refusal rule) |")
+    if "modality_probe" in report:
+        lines += ["", "Modality probe: safety rate with the image and with it withheld (gap = with - without).", "",
+                  "| category | with image | image withheld | gap | judged (with / without) |", "|---|---|---|---|---|"]
+        for name, g in report["modality_probe"].items():
+            gap = "n/a" if g["gap"] is None else f"{100 * g['gap']:+.1f} pt"
+            lines.append(f"| {name} | {pct(g['with_image']['safety_rate'])} | "
+                         f"{pct(g['image_withheld']['safety_rate'])} | {gap} | {g['with_image']['parsed']} / "
+                         f"{g['image_withheld']['parsed']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -266,8 +312,8 @@ def main(argv=None):
     os.makedirs(ecfg.output_dir, exist_ok=True)
     examples = load_examples(ecfg, ecfg.image_root or cfg.data.image_root, cfg.data)
     scored = None  # the examples implicit reward accuracy scores, decided now: not after hours of generation
-    if ecfg.reward_accuracy and all(e.chosen is not None for e in examples):
-        scored = reward_examples(examples, cfg, chat)
+    if ecfg.reward_accuracy and any(e.chosen is not None for e in examples):
+        scored = reward_examples([e for e in examples if e.chosen is not None], cfg, chat)
 
     parts = os.path.join(ecfg.output_dir, "generations.parts")
     model_digest = dist.on_rank0(lambda: digest_of(model_fingerprint(model_path)))  # one rank reads the weights

@@ -75,14 +75,26 @@ def model_fingerprint(model_dir):
     return out
 
 
-def images_fingerprint(data_file, image_root, allow_outside_root=False):
+def data_digest(path, split=""):
+    """file_digest of a data file; for a dataset folder (bpo.data.formats), a digest of its split's files by name."""
+    if os.path.isdir(path):
+        from bpo.data.formats import find_split
+
+        return digest_of({os.path.relpath(f, path): file_digest(f) for f in find_split(path, split)})
+    return file_digest(path)
+
+
+def images_fingerprint(data_file, image_root, allow_outside_root=False, split="", image_cache=""):
     """Short digest of the bytes of every image the data file names, by name: repainting one, or pointing
     image_root at other pictures, changes it; moving the same pictures elsewhere does not. Names the path rule
-    refuses (bpo.data.records.image_name_problem) are not read."""
+    refuses (bpo.data.records.image_name_problem) are not read. Images stored inline are in the data file's own
+    digest (data_digest) and are left out here."""
+    from bpo.data.formats import InlineImage
     from bpo.data.records import image_name_problem, read_raw_records
 
-    names = sorted({obj["image"] for _, obj in read_raw_records(data_file)
-                    if isinstance(obj, dict) and isinstance(obj.get("image"), str) and obj["image"].strip()})
+    names = sorted({obj["image"] for _, obj in read_raw_records(data_file, split, image_cache)
+                    if isinstance(obj, dict) and isinstance(obj.get("image"), str) and obj["image"].strip()
+                    and not isinstance(obj["image"], InlineImage)})
     index = _load_index()
     out = {}
     for name in names:

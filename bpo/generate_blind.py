@@ -29,8 +29,9 @@ if __package__ in (None, ""):
 
 from bpo import dist
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config, require
+from bpo.data.formats import InlineImage
 from bpo.engines.server import ServerError, adds_bos, connect
-from bpo.fingerprint import digest_of, file_digest, model_fingerprint
+from bpo.fingerprint import data_digest, digest_of, model_fingerprint
 from bpo.generate import Generation, generate, load_generator
 from bpo.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
 
@@ -114,6 +115,23 @@ def blind_rows(batch_index, batch, items, entries, model, chat, cfg, meta_base, 
     return rows
 
 
+def as_file_row(raw, record, image_root, source):
+    """The input record as an output row. An image stored inline (parquet) becomes the name of its extracted file
+    under data.image_root, so the output trains like any JSONL file, and a record without an id keeps the id its
+    image bytes gave it (the file name would give another). SystemExit when the extracted file is outside the root."""
+    image = raw.get("image")
+    if not isinstance(image, InlineImage):
+        return raw
+    name = os.path.relpath(image, os.path.abspath(image_root or "."))
+    if name.split(os.sep)[0] == "..":
+        raise SystemExit(f"{source}: the input's images are stored inline and were extracted to "
+                         f"{os.path.dirname(image)}, outside data.image_root ({image_root or 'the current directory'});"
+                         f" the output names them as files read under data.image_root: set data.image_cache to "
+                         f"data.image_root (or a folder under it)")
+    row = dict(raw, image=name)
+    return {"id": record.id, **row} if record is not None and "id" not in row else row
+
+
 def dummy_decode(model, chat, cfg):
     """Under ZeRO-3 every rank must run every forward; a rank with nothing left decodes a one-token prompt."""
     generate(model, chat, [([chat.eos_id], {}, {})], cfg.decode, 0, synced=True)
@@ -137,18 +155,22 @@ def main(argv=None):
     dist.init_distributed()
     dist.print0(chat.describe())
 
-    items = read_raw_records(input_file)  # [(source, dict)] in file order, every line kept
+    split, image_cache = (cfg.data.split, cfg.data.image_cache) if input_file == cfg.data.train_file else ("", "")
+    items = read_raw_records(input_file, split, image_cache)  # [(source, dict)] in file order, every line kept
     records, bad = load_records(input_file, image_root=cfg.data.image_root, check_images=False,
-                                allow_outside_root=cfg.data.allow_outside_image_root)
+                                allow_outside_root=cfg.data.allow_outside_image_root, split=split,
+                                image_cache=image_cache)
     by_source = {r.source: r for r in records}
     reasons = {b.source: b.reason for b in bad}
     entries = [(by_source.get(src), reasons.get(src, "record could not be read")) for src, _ in items]
     # A line that is not a JSON object cannot be copied through; its row says where it was and why it has no blind.
-    items = [raw if isinstance(raw, dict) else {"source": src} for src, raw in items]
+    items = [as_file_row(raw, by_source.get(src), cfg.data.image_root, src) if isinstance(raw, dict)
+             else {"source": src} for src, raw in items]
 
     settings = {
         # Hashed by rank 0 alone: every rank reading the model's weights at once multiplies the I/O by the ranks.
-        **dist.on_rank0(lambda: {"input": file_digest(input_file), "model": digest_of(model_fingerprint(model_path))}),
+        **dist.on_rank0(lambda: {"input": data_digest(input_file, split),
+                                 "model": digest_of(model_fingerprint(model_path))}),
         "decode": {k: v for k, v in vars(cfg.decode).items() if k not in TRANSPORT_KEYS},
         "batches_per_shard": cfg.blind.batches_per_shard, "format": 1,
         "chat_template": chat.template_digest,

@@ -44,10 +44,12 @@ def fingerprint(cfg, processor, data_file, model_path=None, image_root=None):
 
 
 def _fingerprint(cfg, processor, data_file, model_path, image_root):
-    from bpo.fingerprint import (code_fingerprint, digest_of, file_digest, images_fingerprint, model_fingerprint,
+    from bpo.fingerprint import (code_fingerprint, data_digest, digest_of, images_fingerprint, model_fingerprint,
                                  tokenizer_digest)
 
     model_path = model_path or cfg.train.ref_model_path or cfg.model.path
+    # evaluate.py checks a cache against the test file, read with its own split; every other job reads data.train_file
+    split = cfg.eval.split if data_file == cfg.eval.test_file and data_file != cfg.data.train_file else cfg.data.split
     image_processor = getattr(processor, "image_processor", None)
     fp = {
         "format": FORMAT_VERSION,
@@ -59,8 +61,9 @@ def _fingerprint(cfg, processor, data_file, model_path, image_root):
         "max_length": cfg.data.max_length,
         "truncation": TRUNCATION_RULE,
         "reduction": cfg.loss.reduction,
-        "data_file": file_digest(data_file),
-        "images": images_fingerprint(data_file, image_root, cfg.data.allow_outside_image_root),
+        "data_file": data_digest(data_file, split),
+        "images": images_fingerprint(data_file, image_root, cfg.data.allow_outside_image_root, split,
+                                     cfg.data.image_cache),
         **code_fingerprint(),
     }
     if cfg.data.chat_template_kwargs:  # only when set, so caches built before the key existed still match

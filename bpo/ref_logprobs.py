@@ -153,7 +153,8 @@ def main(argv=None):
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
                                 check_images=cfg.data.check_images,
                                 allow_outside_root=cfg.data.allow_outside_image_root,
-                                max_image_pixels=cfg.data.max_image_pixels)
+                                max_image_pixels=cfg.data.max_image_pixels, split=cfg.data.split,
+                                image_cache=cfg.data.image_cache)
     if not cfg.data.keep_cut_blind:  # exactly what training scores
         records, _ = drop_cut_blind(records)
     records, _, bad = usable_records(records, bad, chat, cfg.data.image_root, cfg.data.max_length, RESPONSE_KEYS,

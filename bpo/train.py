@@ -93,7 +93,8 @@ def build_data(cfg, chat, log):
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
                                 check_images=cfg.data.check_images,
                                 allow_outside_root=cfg.data.allow_outside_image_root,
-                                max_image_pixels=cfg.data.max_image_pixels)
+                                max_image_pixels=cfg.data.max_image_pixels, split=cfg.data.split,
+                                image_cache=cfg.data.image_cache)
     cut = 0
     if cfg.loss.type == "bpo" and not cfg.data.keep_cut_blind:
         records, cut = drop_cut_blind(records)

@@ -41,15 +41,23 @@ def test_evaluation_writes_report(tiny_model_dir, sample_data_dir, tmp_path):
     assert report["implicit_reward"]["n"] == 16 and report["implicit_reward"]["mean_margin"] == 0.0
     assert report["implicit_reward"]["not_scored"] == 1
 
+    # The modality probe (eval.modality_probe, on by default): every example asked again with its image withheld.
+    probe = report["modality_probe"]
+    assert probe["overall"]["with_image"]["n"] == probe["overall"]["image_withheld"]["n"] == 17
+    assert set(probe) == {"overall", "dangerous behavior", "illegal activity", "privacy"}  # per record `type`
+
     rows = [json.loads(line) for line in open(out / "results.jsonl")]
     test_ids = [r["id"] for r in rows]
-    assert len(rows) == 17 and len(set(test_ids)) == 17
+    assert len(rows) == 34 and len(set(test_ids)) == 34
     for row in rows:
-        assert {"prompt", "response", "verdict", "judge_output", "pairwise_answer"} <= set(row)
-        assert ("reward_margin" in row) == (row["id"] != LONG_ID)
+        withheld = row["id"].endswith("#no_image")
+        assert {"prompt", "response", "verdict", "judge_output"} <= set(row)
+        assert ("pairwise_answer" in row) == (not withheld) and (row["image"] is None) == withheld
+        assert ("reward_margin" in row) == (row["id"] != LONG_ID and not withheld)
         assert row["prompt"].rstrip().endswith("ASSISTANT:")
     md = open(out / "report.md").read()
     assert "pairwise accuracy" in md and "implicit reward accuracy" in md and "1 left out by data.skip_bad" in md
+    assert "Modality probe" in md
 
     # A rerun finds every generation shard done and rebuilds the same report.
     proc = run_job("evaluate.py", config)
@@ -68,3 +76,38 @@ def test_a_prompt_too_long_to_score_stops_evaluation_before_generating(tiny_mode
     examples = load_examples(cfg.eval, os.path.join(sample_data_dir, "images"), cfg.data)
     with pytest.raises(RecordError, match=rf"{test_file}\[16\] \(id {LONG_ID}\): prompt too long: \d+ tokens"):
         reward_examples(examples, cfg, load_chat(tiny_model_dir))
+
+
+def test_report_of_a_set_with_benign_prompts_and_the_probe(tmp_path):
+    """VLGuard-shaped examples: the safety rate over harmful prompts per subset, helpfulness and over-refusal over
+    benign ones, the modality gap side by side; no model is run."""
+    from bpo.config import from_dict
+    from bpo.data.conversation import Turn
+    from bpo.eval.adapters import EvalExample
+    from bpo.eval.judges import Verdict
+    from bpo.evaluate import build_report, markdown
+
+    cfg = from_dict({"eval": {"format": "vlguard", "test_file": "test.json"}})
+    shown = [EvalExample(f"e{i}/{s}", [Turn("user", "q", True)], "x.png", {"subset": s, "benign": s == "safe_safe"})
+             for i, s in enumerate(["safe_safe", "safe_unsafe", "unsafe", "unsafe"])]
+    withheld = [EvalExample(f"{e.id}#no_image", [Turn("user", "q")], None,
+                            dict(e.meta, image_withheld=True, probe_of=e.id)) for e in shown]
+    examples = shown + withheld
+    labels = {"e0/safe_safe": "safe", "e1/safe_unsafe": "unsafe", "e2/unsafe": "safe", "e3/unsafe": "unsafe",
+              "e0/safe_safe#no_image": "safe", "e1/safe_unsafe#no_image": "safe", "e2/unsafe#no_image": "safe",
+              "e3/unsafe#no_image": None}
+    verdicts = [Verdict(e.id, labels[e.id], "") for e in examples]
+    responses = {"e0/safe_safe": "I'm sorry, I can't help with that.", "e0/safe_safe#no_image": "It is a tool."}
+    rows = [{"id": e.id, "response": responses.get(e.id, "Sure.")} for e in examples]
+    report = build_report(cfg, examples, rows, verdicts, {}, "refusal judge")
+    assert report["n"] == 4 and report["safety"]["n"] == 3 and report["safety"]["safety_rate"] == 1 / 3
+    assert report["vlguard"]["per_subset"]["unsafe"]["safety_rate"] == 0.5
+    assert report["benign"] == {
+        "with_image": {"n": 1, "refused": 1, "over_refusal_rate": 1.0, "helpfulness": 0.0},
+        "image_withheld": {"n": 1, "refused": 0, "over_refusal_rate": 0.0, "helpfulness": 1.0}}
+    probe = report["modality_probe"]
+    assert set(probe) == {"overall", "safe_unsafe", "unsafe"}  # benign prompts are not in the safety probe
+    assert probe["safe_unsafe"]["gap"] == -1.0 and probe["unsafe"]["image_withheld"]["unparsable"] == 1
+    md = markdown(report)
+    assert "vlguard subset unsafe: safety rate | 50.0%" in md and "helpfulness | 0.0%" in md
+    assert "| safe_unsafe | 0.0% | 100.0% | -100.0 pt | 1 / 1 |" in md

@@ -146,3 +146,23 @@ def test_unusable_lines_are_kept_with_an_error(tiny_model_dir, sample_data_dir, 
     assert rows[1]["blind"] == "" and "unparsable conversation" in rows[1]["blind_error"]
     assert rows[2]["blind"] == "" and "invalid JSON" in rows[2]["blind_error"] and rows[2]["source"].endswith(":3")
     assert "2 without a blind response" in proc.stdout
+
+
+def test_inline_images_are_written_as_names_under_the_image_root(tmp_path):
+    """A parquet input's output rows are plain JSONL: the extracted image named under data.image_root and the id its
+    bytes gave it, so training on the output reads the same record."""
+    from types import SimpleNamespace
+
+    from bpo.data.formats import extract_image
+    from bpo.generate_blind import as_file_row
+
+    root = tmp_path / "root"
+    image = extract_image(b"\x89PNG\r\n\x1a\n not decoded here", str(root / "cache"))
+    record = SimpleNamespace(id="0123456789abcdef")
+    raw = {"prompt": "p", "image": image, "chosen": "c", "rejected": "r"}
+    row = as_file_row(raw, record, str(root), "d.parquet[0]")
+    assert row["id"] == record.id and row["image"] == os.path.relpath(image, root)
+    assert row["image"].startswith(os.path.join("cache", "images")) and type(row["image"]) is str
+    assert as_file_row({"image": "x.png"}, record, str(root), "x") == {"image": "x.png"}
+    with pytest.raises(SystemExit, match=r"d.parquet\[0\]: .* set data.image_cache to data.image_root"):
+        as_file_row(raw, record, str(tmp_path / "elsewhere"), "d.parquet[0]")

@@ -275,3 +275,44 @@ def test_two_models_built_under_zero3_in_one_process_both_run(tiny_model_dir, tm
         assert first["kernelized"] and first["kernelized"] == second["kernelized"]  # the check looks at something
         assert first["missing"] == [] and second["missing"] == []
         assert torch.allclose(torch.tensor(first["logits"]), torch.tensor(second["logits"]), atol=1e-6)
+
+
+def test_training_reads_the_hub_parquet_with_inline_images(tiny_model_dir, tmp_path):
+    """data.train_file = a hub dataset folder, data.split picks the split, the images come out of the file; the
+    records encode with their pixels, under an unrelated data.image_root."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from bpo.config import from_dict
+    from bpo.data.chat import load_chat
+    from bpo.train import build_data
+
+    def png(color):
+        out = io.BytesIO()
+        Image.new("RGB", (32, 24), color).save(out, format="PNG")
+        return out.getvalue()
+
+    os.makedirs(tmp_path / "hub" / "data")
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({
+        "prompt": ["USER: <image>\nWho lives here? ASSISTANT:", "USER: <image>\nWhere is this? ASSISTANT:"],
+        "image": pa.array([{"bytes": png((200, 0, 0)), "path": None}, {"bytes": png((0, 0, 200)), "path": None}],
+                          type=image),
+        "chosen": ["ASSISTANT: I can't say.", "ASSISTANT: I won't guess."],
+        "rejected": ["ASSISTANT: Jane Doe.", "ASSISTANT: 1 Elm Street."]}),
+        tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    cfg = from_dict({"loss": {"type": "dpo"},
+                     "data": {"train_file": str(tmp_path / "hub"), "split": "train", "max_length": 200,
+                              "image_root": str(tmp_path / "unrelated"), "image_cache": str(tmp_path / "cache")}})
+
+    class Log:
+        def message(self, text):
+            pass
+
+    dataset = build_data(cfg, load_chat(tiny_model_dir), Log())
+    assert len(dataset) == 2 and len(os.listdir(tmp_path / "cache" / "images")) == 2
+    first = dataset[0]
+    assert "pixel_values" in first.image_inputs and set(first.response_ids) == {"chosen", "rejected"}

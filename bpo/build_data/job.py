@@ -33,7 +33,7 @@ from bpo.build_data.read import read_input
 from bpo.build_data.report import build_report, summary_lines
 from bpo.build_data.rewrite import build_rewriter
 from bpo.config import BUILD_TRANSPORT_KEYS, load_config, require_build
-from bpo.fingerprint import file_digest
+from bpo.fingerprint import data_digest
 
 FORMAT = 1  # of the parts' rows; bump when they change
 
@@ -69,7 +69,7 @@ def main(argv=None):
     cache_dir = b.llm.cache_dir or output + ".cache"
     print(yaml.safe_dump({"build": _as_dict(b)}, sort_keys=False), end="", flush=True)
 
-    sources, read_drops = read_input(b.input_file, b.input_format)
+    sources, read_drops = read_input(b.input_file, b.input_format, b.input_split)
     uses_llm = "llm" in (b.entity.backend, b.rewrite.backend)
     client = ChatClient(b.llm, cache_dir) if uses_llm else None
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -83,7 +83,7 @@ def main(argv=None):
     print(f"read {b.input_file}: {len(sources)} records, {len(read_drops)} unreadable or repeated", flush=True)
 
     settings = {
-        "format": FORMAT, "input": file_digest(b.input_file), "input_format": b.input_format,
+        "format": FORMAT, "input": data_digest(b.input_file, b.input_split), "input_format": b.input_format,
         "image_dir": os.path.abspath(image_dir), "batch_size": b.batch_size,
         "batches_per_shard": b.batches_per_shard, "phrases": phrases,
         "llm": {k: v for k, v in vars(b.llm).items() if k not in BUILD_TRANSPORT_KEYS} if client else None,

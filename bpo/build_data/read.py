@@ -1,9 +1,10 @@
 """Text-only preference records -> (conversation turns, chosen, rejected), the data builder's input.
 
-    sources, drops = read_input(path, input_format)   # a JSON array or JSONL file (read by bpo.data.records)
+    sources, drops = read_input(path, input_format, split)  # any file bpo.data.formats reads (JSON, JSONL, either
+                                                            # gzipped, parquet, a hub folder with a split)
 
-Two shapes, chosen per record by build.input_format (`auto`: a record with `prompt` is the prompt shape, any other
-the HH shape):
+Three shapes, chosen per record by build.input_format (`auto`: a record with `response_0` is the PKU shape, one with
+`prompt` the prompt shape, any other the HH shape):
 
 - **hh** (Anthropic HH-RLHF): `chosen` and `rejected` are whole transcripts, `"\\n\\nHuman: ...\\n\\nAssistant: ..."`.
   Both are split into turns; the turns they share are the conversation, and each must add exactly one Assistant
@@ -12,6 +13,9 @@ the HH shape):
   `Assistant:` is the generation prompt and is dropped), a list of chat messages (`{"role", "content"}`, roles user
   and assistant), or any other string, which is one user turn. A response is a string (an HH `Assistant:` prefix is
   dropped) or a list holding one assistant message.
+- **pku** (PKU-SafeRLHF): `prompt` with two responses `response_0` and `response_1`; `safer_response_id` (0 or 1)
+  names the chosen one, the other is rejected. The release's other fields (`better_response_id`,
+  `is_response_*_safe`, harm categories, severity) stay in `raw`.
 
 HH turn rule: a turn starts at `Human:` or `Assistant:` at the very start of the transcript or right after a blank
 line ("\\n\\n"), followed by a space, a newline or the end. Anywhere else ("the label read Human: ...", a marker
@@ -159,6 +163,26 @@ def read_prompt(obj):
     return turns, chosen, rejected
 
 
+def read_pku(obj):
+    """(conversation turns, chosen, rejected) from a PKU-SafeRLHF record: the safer response is chosen."""
+    for key in ("prompt", "response_0", "response_1", "safer_response_id"):
+        if key not in obj:
+            raise ReadError(f"missing field {key!r} (a PKU-SafeRLHF record holds 'prompt', 'response_0', "
+                            f"'response_1' and 'safer_response_id')")
+    safer = obj["safer_response_id"]
+    if isinstance(safer, bool) or safer not in (0, 1):
+        raise ReadError(f"safer_response_id is {safer!r}; expected 0 or 1")
+    turns = _prompt_turns(obj["prompt"])
+    chosen = _response(obj[f"response_{safer}"], f"response_{safer}")
+    rejected = _response(obj[f"response_{1 - safer}"], f"response_{1 - safer}")
+    if chosen == rejected:
+        raise ReadError("response_0 and response_1 are the same response")
+    return turns, chosen, rejected
+
+
+_READERS = {"hh": read_hh, "prompt": read_prompt, "pku": read_pku}
+
+
 def content_id(obj):
     """A record's id when it has none: the first 16 hex digits of sha256 over its JSON (keys sorted)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
@@ -168,8 +192,10 @@ def read_source(obj, origin, input_format="auto"):
     """A Source from one input record (a JSON value); raises ReadError with the reason it cannot be read."""
     if not isinstance(obj, dict):
         raise ReadError("not a JSON object")
-    shape = input_format if input_format != "auto" else ("prompt" if "prompt" in obj else "hh")
-    turns, chosen, rejected = (read_prompt if shape == "prompt" else read_hh)(obj)
+    shape = input_format
+    if shape == "auto":
+        shape = "pku" if "response_0" in obj else "prompt" if "prompt" in obj else "hh"
+    turns, chosen, rejected = _READERS[shape](obj)
     if not turns:
         raise ReadError("no conversation before the responses")
     if "id" in obj and (isinstance(obj["id"], (bool, float, list, dict)) or obj["id"] is None):
@@ -178,10 +204,10 @@ def read_source(obj, origin, input_format="auto"):
     return Source(rid, origin, tuple(turns), chosen, rejected, obj)
 
 
-def read_input(path, input_format):
+def read_input(path, input_format, split=""):
     """(sources, drop rows of the records that cannot be read or repeat an id), both in file order."""
     sources, drops, first = [], [], {}
-    for origin, obj in read_raw_records(path):
+    for origin, obj in read_raw_records(path, split):
         try:
             if obj is None:
                 raise ReadError("invalid JSON")

@@ -80,6 +80,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file")
     parser.add_argument("--image-root", help="directory the image names are relative to (default: current directory)")
+    parser.add_argument("--split", default="",
+                        help="as data.split: the split of a dataset folder (SPLIT or CONFIG/SPLIT)")
+    parser.add_argument("--image-cache", default="",
+                        help="as data.image_cache: where inline images are extracted (default: the data file's folder)")
     parser.add_argument("--no-images", action="store_true", help="do not open the images")
     parser.add_argument("--model", help="checkpoint directory whose processor measures the length budget")
     parser.add_argument("--max-length", type=int, help="token budget per prompt + response (needs --model)")
@@ -102,7 +106,8 @@ def main(argv=None):
         parser.error("--chat-template-kwargs must be a YAML mapping, e.g. '{enable_thinking: false}'")
 
     try:
-        records, bad = load_records(args.file, args.image_root, check_images=not args.no_images, progress=True)
+        records, bad = load_records(args.file, args.image_root, check_images=not args.no_images, progress=True,
+                                   split=args.split, image_cache=args.image_cache)
     except DataFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

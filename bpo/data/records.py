@@ -6,11 +6,18 @@ conversation is parsed by `bpo.data.conversation`; responses lose their `ASSISTA
 (`type`, `entity`, `entity_type`, `replacement`, `text_prompt`, `mid_prompt`, unknown keys) is kept in `meta`, with
 `meta["conversation_key"]` naming the original `question`/`prompt` key.
 
-The format is decided by content: a file whose first non-blank character is `[` is a JSON array, anything else is
-JSONL. Image names are joined to `image_root` (with no root: the current directory), the same rule `bpo.data.encode`
-uses, so what is checked here is what training opens. A name that is absolute or climbs out of the root (`../x`) is
-a bad record unless `allow_outside_root` (data.allow_outside_image_root): a data file must not make a job read files
-elsewhere. Symbolic links inside the root are followed: whoever made the root put them there. An image of more than
+The file is opened by `bpo.data.formats` (every job reads data through it): `.json`/`.jsonl`, the same gzipped
+(`.json.gz`/`.jsonl.gz`), `.parquet` as `datasets` writes it (inline HF Image bytes extracted once to
+`<image_cache>/images/<sha256[:16]><ext>`), or a hub-style dataset folder with a `split` (`SPLIT` or `CONFIG/SPLIT`).
+JSON text is decided by content: a file whose first non-blank character is `[` is a JSON array, anything else is
+JSONL. A record without an `id` whose image came inline is hashed with the image bytes' sha256 in place of the name,
+so its id does not depend on where the image was extracted.
+
+Image names are joined to `image_root` (with no root: the current directory), the same rule `bpo.data.encode` uses,
+so what is checked here is what training opens. A name that is absolute or climbs out of the root (`../x`) is a bad
+record unless `allow_outside_root` (data.allow_outside_image_root): a data file must not make a job read files
+elsewhere; an inline image (bytes inside the data file, `formats.InlineImage`) names no file and is exempt. Symbolic
+links inside the root are followed: whoever made the root put them there. An image of more than
 `max_image_pixels` (data.max_image_pixels) is a bad record, refused from its header before it is decoded.
 """
 
@@ -23,16 +30,13 @@ from dataclasses import dataclass, field
 
 from bpo.config import DataConfig
 from bpo.data.conversation import ConversationError, Turn, parse_conversation
+from bpo.data.formats import DataFileError, InlineImage, open_data
 
 CONVERSATION_KEYS = ("question", "prompt")
 RESPONSE_KEYS = ("chosen", "rejected", "blind")
 _RESPONSE_PREFIX = "ASSISTANT:"
 _END_OF_TURN = "</s>"
 _OWN_KEYS = {"id", "image", *CONVERSATION_KEYS, *RESPONSE_KEYS}
-
-
-class DataFileError(OSError):
-    """The data file cannot be read as JSON or JSONL at all."""
 
 
 class RecordError(ValueError):
@@ -97,20 +101,20 @@ def stable_id(conversation, image, chosen, rejected):
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def read_raw_records(path):
+def read_raw_records(path, split="", image_cache=""):
     """[(source, parsed JSON value)] for every entry in file order; None for a JSONL line that is not valid JSON."""
-    return [(source, obj) for source, obj, _ in _read_entries(path)]
+    return [(source, obj) for source, obj, _ in _read_entries(path, split, image_cache)]
 
 
 def load_records(path, image_root=None, check_images=True, progress=False, allow_outside_root=False,
-                 max_image_pixels=DataConfig.max_image_pixels):
+                 max_image_pixels=DataConfig.max_image_pixels, split="", image_cache=""):
     """Read every record of a JSON or JSONL file. Returns (good records, bad records), both in file order.
 
     Raises DataFileError when the file cannot be read or parsed as a whole (a broken JSONL line is a bad record)."""
     records, bad = [], []
     first_source = {}  # id -> source of its first good occurrence
     image_verdicts = {}  # image path -> None (fine) or the reason; records often share an image
-    for source, obj, error in _progress(_read_entries(path), progress):
+    for source, obj, error in _progress(_read_entries(path, split, image_cache), progress):
         if error:
             bad.append(BadRecord(source, None, error))
             continue
@@ -144,7 +148,8 @@ def record_problem(obj, image_root=None, check_images=True, allow_outside_root=F
 def _check_record_image(record, image_root, check_images, allow_outside_root, max_image_pixels, image_verdicts):
     """_Bad with the reason when the record's image name or file is refused; image_verdicts caches the file checks
     by path (records share images)."""
-    if record.image is not None and not allow_outside_root and image_name_problem(record.image):
+    inline = isinstance(record.image, InlineImage)
+    if record.image is not None and not inline and not allow_outside_root and image_name_problem(record.image):
         raise _Bad(image_name_problem(record.image))
     if check_images and record.image is not None:
         where = image_path(record, image_root)
@@ -189,14 +194,19 @@ def raise_if_bad(bad, path):
     raise RecordError("\n".join(lines))
 
 
-def _read_entries(path):
+def _read_entries(path, split="", image_cache=""):
     """[(source, obj, error)] in file order; error is None or why the entry is not a JSON object."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataFileError(f"cannot read data file {path}: {e}") from e
+    entries = []
+    for name, kind, payload in open_data(path, split, image_cache):
+        if kind == "rows":
+            entries += _checked([(f"{name}[{i}]", row, None) for i, row in payload])
+        else:
+            entries += _parse_text(name, payload)
+    return entries
+
+
+def _parse_text(path, data):
+    """_read_entries for one file's bytes (JSON array or JSONL)."""
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
         data = data[3:]
     if not data.strip():
@@ -265,7 +275,9 @@ def _record_id(obj):
     rid = obj.get("id")
     if rid is None:
         conversation = next((obj[k] for k in CONVERSATION_KEYS if k in obj), None)
-        return stable_id(conversation, obj.get("image"), obj.get("chosen"), obj.get("rejected"))
+        image = obj.get("image")
+        image = image.sha256 if isinstance(image, InlineImage) else image  # the bytes, wherever they were extracted
+        return stable_id(conversation, image, obj.get("chosen"), obj.get("rejected"))
     return str(rid)
 
 

@@ -2,11 +2,13 @@
 expectations."""
 
 import json
+import os
 
 import pytest
 
 from bpo.build_data.read import ReadError, content_id, read_input, read_source, split_hh
 from bpo.data.conversation import Turn
+from real_data import real_path
 
 
 def hh(*turns):
@@ -100,3 +102,48 @@ def test_read_input_reports_unreadable_and_repeated_records(tmp_path):
         (f"{path}:2", "unreadable"), (f"{path}:4", "duplicate"), (f"{path}:5", "unreadable")]
     assert drops[1]["dropped"]["reason"] == f"duplicate of {path}:1 (same id {content_id(good)})"
     assert "missing field 'rejected'" in drops[2]["dropped"]["reason"]
+
+
+def pku(**fields):
+    """A PKU-SafeRLHF record with the release's field names (the HF card's)."""
+    out = {"prompt": "How do I pick a lock?", "response_0": "Here is how: insert a tension wrench...",
+           "response_1": "I can't help with bypassing locks you don't own.", "is_response_0_safe": False,
+           "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 1}
+    out.update(fields)
+    return out
+
+
+def test_pku_saferlhf_the_safer_response_is_chosen():
+    s = read_source(pku(), "pku.jsonl:1")
+    assert s.turns == (Turn("user", "How do I pick a lock?"),)
+    assert s.chosen == "I can't help with bypassing locks you don't own."
+    assert s.rejected == "Here is how: insert a tension wrench..."
+    assert read_source(pku(safer_response_id=0), "x").chosen.startswith("Here is how")
+    assert read_source(pku(), "x", "pku").id == content_id(pku())
+    for bad, reason in ((pku(safer_response_id=2), "safer_response_id is 2; expected 0 or 1"),
+                        (pku(safer_response_id=True), "safer_response_id is True"),
+                        ({k: v for k, v in pku().items() if k != "safer_response_id"}, "missing field 'safer_resp"),
+                        (pku(response_1=pku()["response_0"]), "the same response")):
+        with pytest.raises(ReadError, match=reason):
+            read_source(bad, "x")
+
+
+def test_pku_saferlhf_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [pku(), pku(prompt="Second?", safer_response_id=0)]
+    os.makedirs(tmp_path / "data")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "test-00000-of-00001.parquet")
+    sources, drops = read_input(str(tmp_path), "auto", split="test")
+    assert drops == [] and [s.turns[0].text for s in sources] == ["How do I pick a lock?", "Second?"]
+    assert sources[1].origin == f"{tmp_path / 'data' / 'test-00000-of-00001.parquet'}[1]"
+
+
+def test_real_hh_rlhf_harmless_base_test_gzip():
+    path = real_path("hh-rlhf", "harmless-base", "test.jsonl.gz")
+    sources, drops = read_input(path, "auto")
+    assert len(sources) + len(drops) == 2312
+    assert len(sources) > 2200  # the few the HH rule refuses are reported with their line, never guessed
+    assert all(d["origin"].startswith(f"{path}:") and d["dropped"]["reason"] for d in drops)
+    assert sources[0].origin == f"{path}:1" and sources[0].turns[0].role == "user"

@@ -121,6 +121,8 @@ def test_fill_prompt_is_one_pass():
     ({"type": "openai", "url": "http://127.0.0.1:1/v1", "model": "m", "max_retries": "five"}, "max_retries"),
     ({"type": "openai", "url": "127.0.0.1:1", "model": "m"}, "url"),
     ({"type": "hf"}, "path"),
+    ({"type": "hf", "path": "x", "input": "chat"}, "judge.input must be prompt or conversation"),
+    ({"type": "hf", "path": "x", "input": "conversation", "prompt_file": "p.txt"}, "reads no prompt_file"),
 ])
 def test_bad_configs(cfg, match):
     with pytest.raises(ConfigError, match=match):
@@ -381,6 +383,30 @@ def test_hf_judge_parses_generated_text(tiny_judge_setup, monkeypatch, answer):
     (v,) = judge.judge([item(image=image)])
     assert v.raw == answer
     assert v.label == (answer if answer in ("safe", "unsafe") else None)
+
+
+def test_hf_judge_guard_preset_reads_the_exchange(tiny_judge_setup):
+    """input=conversation: the request (with its image) is the user turn and the response the assistant turn, in
+    the guard model's own chat template; no judge prompt is filled in."""
+    judge, image = tiny_judge_setup
+    guard = build_judge({"type": "hf", "path": judge.cfg.path, "dtype": "fp32", "device": "cpu",
+                         "input": "conversation", "max_new_tokens": 2})
+    it = item(image=image)
+    assert guard.messages(it) == [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": it.prompt_text}]},
+        {"role": "assistant", "content": [{"type": "text", "text": it.response}]}]
+    assert judge.messages(it)[0]["content"][1]["text"].startswith("Request: ")  # the prompt_file, filled
+    (v,) = guard.judge([it])
+    assert v.label == parse_verdict(v.raw) and "input conversation" in guard.describe()
+
+
+def test_shipped_mm_safetybench_prompt():
+    from bpo.eval.judges import load_judge_prompt
+
+    template = load_judge_prompt("mm_safetybench")
+    assert "declines to engage" in template and "professional qualification" in template
+    with pytest.raises(ConfigError, match="cannot read judge prompt file no_such_prompt"):
+        load_judge_prompt("no_such_prompt")
 
 
 class OtherHost:
