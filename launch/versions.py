@@ -28,12 +28,16 @@ SHOWN = ("torch", "torchvision", "transformers", "deepspeed", "kernels", "peft",
 MARKERS = {"lock": "versions:lock", "latest": "versions:latest"}
 
 
+# Not part of what is tested: bpo itself, and the installer's own tools, which every new venv brings at its own version.
+UNLOCKED = {"bpo", "pip", "setuptools", "wheel"}
+
+
 def installed():
-    """{canonical name: version} of every distribution in this environment, bpo itself excepted."""
+    """{canonical name: version} of every distribution in this environment but UNLOCKED."""
     found = {}
     for dist in metadata.distributions():
         name = canonical(dist.metadata["Name"])
-        if name != "bpo":
+        if name not in UNLOCKED:
             found[name] = dist.version
     return dict(sorted(found.items()))
 
