@@ -273,7 +273,7 @@ FAMILIES = {f.__name__: f for f in (llava15, llava_next, llava_onevision, qwen2_
 
 # --- Mixture-of-experts families ------------------------------------------------------------------------------------
 
-MOE = dict(num_experts=4, top_k=2, moe_intermediate_size=16)
+MOE = dict(num_experts=4, top_k=2, moe_intermediate_size=24)  # 2 * 24 != 32: a transposed expert tensor shows
 
 
 def qwen3_vl_moe():

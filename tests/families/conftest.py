@@ -3,7 +3,9 @@
 import pytest
 
 # Every family bpo claims to train; PaliGemma (no chat template) has tests of its own.
-TRAINABLE = ["llava15", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "internvl"]
+TRAINABLE = ["llava15", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "internvl",
+             "qwen3_vl_moe", "llama4", "gemma4"]
+MOE = ["qwen3_vl_moe", "llama4", "gemma4"]  # mixture-of-experts language models
 
 
 @pytest.fixture(scope="session")

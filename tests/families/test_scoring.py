@@ -24,10 +24,11 @@ from .conftest import TRAINABLE
 # ends every answer with.
 END_MARKERS = {"llava15": None, "llava_next": "</s>", "llava_onevision": "<|im_end|>", "qwen2_vl": "<|im_end|>",
                "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>",
-               "internvl": "<|im_end|>"}
+               "internvl": "<|im_end|>", "qwen3_vl_moe": "<|im_end|>", "llama4": "<|eot|>", "gemma4": "<turn|>"}
 IMAGE_TOKENS = {"llava15": "<image>", "llava_next": "<image>", "llava_onevision": "<image>",
                 "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "idefics3": "<image>",
-                "gemma3": "<image_soft_token>", "internvl": "<IMG_CONTEXT>"}
+                "gemma3": "<image_soft_token>", "internvl": "<IMG_CONTEXT>", "qwen3_vl_moe": "<|image_pad|>",
+                "llama4": "<|patch|>", "gemma4": "<|image|>"}
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,8 @@ def hf_response_logprob(model, processor, record, image, reply, marker):
 
     n_prompt = run(prompt)["input_ids"].shape[1]
     inputs = run(text)
+    # Llama-4's image processor returns bf16 pixel_values: a user of an fp32 model casts them, or the forward fails.
+    inputs = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
         logits = model(**inputs).logits[0].float()  # (T, V)
     ids = inputs["input_ids"][0]
@@ -154,7 +157,9 @@ CONNECTORS = {"llava15": ["model.multi_modal_projector"],
               "llava_onevision": ["model.image_newline", "model.multi_modal_projector"],
               "qwen2_vl": ["model.visual.merger"], "qwen2_5_vl": ["model.visual.merger"],
               "idefics3": ["model.connector"], "gemma3": ["model.multi_modal_projector"],
-              "internvl": ["model.multi_modal_projector"]}
+              "internvl": ["model.multi_modal_projector"],
+              "qwen3_vl_moe": ["model.visual.deepstack_merger_list", "model.visual.merger"],
+              "llama4": ["multi_modal_projector"], "gemma4": ["model.embed_vision"]}
 
 
 @pytest.mark.parametrize("family", TRAINABLE)
@@ -169,9 +174,11 @@ def test_freezing_by_what_a_module_is(family, replica):
     assert sorted(parts["connector"][2]) == CONNECTORS[family]
     assert parts["vision_encoder"][0] is False and parts["connector"][0] and parts["language_model"][0]
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    vision_module = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "idefics3": "model.vision_model."}
+    vision_module = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "idefics3": "model.vision_model.",
+                     "qwen3_vl_moe": "model.visual.", "llama4": "vision_model."}
     prefix = vision_module.get(family, "model.vision_tower.")
-    assert frozen and all(n.startswith(prefix) and ".merger." not in n for n in frozen)
+    assert frozen and all(n.startswith(prefix) and ".merger." not in n and ".deepstack_merger_list." not in n
+                          for n in frozen)
     assert sum(p.numel() for n, p in model.named_parameters() if n in frozen) == parts["vision_encoder"][1]
 
 
