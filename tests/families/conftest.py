@@ -7,6 +7,20 @@ TRAINABLE = ["llava15", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl
              "qwen3_vl_moe", "llama4", "gemma4"]
 MOE = ["qwen3_vl_moe", "llama4", "gemma4"]  # mixture-of-experts language models
 
+# Gemma-4 cases that wait on other branches (bpo/data: the template's generation prompt ends with an empty thought
+# channel that the rendered assistant turn lacks, so encoding refuses every record; bpo/ops: final_logit_softcapping
+# is not applied by bpo's log-prob head). Remove these marks once both are merged.
+GEMMA4_TEMPLATE = pytest.mark.xfail(strict=True, reason="gemma4 chat template: generation prompt ends with an empty "
+                                                        "thought channel (bpo/data fix on another branch)")
+GEMMA4_TEMPLATE_AND_SOFTCAP = pytest.mark.xfail(strict=True, reason="gemma4: chat template thought channel (bpo/data) "
+                                                                    "and final_logit_softcapping (bpo/ops), both on "
+                                                                    "other branches")
+
+
+def with_marks(families, marks):
+    """`families` for pytest.mark.parametrize, those in `marks` (family -> mark) carrying their mark."""
+    return [pytest.param(f, marks=marks[f]) if f in marks else f for f in families]
+
 
 @pytest.fixture(scope="session")
 def replica(tmp_path_factory):

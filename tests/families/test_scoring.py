@@ -17,7 +17,7 @@ from PIL import Image
 from bpo.data.conversation import parse_conversation, to_messages
 from bpo.data.records import Record
 
-from .conftest import TRAINABLE
+from .conftest import GEMMA4_TEMPLATE, GEMMA4_TEMPLATE_AND_SOFTCAP, TRAINABLE, with_marks
 
 # The text each family's template writes right after an assistant reply's text; None: LLaVA-1.5's published template
 # writes only a space, so the scored response is the reply followed by </s>, which Vicuna v1 (its training format)
@@ -87,7 +87,7 @@ def hf_response_logprob(model, processor, record, image, reply, marker):
     return float(logp[n_prompt - 1:].sum()), ids[n_prompt:].tolist()
 
 
-@pytest.mark.parametrize("family", TRAINABLE)
+@pytest.mark.parametrize("family", with_marks(TRAINABLE, {"gemma4": GEMMA4_TEMPLATE_AND_SOFTCAP}))
 def test_sequence_logprobs_equal_the_plain_hf_forward(family, replica, image_root):
     from transformers import AutoModelForImageTextToText
 
@@ -182,7 +182,7 @@ def test_freezing_by_what_a_module_is(family, replica):
     assert sum(p.numel() for n, p in model.named_parameters() if n in frozen) == parts["vision_encoder"][1]
 
 
-@pytest.mark.parametrize("family", TRAINABLE)
+@pytest.mark.parametrize("family", with_marks(TRAINABLE, {"gemma4": GEMMA4_TEMPLATE}))
 def test_inspect_accepts_every_record_as_the_model_sees_it(family, replica, image_root, tmp_path, capsys):
     import json
 
@@ -225,6 +225,7 @@ def test_generation_with_images_is_the_same_batched_or_alone(family, replica, im
         image = Image.open(os.path.join(image_root, record.image)).convert("RGB")
         inputs = chat.processor(text=[text], images=[image], return_tensors="pt",
                                 add_special_tokens=not (bos and text.startswith(bos)))
+        inputs = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}  # Llama-4: bf16
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=list(chat.stop_ids),
                              pad_token_id=chat.pad_id)
         assert out[0, inputs["input_ids"].shape[1]:].tolist()[:len(g.token_ids)] == g.token_ids

@@ -5,7 +5,7 @@ a truncated response, an example without a blind response, and odd lengths."""
 import pytest
 import torch
 
-from .conftest import TRAINABLE
+from .conftest import GEMMA4_TEMPLATE, TRAINABLE, with_marks
 from .test_scoring import image_root, records  # noqa: F401 (image_root is a fixture)
 
 
@@ -25,7 +25,7 @@ def score(model, scorer, batch, device=torch.device("cpu"), backward=True):
     return logps.detach().cpu(), grads.cpu(), int(inputs["attention_mask"].sum())
 
 
-@pytest.mark.parametrize("family", TRAINABLE)
+@pytest.mark.parametrize("family", with_marks(TRAINABLE, {"gemma4": GEMMA4_TEMPLATE}))
 def test_shared_equals_rows(family, replica, image_root):  # noqa: F811
     from transformers import AutoModelForImageTextToText
 
