@@ -18,8 +18,11 @@ from jobs import REPO, free_port
 
 from .conftest import TRAINABLE
 
-TWO_RANKS = ["qwen2_vl", "gemma3"]
-ONE_RANK = [f for f in TRAINABLE if f not in TWO_RANKS]
+# Gemma-4 joins once its template's thinking channel is handled (bpo/data, another branch): until then encoding
+# refuses every record.
+CHAINED = [f for f in TRAINABLE if f != "gemma4"]
+TWO_RANKS = ["qwen2_vl", "gemma3", "qwen3_vl_moe"]
+ONE_RANK = [f for f in CHAINED if f not in TWO_RANKS]
 MIXED = "qwen2_vl"
 TEXT_ONLY = {0, 3, 5}  # positions in the first epoch's order whose records lose their image (MIXED only)
 SEED = 42  # TrainConfig.seed, which the chain keeps
@@ -40,7 +43,7 @@ def chains(replica, tmp_path_factory):
     data = write_sample_data(str(root / "data"), n_train=8, n_test=2)
     rows = [json.loads(line) for line in open(os.path.join(data, "train.jsonl"))]
     order = epoch_permutation(len(rows), SEED, 0)
-    for family in TRAINABLE:
+    for family in CHAINED:
         work = root / family
         work.mkdir()
         shutil.copytree(replica(family), work / "model")
@@ -60,7 +63,7 @@ def chains(replica, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("family", TRAINABLE)
+@pytest.mark.parametrize("family", CHAINED)
 def test_chain_trains_exports_and_reloads(family, chains):
     report = json.load(open(chains / family / "report.json"))
     assert report["world"] == (2 if family in TWO_RANKS else 1)
@@ -76,6 +79,18 @@ def test_chain_trains_exports_and_reloads(family, chains):
     assert report["finite"]
     assert report["max_change"]["vision_encoder"] == 0.0
     assert report["max_change"]["connector"] > 0 and report["max_change"]["language_model"] > 0
+
+
+def test_moe_trains_with_router_aux_and_reloads_both_expert_layouts_under_zero3(chains):
+    """Qwen3-VL-MoE on two ranks (different records, so different routing per rank), with loss.router_aux_coef > 0
+    and its MoE block a ZeRO-3 leaf module: the auxiliary loss is logged and part of the loss. Its export (experts in
+    transformers 5's layout) and a Hub-layout copy of the base both load under ZeRO-3 with the weights a plain
+    from_pretrained gives."""
+    report = json.load(open(chains / "qwen3_vl_moe" / "report.json"))
+    assert report["world"] == 2
+    for row in report["metrics"]:
+        assert row["router_aux"] > 1.0  # num_experts x sum(fraction x probability): 1 when perfectly balanced
+    assert report["zero3_reload"] == {"export": 0.0, "hub_layout": 0.0}
 
 
 def test_a_rank_without_an_image_trained_in_lockstep(chains):
