@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from bpo import dist
+from bpo import dist, moe
 from bpo.data import shared
 from bpo.ops.logprobs import naive_sequence_logprobs, resolve_backend, sequence_logprobs
 
@@ -87,51 +87,8 @@ def load_model(model_cfg, path=None, ds_config=None, quantize=False):
         )
     del keep_alive
     if is_zero3(ds_config):
-        set_leaf_modules(model, model_cfg.z3_leaf_modules)
+        moe.set_leaf_modules(model, model_cfg.z3_leaf_modules)
     return model
-
-
-def leaf_module_classes(model, names=()):
-    """The class names of `model`'s modules that ZeRO-3 should gather as one unit: those named (model.z3_leaf_modules,
-    each must occur in the model) and every module holding an `experts` nn.ModuleList, the module-per-expert MoE
-    layout (one nn.Module per expert, called only for the tokens routed to it)."""
-    present = {type(m).__name__ for m in model.modules()}
-    unknown = sorted(set(names) - present)
-    if unknown:
-        raise ValueError(f"model.z3_leaf_modules names {unknown}, which {type(model).__name__} has no module of; "
-                         f"its MoE-looking classes: {sorted(n for n in present if 'moe' in n.lower() or 'expert' in n.lower())}")
-    found = {type(m).__name__ for m in model.modules() if isinstance(getattr(m, "experts", None), nn.ModuleList)}
-    return sorted(set(names) | found)
-
-
-def set_leaf_modules(model, names=()):
-    """Mark the classes of `leaf_module_classes` as ZeRO-3 leaf modules (deepspeed.utils.set_z3_leaf_modules): their
-    parameters are fetched all together when the block's forward starts, whichever experts its tokens reach, so every
-    rank runs the same gathers in the same order. Returns the class names (empty: nothing set)."""
-    classes = leaf_module_classes(model, names)
-    if classes:
-        from deepspeed.utils import set_z3_leaf_modules
-
-        modules = set_z3_leaf_modules(model, classes)
-        dist.print0(f"ZeRO-3 leaf modules: {', '.join(classes)} ({len(modules)} modules gathered whole)")
-    return classes
-
-
-def router_aux_loss_function(model):
-    """fn(router_logits, attention_mask) -> the model's own auxiliary load-balancing loss: `load_balancing_loss_func`
-    of its modeling module (Switch Transformer eqs. 4-6, as transformers adds it in the model's forward when labels
-    are given), with its config's expert count and top-k."""
-    import sys
-
-    loss_fn = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
-    text = model.config.get_text_config()
-    experts = next((getattr(text, k) for k in ("num_experts", "num_local_experts") if getattr(text, k, None)), None)
-    top_k = next((getattr(text, k) for k in ("num_experts_per_tok", "top_k_experts") if getattr(text, k, None)), None)
-    if loss_fn is None or experts is None or top_k is None:
-        raise ValueError(f"loss.router_aux_coef > 0, but {type(model).__name__} has no auxiliary router loss in "
-                         f"transformers (no load_balancing_loss_func in {type(model).__module__}, or no expert count "
-                         f"and top-k in its config); set loss.router_aux_coef=0")
-    return lambda router_logits, attention_mask: loss_fn(router_logits, experts, top_k, attention_mask)
 
 
 @contextlib.contextmanager
@@ -326,7 +283,8 @@ class SequenceScorer(nn.Module):
     result multiplied by zero, so every part also takes part in backward, with zero gradient.
 
     `router_aux`: also ask the model for its router logits and keep its auxiliary load-balancing loss of this forward
-    in `self.router_aux_loss` (a scalar tensor with grad; `router_aux_loss_function`), for loss.router_aux_coef.
+    in `self.router_aux_loss` (a scalar tensor with grad; `bpo.moe.router_aux_loss_function`), for
+    loss.router_aux_coef.
 
     `zero3`: whether ZeRO-3 partitions the model. None reads it off the head (a model built under `zero.Init` is
     partitioned already); a QLoRA model is quantized outside `zero.Init` and partitioned only by
@@ -343,7 +301,7 @@ class SequenceScorer(nn.Module):
         call = self.base.forward if isinstance(self.base, nn.Module) else self.base
         self.accepted = set(inspect.signature(call).parameters) - {"input_ids", "attention_mask", "kwargs"}
         self.dtype = next(model.parameters()).dtype
-        self.router_aux = router_aux_loss_function(model) if router_aux else None
+        self.router_aux = moe.router_aux_loss_function(model) if router_aux else None
         self.router_aux_loss = None
         self.attn = model.config.get_text_config()._attn_implementation  # how the shared masks are given
         head = model.get_output_embeddings().weight

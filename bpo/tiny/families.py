@@ -20,8 +20,8 @@ a test that passes only there proves nothing about real models.
 | internvl | OpenGVLab/InternVL3-1B-hf | InternVLForConditionalGeneration (InternViT + Qwen2) |
 | paligemma | google/paligemma-3b-pt-224 | PaliGemmaForConditionalGeneration (no chat template) |
 | qwen3_vl_moe | Qwen/Qwen3-VL-30B-A3B-Instruct | Qwen3VLMoeForConditionalGeneration (fused experts, top-k routing) |
-| llama4 | meta-llama/Llama-4-Scout-17B-16E-Instruct | Llama4ForConditionalGeneration (no `.model`: towers at the top level) |
-| gemma4 | google/gemma-4-26B-A4B-it | Gemma4ForConditionalGeneration (MoE, bidirectional image block by mm_token_type_ids) |
+| llama4 | meta-llama/Llama-4-Scout-17B-16E-Instruct | Llama4ForConditionalGeneration (no base model `.model`) |
+| gemma4 | google/gemma-4-26B-A4B-it | Gemma4ForConditionalGeneration (MoE, bidirectional image block) |
 
 The mixture-of-experts replicas keep 4 experts, 2 of them per token (Llama-4 Scout: 1, as published), so that
 routing differs from token to token and from rank to rank.
@@ -340,7 +340,8 @@ def llama4():
     # Real Scout: 48 layers, all MoE (16 experts, 1 per token, a shared expert), every 4th layer without RoPE,
     # chunked attention of 8192 tokens; here 2 layers, the second without RoPE.
     text = Llama4TextConfig(**{k: v for k, v in TEXT.items() if k != "intermediate_size"}, head_dim=8,
-                            intermediate_size=16, intermediate_size_mlp=64, num_local_experts=MOE["num_experts"],
+                            intermediate_size=MOE["moe_intermediate_size"], intermediate_size_mlp=64,
+                            num_local_experts=MOE["num_experts"],
                             num_experts_per_tok=1, interleave_moe_layer_step=1, no_rope_layer_interval=2,
                             attention_chunk_size=8192, vocab_size=len(tok),
                             **_ids(tok, bos_token_id="<|begin_of_text|>", eos_token_id="<|eot|>",
@@ -348,7 +349,8 @@ def llama4():
     # Real: 336-pixel tiles in 14-pixel patches (24 x 24), pixel-shuffled by 0.5 to 144 tokens per tile; here 32-pixel
     # tiles in 8-pixel patches (4 x 4), shuffled to 4 tokens per tile.
     # The pixel-shuffle MLP takes hidden_size / 0.5**2 features: Scout's 1408 -> 5632 (its intermediate_size).
-    vision = Llama4VisionConfig(**{**VISION, "intermediate_size": 64}, image_size=32, patch_size=8, vision_output_dim=32, pixel_shuffle_ratio=0.5,
+    vision = Llama4VisionConfig(**{**VISION, "intermediate_size": 64}, image_size=32, patch_size=8,
+                                vision_output_dim=32, pixel_shuffle_ratio=0.5,
                                 projector_input_dim=32, projector_output_dim=32,
                                 rope_parameters={"rope_type": "default", "rope_theta": 10000})
     config = Llama4Config(vision_config=vision, text_config=text,

@@ -1,10 +1,9 @@
-"""Mixture-of-experts families (Qwen3-VL-MoE, Llama-4, Gemma-4): the router's auxiliary loss, ZeRO-3 leaf modules,
-and the tokenizer digest that Gemma-4's processor once made differ between jobs. The ZeRO-3 side (both expert
+"""Mixture-of-experts families (Qwen3-VL-MoE, Llama-4, Gemma-4): the router's auxiliary loss, leaf modules (none
+needed), and the tokenizer digest that Gemma-4's processor once made differ between jobs. The ZeRO-3 side (both expert
 layouts loading, training with routing that differs per rank) runs in tests/families/test_chain.py."""
 
 import pytest
 import torch
-from torch import nn
 
 from .test_scoring import image_root, records  # noqa: F401 (image_root is a fixture)
 
@@ -56,50 +55,11 @@ def test_router_aux_loss_is_refused_where_transformers_has_none(replica):
         SequenceScorer(model, router_aux=True)
 
 
-class Expert(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Linear(4, 4)
-
-    def forward(self, x):
-        return self.w(x)
-
-
-class ModulePerExpertMoe(nn.Module):
-    """The remote-code layout (DeepSeek-V2/V3, Mixtral before transformers 5): one module per expert, each called only
-    for the tokens routed to it."""
-
-    def __init__(self):
-        super().__init__()
-        self.gate = nn.Linear(4, 3)
-        self.experts = nn.ModuleList([Expert() for _ in range(3)])
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([nn.ModuleDict({"mlp": ModulePerExpertMoe()}), nn.Linear(4, 4)])
-
-
-def test_leaf_modules_found_or_named():
-    from deepspeed.utils import get_z3_leaf_modules
-
-    from bpo.model import leaf_module_classes, set_leaf_modules
-
-    toy = Toy()
-    assert leaf_module_classes(toy) == ["ModulePerExpertMoe"]  # found by its `experts` ModuleList
-    assert leaf_module_classes(toy, ["Linear"]) == ["Linear", "ModulePerExpertMoe"]
-    with pytest.raises(ValueError, match="z3_leaf_modules.*NoSuchBlock"):
-        leaf_module_classes(toy, ["NoSuchBlock"])
-    assert set_leaf_modules(toy) == ["ModulePerExpertMoe"]
-    assert get_z3_leaf_modules(toy) == [toy.layers[0]["mlp"]]
-
-
 def test_fused_experts_need_no_leaf_modules(replica):
     """transformers 5's MoE classes hold every expert in one (E, ., .) tensor: nothing found, nothing set."""
     from transformers import AutoModelForImageTextToText
 
-    from bpo.model import leaf_module_classes
+    from bpo.moe import leaf_module_classes
 
     for family in ("qwen3_vl_moe", "llama4", "gemma4"):
         model = AutoModelForImageTextToText.from_pretrained(replica(family), dtype=torch.float32)
