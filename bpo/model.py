@@ -297,7 +297,6 @@ class SequenceScorer(nn.Module):
         self.impl = impl
         self.chunk_size = chunk_size
         self.backend = None  # resolved on first forward, when the device is known
-        self.base = base_forward(model)  # a callable, not a submodule: the model's parameters are registered once
         call = self.base.forward if isinstance(self.base, nn.Module) else self.base
         self.accepted = set(inspect.signature(call).parameters) - {"input_ids", "attention_mask", "kwargs"}
         self.dtype = next(model.parameters()).dtype
@@ -344,6 +343,12 @@ class SequenceScorer(nn.Module):
         if self.backend is None:
             self.backend = resolve_backend(hidden.device)
         return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=self.backend)
+
+    @property
+    def base(self):
+        """`base_forward(self.model)`, looked up on use: an nn.Module stored as an attribute would be registered a
+        second time under this wrapper (its parameters twice in state_dict)."""
+        return base_forward(self.model)
 
     def _router_kwargs(self):
         return {"output_router_logits": True} if self.router_aux is not None else {}
