@@ -1,12 +1,14 @@
 """The whole chain (blind responses, reference cache, ZeRO-3 BPO training, export, reload) on a replica of every
 family, run by tests/scripts/family_chain.py: two ranks for Qwen2-VL and Gemma-3 (the families whose per-token
-processor outputs were once dropped), one rank for the rest (ZeRO-3 all the same), to keep the suite's time.
+processor outputs were once dropped) and Qwen3-VL-MoE (routing that differs per rank, the router's auxiliary loss,
+its export loaded under ZeRO-3 again), one rank for the rest (ZeRO-3 all the same), to keep the suite's time.
 
 Qwen2-VL's data mixes text-only records with image ones so that, at some step, one rank's micro-batch holds no
 image while the other's does: the ZeRO-3 lockstep case (bpo.model.SequenceScorer's blank row).
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -90,6 +92,10 @@ def test_moe_trains_with_router_aux_and_reloads_both_expert_layouts_under_zero3(
     assert report["world"] == 2
     for row in report["metrics"]:
         assert row["router_aux"] > 1.0  # num_experts x sum(fraction x probability): 1 when perfectly balanced
+    # Step 0, policy = reference: each pair's BPO loss is ln 2 per preference term, plus 0.01 x the auxiliary loss.
+    first = report["metrics"][0]
+    bpo_terms = math.log(2) * (1 + first["count/blind"] / first["count/pairs"])
+    assert first["loss"] == pytest.approx(bpo_terms + 0.01 * first["router_aux"], rel=1e-5)
     assert report["zero3_reload"] == {"export": 0.0, "hub_layout": 0.0}
 
 
