@@ -35,6 +35,13 @@ class ModelConfig:
     # nn.Linear layers of the parts marked trained; qlora = lora on a base whose language-model Linear layers are
     # loaded in 4-bit NF4 (bitsandbytes, CUDA only).
     finetune: str = "full"
+    # ZeRO-3 leaf modules (deepspeed.utils.set_z3_leaf_modules): class names of mixture-of-experts blocks whose
+    # parameters are gathered all at once, as one unit. Needed where each expert is its own module, called only when
+    # a token routes to it (remote-code DeepSeek/Mixtral-style MoE): ranks routing differently would otherwise gather
+    # different modules and their collectives would desynchronise (a hang on NCCL). Blocks holding an `experts`
+    # nn.ModuleList are found without being named here (bpo.model.leaf_module_classes); transformers 5's own MoE
+    # classes keep every expert in one fused tensor and need none.
+    z3_leaf_modules: typing.List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +97,10 @@ class LossConfig:
     # shared = each prompt (and image) computed once with its responses after it (bpo.data.shared); rows = one padded
     # row per response, the readable reference. An attention that cannot take the shared layout stops the job.
     scoring: str = "shared"
+    # Mixture-of-experts models: add router_aux_coef x the model's own load-balancing loss (its modeling module's
+    # `load_balancing_loss_func` over the router logits it returns with output_router_logits=True, e.g. Qwen3-VL-MoE)
+    # to the loss, logged as router_aux. 0 = the paper's objective (the routers get only the BPO gradient).
+    router_aux_coef: float = 0.0
 
 
 @dataclass
@@ -483,6 +494,7 @@ def validate(cfg):
     for key, value in [("train.save_every", cfg.train.save_every), ("train.keep_checkpoints", cfg.train.keep_checkpoints),
                        ("optim.warmup_steps", cfg.optim.warmup_steps), ("loss.blind_weight", cfg.loss.blind_weight),
                        ("loss.sft_weight", cfg.loss.sft_weight), ("eval.limit", cfg.eval.limit),
+                       ("loss.router_aux_coef", cfg.loss.router_aux_coef),
                        ("train.max_tokens_per_sequence", cfg.train.max_tokens_per_sequence),
                        ("decode.server_retries", cfg.decode.server_retries)]:
         if value < 0:

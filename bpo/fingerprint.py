@@ -135,6 +135,18 @@ def digest_of(obj):
 
 
 def tokenizer_digest(tokenizer):
-    """Short hash of a tokenizer's whole pipeline (vocabulary, merges, normalizer, added tokens)."""
+    """Short hash of a tokenizer's whole pipeline (vocabulary, merges, normalizer, added tokens).
+
+    Not of its padding and truncation settings: the backend tokenizer keeps those from the last call that asked for
+    them (`enable_padding` stays on after `tokenizer(..., padding=True)`), so they record what the process did, not
+    what the tokenizer is. Gemma-4's processor pads every call by default (`padding: True` in its text kwargs): a job
+    that had encoded one record hashed another tokenizer than a job that had not, and training refused its own
+    reference cache.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    return digest_of(backend.to_str() if backend is not None else repr(tokenizer))
+    if backend is None:
+        return digest_of(repr(tokenizer))
+    pipeline = json.loads(backend.to_str())
+    pipeline.pop("padding", None)
+    pipeline.pop("truncation", None)
+    return digest_of(pipeline)

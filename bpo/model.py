@@ -5,26 +5,30 @@ from the final hidden states by the log-prob head in `bpo.ops`: the (R, T, V) lo
 never built on the fused path.
 """
 
+import contextlib
 import inspect
 import os
 
 import torch
 from torch import nn
 
-from bpo import dist
+from bpo import dist, moe
 from bpo.data import shared
 from bpo.ops.logit_transform import LogitTransform
 from bpo.ops.logprobs import DEFAULT_CHUNK_SIZE, naive_sequence_logprobs, resolve_impl, sequence_logprobs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# What each part of an image-text-to-text model is called under its base model (`model.model` in transformers 5):
-# the image encoder, the language model, and everything else between them (the connector: multi_modal_projector,
-# Idefics3's connector, LLaVA-NeXT's image_newline). Qwen2-VL and Qwen2.5-VL keep their connector (`merger`) inside
-# the image encoder module.
+# What each part of an image-text-to-text model is called under its base model (`model.model` in transformers 5), or
+# at the top level for classes without one (Llama-4: `vision_model`, `multi_modal_projector` and a whole
+# `language_model` ForCausalLM beside each other): the image encoder, the language model, and everything else between
+# them (the connector: multi_modal_projector, Idefics3's connector, LLaVA-NeXT's image_newline, Gemma-4's
+# embed_vision). Qwen2-VL, Qwen2.5-VL and Qwen3-VL keep their connector (`merger`, and Qwen3-VL's
+# `deepstack_merger_list`) inside the image encoder module.
 VISION_ENCODERS = ("vision_tower", "visual", "vision_model")
 LANGUAGE_MODELS = ("language_model", "text_model")
-CONNECTORS_IN_VISION = ("merger",)
+CONNECTORS_IN_VISION = ("merger", "deepstack_merger_list")
+OUTPUT_HEADS = ("lm_head",)
 MASKED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")  # config.layer_types values
 PARTS = ("vision_encoder", "connector", "language_model")
 
@@ -61,25 +65,71 @@ def load_model(model_cfg, path=None, ds_config=None, quantize=False):
                                     f"lora.export=merged) for a directory that loads on its own")
         raise FileNotFoundError(f"model directory {path!r} has no config.json; set model.path to a local checkpoint")
     keep_alive = None
+    layouts = contextlib.nullcontext()
     if is_zero3(ds_config):
         from transformers.integrations import HfDeepSpeedConfig
 
         import_model_classes(path, model_cfg.trust_remote_code)
         keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (its existence is the point)
+        layouts = full_shapes_for_weight_conversions()
     from bpo.lora import quantization_config, require_platform
 
     require_platform(model_cfg)  # QLoRA and FlexAttention need CUDA: every job's models load here
     extra = {"quantization_config": quantization_config(model_cfg)} if quantize else {}
-    model = AutoModelForImageTextToText.from_pretrained(
-        path,
-        dtype=DTYPES[model_cfg.dtype],
-        attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation),
-        trust_remote_code=model_cfg.trust_remote_code,
-        local_files_only=True,
-        **extra,
-    )
+    with layouts:
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=DTYPES[model_cfg.dtype],
+            attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation),
+            trust_remote_code=model_cfg.trust_remote_code,
+            local_files_only=True,
+            **extra,
+        )
     del keep_alive
+    if is_zero3(ds_config):
+        moe.set_leaf_modules(model, model_cfg.z3_leaf_modules)
     return model
+
+
+@contextlib.contextmanager
+def full_shapes_for_weight_conversions():
+    """While a ZeRO-3 from_pretrained runs: transformers' checkpoint conversions see each parameter's full shape.
+
+    Why: transformers 5 converts some checkpoints at load time (`conversion_mapping.py`). Qwen3-VL-MoE's fused experts
+    are stored (E, H, 2I) on the Hub and (E, 2I, H) in the model, so its converter is
+    `Transpose(1, 2, check_dims=True)`: transpose unless the tensor already has the parameter's shape, which is the
+    case for a checkpoint saved by transformers 5 itself or exported by bpo (model layout). The check reads
+    `model.get_parameter(name).shape`; under `zero.Init` that is the partitioned placeholder, shape (0,), never
+    equal, so the ZeRO-3 load path (`integrations.deepspeed._apply_weight_conversions_to_state_dict`) transposed
+    model-layout tensors too and failed: "size mismatch for ...experts.gate_up_proj: [4, 32, 64] from checkpoint,
+    [4, 64, 32] in current model". Any conversion op that reads a parameter's shape (Transpose, the splitting ops)
+    had the same blind spot. Here, for the duration of that function, `get_parameter` answers a partitioned
+    parameter with a meta tensor of its full shape (`ds_shape`) and dtype; nothing else changes.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    original = hf_deepspeed._apply_weight_conversions_to_state_dict
+
+    def with_full_shapes(model, state_dict, weight_mapping):
+        partitioned_lookup = model.get_parameter
+
+        def get_parameter(target):
+            param = partitioned_lookup(target)
+            if hasattr(param, "ds_shape"):
+                return torch.empty(param.ds_shape, dtype=param.dtype, device="meta")
+            return param
+
+        model.get_parameter = get_parameter  # an instance attribute, shadowing the method until deleted
+        try:
+            yield from original(model, state_dict, weight_mapping)
+        finally:
+            del model.get_parameter
+
+    hf_deepspeed._apply_weight_conversions_to_state_dict = with_full_shapes
+    try:
+        yield
+    finally:
+        hf_deepspeed._apply_weight_conversions_to_state_dict = original
 
 
 def import_model_classes(path, trust_remote_code):
@@ -128,15 +178,17 @@ def part_of(param_name):
 def _locate(param_name):
     """(part, the module path that decides it), e.g. ("connector", "model.visual.merger")."""
     path = param_name.split(".")
-    if path[0] != "model":
-        return "language_model", path[0]  # lm_head
-    if path[1] in LANGUAGE_MODELS:
-        return "language_model", ".".join(path[:2])
-    if path[1] in VISION_ENCODERS:
-        if len(path) > 2 and path[2] in CONNECTORS_IN_VISION:
-            return "connector", ".".join(path[:3])
-        return "vision_encoder", ".".join(path[:2])
-    return "connector", ".".join(path[:2])
+    if path[0] in OUTPUT_HEADS:
+        return "language_model", path[0]
+    depth = 1 if path[0] == "model" else 0  # under the base model, or at the top level (Llama-4)
+    name = path[depth]
+    if name in LANGUAGE_MODELS:
+        return "language_model", ".".join(path[:depth + 1])
+    if name in VISION_ENCODERS:
+        if len(path) > depth + 1 and path[depth + 1] in CONNECTORS_IN_VISION:
+            return "connector", ".".join(path[:depth + 2])
+        return "vision_encoder", ".".join(path[:depth + 1])
+    return "connector", ".".join(path[:depth + 1])
 
 
 def set_trainable(model, model_cfg):
@@ -152,7 +204,7 @@ def set_trainable(model, model_cfg):
                        modules if module in modules else modules + [module])
     if not parts["vision_encoder"][1] or not parts["language_model"][1]:
         raise ValueError(f"{type(model).__name__}: cannot tell its image encoder from its language model (looked for "
-                         f"model.{{{','.join(VISION_ENCODERS)}}} and model.{{{','.join(LANGUAGE_MODELS)}}}); "
+                         f"[model.]{{{','.join(VISION_ENCODERS)}}} and [model.]{{{','.join(LANGUAGE_MODELS)}}}); "
                          f"extend bpo/model.py's part names for this family")
     return parts
 
@@ -165,6 +217,45 @@ def set_gradient_checkpointing(model, model_cfg):
         model.config.use_cache = False
 
 
+def base_forward(model):
+    """The callable that runs an image-text-to-text model up to its language model's last hidden states (no lm_head):
+    its base model (`model.model`), or `TowersForward` for a class without one (Llama-4)."""
+    base = getattr(model, "model", None)
+    if isinstance(base, nn.Module):
+        return base
+    if isinstance(getattr(getattr(model, "language_model", None), "model", None), nn.Module):
+        return TowersForward(model)
+    raise ValueError(f"{type(model).__name__}: found no base model (`model.model`) nor a `language_model` with its own "
+                     f"base; extend bpo.model.base_forward for this family")
+
+
+class TowersForward:
+    """The base-model forward of Llama-4's layout, which has none: Llama4ForConditionalGeneration holds its image
+    encoder, projector and a whole Llama4ForCausalLM side by side, and its forward ends with that model's lm_head.
+
+    This runs what that forward runs before the lm_head, with the model's own pieces: the token embeddings, the image
+    features (`get_image_features`: encoder + projector) scattered into the image placeholders
+    (`get_placeholder_mask`), then the language model's own base model. Its output is that base model's
+    (last_hidden_state, router_logits when asked). A plain object, not an nn.Module, so that the model's parameters
+    are not registered a second time under the scorer.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, pixel_values=None, use_cache=False,
+                 **kwargs):
+        model = self.model
+        embeds = model.get_input_embeddings()(input_ids)  # (S, L, H)
+        if pixel_values is not None:
+            features = model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output
+            features = features.reshape(-1, features.size(-1)).to(embeds.dtype)  # (image tokens, H)
+            mask = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=features)
+            embeds = embeds.masked_scatter(mask, features)
+        return model.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                          position_ids=position_ids, use_cache=use_cache, **kwargs)
+
+
 class SequenceScorer(nn.Module):
     """forward(input_ids, attention_mask, labels, **processor_outputs) -> per-token log-probs of the labels.
 
@@ -175,9 +266,10 @@ class SequenceScorer(nn.Module):
       per sequence that keeps responses apart, positions as if each response stood alone after its prompt (3-D
       rotary positions for families with `get_rope_index`), and `predictor_index` naming the hidden state that
       predicts each response token.
-    The base model (`model.model` in transformers 5 image-text-to-text classes) produces hidden states; the lm_head
-    weight is applied by `bpo.ops.logprobs`. Of the processor outputs, those the base model's forward names are
-    passed (per-token fields such as token_type_ids included); floating ones in the model's dtype.
+    The base model (`model.model` in transformers 5 image-text-to-text classes; `TowersForward` for Llama-4, which
+    has none) produces hidden states; the lm_head weight is applied by `bpo.ops.logprobs`. Of the processor outputs,
+    those the base model's forward names are passed (per-token fields such as token_type_ids included); floating ones
+    in the model's dtype (Llama-4's image processor returns bf16 pixel_values whatever the model's dtype).
 
     ZeRO-3: lm_head.weight is partitioned and has numel 0 outside lm_head's own forward, which we never call. We
     register it as an external parameter of this wrapper, so DeepSpeed gathers it for this module's forward and again
@@ -190,19 +282,26 @@ class SequenceScorer(nn.Module):
     extra row, a blank image with its prompt, that runs through the model's own forward; its hidden states join the
     result multiplied by zero, so every part also takes part in backward, with zero gradient.
 
+    `router_aux`: also ask the model for its router logits and keep its auxiliary load-balancing loss of this forward
+    in `self.router_aux_loss` (a scalar tensor with grad; `bpo.moe.router_aux_loss_function`), for
+    loss.router_aux_coef.
+
     `zero3`: whether ZeRO-3 partitions the model. None reads it off the head (a model built under `zero.Init` is
     partitioned already); a QLoRA model is quantized outside `zero.Init` and partitioned only by
     `deepspeed.initialize`, after this wrapper exists, so its callers say True.
     """
 
-    def __init__(self, model, impl="auto", chunk_size=DEFAULT_CHUNK_SIZE, blank=None, zero3=None):
+    def __init__(self, model, impl="auto", chunk_size=DEFAULT_CHUNK_SIZE, blank=None, zero3=None, router_aux=False):
         super().__init__()
         self.model = model
         self.impl = impl  # loss.logprob_impl; jobs pass the head resolve_impl chose (and printed), tests may pass auto
         self.chunk_size = chunk_size
         self.transform = LogitTransform.from_model(model)  # what model's forward does to its logits (Gemma softcap)
-        self.accepted = set(inspect.signature(model.model.forward).parameters) - {"input_ids", "attention_mask"}
+        call = self.base.forward if isinstance(self.base, nn.Module) else self.base
+        self.accepted = set(inspect.signature(call).parameters) - {"input_ids", "attention_mask", "kwargs"}
         self.dtype = next(model.parameters()).dtype
+        self.router_aux = moe.router_aux_loss_function(model) if router_aux else None
+        self.router_aux_loss = None
         self.attn = model.config.get_text_config()._attn_implementation  # how the shared masks are given
         head = model.get_output_embeddings().weight
         self.blank = None
@@ -223,12 +322,14 @@ class SequenceScorer(nn.Module):
         if self.blank is not None and not self.blank.image_inputs.keys() & extra.keys():
             seq, extra, prompt_spans = self._add_blank_row(seq, extra, prompt_spans)
         if predictor_index is None:
-            out = self.model.model(**seq, use_cache=False, **extra)
+            out = self.base(**seq, use_cache=False, **extra, **self._router_kwargs())
         else:
             positions = self._positions(seq, extra, prompt_spans)
-            out = self.model.model(input_ids=seq["input_ids"], attention_mask=self._shared_masks(seq, extra),
-                                   position_ids=positions, use_cache=False, **extra)
+            out = self.base(input_ids=seq["input_ids"], attention_mask=self._shared_masks(seq, extra),
+                                   position_ids=positions, use_cache=False, **extra, **self._router_kwargs())
         hidden = out.last_hidden_state  # (S, L, H), or (S + 1, L', H) with the blank row
+        if self.router_aux is not None:  # router logits: per MoE layer (S * L, E), real tokens by the (S, L) mask
+            self.router_aux_loss = self.router_aux(out.router_logits, seq["attention_mask"])
         if hidden.shape[0] > rows:
             hidden = hidden[:rows, :width] + 0.0 * hidden[rows:].sum()
         if predictor_index is None:
@@ -245,11 +346,20 @@ class SequenceScorer(nn.Module):
         return sequence_logprobs(hidden, weight, targets, chunk_size=self.chunk_size, backend=backend,
                                  transform=self.transform)
 
+    @property
+    def base(self):
+        """`base_forward(self.model)`, looked up on use: an nn.Module stored as an attribute would be registered a
+        second time under this wrapper (its parameters twice in state_dict)."""
+        return base_forward(self.model)
+
+    def _router_kwargs(self):
+        return {"output_router_logits": True} if self.router_aux is not None else {}
+
     def _shared_masks(self, seq, extra):
         """The attention mask of a shared batch: (S, 1, L, L) for SDPA and eager, a BlockMask for flex_attention; for
         families with sliding-window layers, one per layer type ({"full_attention": ..., "sliding_attention": ...},
         which their text models take as prepared)."""
-        blocks = shared.image_blocks(extra["token_type_ids"]) if "token_type_ids" in extra else None
+        blocks = self._image_blocks(extra)
         text = self.model.config.get_text_config()
         sliding = "sliding_attention" in (getattr(text, "layer_types", None) or [])
         if self.attn == "flex_attention":
@@ -266,6 +376,18 @@ class SequenceScorer(nn.Module):
                 ~m, torch.finfo(self.dtype).min) for k, m in allowed.items()}
         return allowed if len(allowed) > 1 else allowed["full_attention"]
 
+    def _image_blocks(self, extra):
+        """(S, L) ids of the image blocks whose tokens attend to each other both ways, or None for a model whose
+        image tokens attend causally. Gemma-3: image tokens by `token_type_ids`. Gemma-4
+        (use_bidirectional_attention="vision"): image and video tokens by `mm_token_type_ids`, which other families
+        (Qwen2-VL, Qwen3-VL) also pass but only for their rotary positions."""
+        if "token_type_ids" in extra:
+            return shared.image_blocks(extra["token_type_ids"])
+        text = self.model.config.get_text_config()
+        if getattr(text, "use_bidirectional_attention", None) == "vision" and "mm_token_type_ids" in extra:
+            return shared.image_blocks(extra["mm_token_type_ids"], image_types=(1, 2))
+        return None
+
     @staticmethod
     def _block_mask(seq, blocks, window=None):
         """The same rule as a FlexAttention BlockMask (flex_attention never materialises the (L, L) mask)."""
@@ -279,7 +401,7 @@ class SequenceScorer(nn.Module):
         """Position ids of a shared batch: 1-D as collated, or the family's multimodal rotary positions (Qwen2-VL,
         Qwen2.5-VL: (3, S, L)), computed from each prompt alone and continued the same way along its responses."""
         flat = seq["position_ids"]  # (S, L)
-        rope_index = getattr(self.model.model, "get_rope_index", None)
+        rope_index = getattr(getattr(self.model, "model", None), "get_rope_index", None)
         if rope_index is None:
             return flat
         spans = prompt_spans.tolist()

@@ -134,7 +134,7 @@ def build_policy(cfg, ds_config, total_steps, blank):
         describe(model, set_trainable(model, cfg.model), attn)
     set_gradient_checkpointing(model, cfg.model)
     scorer = SequenceScorer(model, impl=cfg.loss.logprob_impl, chunk_size=cfg.loss.logprob_chunk_size, blank=blank,
-                            zero3=is_zero3(ds_config))
+                            zero3=is_zero3(ds_config), router_aux=cfg.loss.router_aux_coef > 0)
     params = [p for p in scorer.parameters() if p.requires_grad]
     client = optim.build_optimizer(params, cfg.optim)  # None: DeepSpeed builds the ds_config's optimizer
     dist.print0(optim.describe(cfg.optim, ds_config))
@@ -204,6 +204,18 @@ def preference_loss(token_logps, response_mask, ref_logps, batch, loss_cfg):
     if uses_nll:
         loss = loss + loss_cfg.sft_weight * nll
         metrics.update({"nll/chosen": nll_metrics["nll/chosen"], "loss": loss.detach() * pc.numel()})
+    return loss, metrics
+
+
+def add_router_aux(loss, metrics, scorer, coef):
+    """loss + coef x the MoE router's auxiliary load-balancing loss of the forward just run (loss.router_aux_coef;
+    bpo.model.router_aux_loss_function), logged as router_aux. coef 0: the loss unchanged, the paper's objective."""
+    if not coef:
+        return loss, metrics
+    aux = scorer.router_aux_loss  # scalar, this micro-batch's tokens
+    loss = loss + coef * aux
+    pairs = metrics["count/pairs"]  # metrics are sums over pairs, divided by their count once per step
+    metrics.update(router_aux=aux.detach() * pairs, loss=loss.detach() * pairs)
     return loss, metrics
 
 
@@ -288,6 +300,7 @@ def train(cfg):
             # Reference first: its no-grad forward then never runs beside the policy's saved activations.
             ref_logps = reference(batch, inputs) if reference is not None else None  # (R,)
             loss, metrics = preference_loss(engine(**inputs), response_mask, ref_logps, batch, cfg.loss)
+            loss, metrics = add_router_aux(loss, metrics, engine.module, cfg.loss.router_aux_coef)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only on the last micro-step of the accumulation
             metrics["tokens"] = inputs["attention_mask"].sum()  # tokens the forward computes, padding excluded

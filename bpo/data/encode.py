@@ -133,6 +133,9 @@ def conversation_text(record, chat, prompt, reply, with_image=True):
     bare = chat.render(chat.messages(record.turns, with_image=with_image), add_generation_prompt=False)
     turn = full[len(bare):] if full.startswith(bare) and prompt.startswith(bare) else None
     at = turn.find(reply) if turn is not None else -1
+    as_given = at >= 0
+    if turn is not None and not as_given and reply.strip():
+        at = turn.find(reply.strip())  # the template trims the reply (Gemma-4's `| trim`): its end is not known
     if at < 0 or not prompt[len(bare):].startswith(turn[:at]):
         raise TemplateError(
             f"record {record.id} ({record.source}): the chat template's rendering with the response does not "
@@ -140,7 +143,7 @@ def conversation_text(record, chat, prompt, reply, with_image=True):
             f"prompt either, so response tokens cannot be separated.\n"
             f"  prompt: {prompt[-200:]!r}\n  full:   {full[-300:]!r}"
         )
-    return prompt + turn[at:], len(prompt) + len(reply)
+    return prompt + turn[at:], (len(prompt) + len(reply) if as_given else None)
 
 
 def response_ids(record, chat, prompt, prompt_tokens, reply, with_image=True):

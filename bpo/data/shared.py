@@ -155,10 +155,11 @@ def allowed_mask_mod(example_of, part_of, blocks=None, positions=None, window=No
     return mask_mod
 
 
-def image_blocks(token_type_ids):
-    """(S, L) token types (1 = image token, Gemma-3's processor) -> (S, L) block ids: each contiguous run of image
-    tokens gets its own id, every other token -1."""
-    image = token_type_ids == 1
+def image_blocks(token_type_ids, image_types=(1,)):
+    """(S, L) token types -> (S, L) block ids: each contiguous run of image tokens (a type in `image_types`) gets its
+    own id, every other token -1. Gemma-3's processor marks image tokens 1 in `token_type_ids`; Gemma-4's marks image
+    (1) and video (2) tokens in `mm_token_type_ids` (transformers' gemma4 `get_block_sequence_ids_for_mask`)."""
+    image = torch.isin(token_type_ids, torch.tensor(image_types, device=token_type_ids.device))
     starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
     ids = torch.cumsum(starts.long(), dim=1) - 1
     return torch.where(image, ids, torch.full_like(ids, -1))

@@ -24,11 +24,17 @@ a test that passes only there proves nothing about real models.
 | lfm2_vl | LiquidAI/LFM2.5-VL-1.6B | Lfm2VlForConditionalGeneration (SigLIP2 NaFlex + LFM2 convolutions) |
 | smolvlm2 | HuggingFaceTB/SmolVLM2-500M-Video-Instruct | SmolVLMForConditionalGeneration (image splitting) |
 | glm4v | zai-org/GLM-4.1V-9B-Thinking | Glm4vForConditionalGeneration (3-D rotary positions) |
+| qwen3_vl_moe | Qwen/Qwen3-VL-30B-A3B-Instruct | Qwen3VLMoeForConditionalGeneration (fused experts, top-k routing) |
+| llama4 | meta-llama/Llama-4-Scout-17B-16E-Instruct | Llama4ForConditionalGeneration (no base model `.model`) |
+| gemma4 | google/gemma-4-26B-A4B-it | Gemma4ForConditionalGeneration (MoE, bidirectional image block) |
+
+The mixture-of-experts replicas keep 4 experts, 2 of them per token (Llama-4 Scout: 1, as published), so that
+routing differs from token to token and from rank to rank.
 """
 
 import os
 
-from bpo.tiny.tokenizers import build_tokenizer
+from bpo.tiny.tokenizers import CORPUS, build_tokenizer
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -444,6 +450,141 @@ def glm4v():
 
 FAMILIES = {f.__name__: f for f in (llava15, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, idefics3, gemma3,
                                     internvl, paligemma, qwen3_vl, mistral3, lfm2_vl, smolvlm2, glm4v)}
+
+
+# --- Mixture-of-experts families ------------------------------------------------------------------------------------
+
+MOE = dict(num_experts=4, top_k=2, moe_intermediate_size=24)  # 2 * 24 != 32: a transposed expert tensor shows
+
+
+def qwen3_vl_moe():
+    from transformers import (Qwen2VLImageProcessor, Qwen3VLMoeConfig, Qwen3VLProcessor, Qwen3VLVideoProcessor)
+
+    tok = _qwen2_tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    ids = _ids(tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+               vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+    # Real: 128 experts, 8 per token, mrope_section [24, 20, 20] interleaved over head_dim 128; here head_dim 8.
+    text = dict(**TEXT, head_dim=8, vocab_size=len(tok), num_experts=MOE["num_experts"],
+                num_experts_per_tok=MOE["top_k"], moe_intermediate_size=MOE["moe_intermediate_size"],
+                decoder_sparse_step=1, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                        "mrope_interleaved": True, "rope_theta": 5000000.0},
+                bos_token_id=None, **_ids(tok, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>"))
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=TEXT["hidden_size"], num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1])
+    config = Qwen3VLMoeConfig(vision_config=vision, text_config=text, **ids)
+    # Real: patch 16, merge 2, 64*64*... pixels (shortest_edge 65536); shrunk to patch 4: 8*8 .. 32*32 pixels.
+    size = {"shortest_edge": 8 * 8, "longest_edge": 32 * 32}
+    images = Qwen2VLImageProcessor(size=size, patch_size=4, merge_size=2, temporal_patch_size=2,
+                                   image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    video = Qwen3VLVideoProcessor(size=size, patch_size=4, merge_size=2, temporal_patch_size=2,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = Qwen3VLProcessor(image_processor=images, video_processor=video, tokenizer=tok,
+                                 chat_template=template("qwen3_vl_moe"))
+    return config, processor, {"eos_token_id": [tok.convert_tokens_to_ids("<|im_end|>"),
+                                                tok.convert_tokens_to_ids("<|endoftext|>")]}
+
+
+def _llama4_tokenizer():
+    """Llama-4's tokenizer is a tiktoken-style byte-level BPE published as a plain PreTrainedTokenizerFast (no class
+    of its own): the Llama-3 split pattern, byte-level symbols, BOS added by a post-processor."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                "<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>", "<|python_start|>",
+                "<|python_end|>", "<|finetune_right_pad|>", "<|image_start|>", "<|image_end|>", "<|image|>",
+                "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>"]
+    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=640, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
+    bpe.add_special_tokens(specials)
+    bos = bpe.token_to_id("<|begin_of_text|>")
+    bpe.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot|>",
+                                   pad_token="<|finetune_right_pad|>")
+
+
+def llama4():
+    from transformers import Llama4Config, Llama4ImageProcessor, Llama4Processor, Llama4TextConfig, Llama4VisionConfig
+
+    tok = _llama4_tokenizer()
+    # Real Scout: 48 layers, all MoE (16 experts, 1 per token, a shared expert), every 4th layer without RoPE,
+    # chunked attention of 8192 tokens; here 2 layers, the second without RoPE.
+    text = Llama4TextConfig(**{k: v for k, v in TEXT.items() if k != "intermediate_size"}, head_dim=8,
+                            intermediate_size=MOE["moe_intermediate_size"], intermediate_size_mlp=64,
+                            num_local_experts=MOE["num_experts"],
+                            num_experts_per_tok=1, interleave_moe_layer_step=1, no_rope_layer_interval=2,
+                            attention_chunk_size=8192, vocab_size=len(tok),
+                            **_ids(tok, bos_token_id="<|begin_of_text|>", eos_token_id="<|eot|>",
+                                   pad_token_id="<|finetune_right_pad|>"))
+    # Real: 336-pixel tiles in 14-pixel patches (24 x 24), pixel-shuffled by 0.5 to 144 tokens per tile; here 32-pixel
+    # tiles in 8-pixel patches (4 x 4), shuffled to 4 tokens per tile.
+    # The pixel-shuffle MLP takes hidden_size / 0.5**2 features: Scout's 1408 -> 5632 (its intermediate_size).
+    vision = Llama4VisionConfig(**{**VISION, "intermediate_size": 64}, image_size=32, patch_size=8,
+                                vision_output_dim=32, pixel_shuffle_ratio=0.5,
+                                projector_input_dim=32, projector_output_dim=32,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000})
+    config = Llama4Config(vision_config=vision, text_config=text,
+                          **_ids(tok, boi_token_index="<|image_start|>", eoi_token_index="<|image_end|>",
+                                 image_token_index="<|patch|>"))
+    # Real: up to 16 tiles of 336 pixels (plus a global one); here up to 4 of 32.
+    images = Llama4ImageProcessor(size={"height": 32, "width": 32}, max_patches=4, resize_to_max_canvas=False,
+                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    processor = Llama4Processor(image_processor=images, tokenizer=tok, patch_size=8, pixel_shuffle_ratio=0.5,
+                                chat_template=template("llama4"))
+    # meta-llama/Llama-4-Scout-17B-16E-Instruct generation_config.json: eos_token_id [200001, 200007, 200008], i.e.
+    # <|end_of_text|>, <|eom|> and <|eot|>.
+    return config, processor, {"eos_token_id": [tok.convert_tokens_to_ids(t)
+                                                for t in ("<|end_of_text|>", "<|eom|>", "<|eot|>")]}
+
+
+def gemma4():
+    from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ImageProcessor, Gemma4Processor,
+                              Gemma4TextConfig, Gemma4VideoProcessor, Gemma4VisionConfig)
+
+    mm_tokens = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                 "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+    turn = ["<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>", "<|tool>", "<tool|>", "<|tool_call>",
+            "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
+    tok = _gemma_tokenizer([*turn, *mm_tokens.values(), "<|video|>"], extra_special_tokens=mm_tokens)
+    # Real 26B-A4B: 128 experts, 8 per token, beside a dense MLP in every layer; five sliding-window layers to one
+    # global; final logits soft-capped at 30; image tokens attend bidirectionally ("vision").
+    text = Gemma4TextConfig(**{**TEXT, "tie_word_embeddings": True, "num_hidden_layers": 3}, head_dim=8,
+                            vocab_size=len(tok), vocab_size_per_layer_input=len(tok), hidden_size_per_layer_input=0,
+                            sliding_window=16, layer_types=["sliding_attention", "sliding_attention",
+                                                            "full_attention"],
+                            final_logit_softcapping=30.0, use_bidirectional_attention="vision",
+                            enable_moe_block=True, num_experts=MOE["num_experts"], top_k_experts=MOE["top_k"],
+                            moe_intermediate_size=MOE["moe_intermediate_size"],
+                            **_ids(tok, bos_token_id="<bos>", eos_token_id="<eos>", pad_token_id="<pad>"))
+    vision = Gemma4VisionConfig(**VISION, num_key_value_heads=2, head_dim=8, patch_size=4, pooling_kernel_size=3,
+                                position_embedding_size=64)
+    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                          **_ids(tok, boi_token_id="<|image>", eoi_token_id="<image|>", image_token_id="<|image|>",
+                                 video_token_id="<|video|>", boa_token_id="<|audio>", eoa_token_index="<audio|>",
+                                 audio_token_id="<|audio|>"))
+    # Real: 16-pixel patches pooled 3 x 3, up to 280 soft tokens per image; here 4-pixel patches and the smallest
+    # budget the class allows (70 soft tokens).
+    images = Gemma4ImageProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    video = Gemma4VideoProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    processor = Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=images,
+                                tokenizer=tok, video_processor=video, image_seq_length=70,
+                                chat_template=template("gemma4"))
+    # google/gemma-4-*-it generation_config.json: eos_token_id [1, 106], i.e. <eos> and <turn|>.
+    return config, processor, {"eos_token_id": [text.eos_token_id, tok.convert_tokens_to_ids("<turn|>")]}
+
+
+FAMILIES.update({f.__name__: f for f in (qwen3_vl_moe, llama4, gemma4)})
 
 
 def write_family(name, out_dir, seed=0):

@@ -4,12 +4,13 @@ import pytest
 
 # Every family bpo claims to train; PaliGemma (no chat template) has tests of its own.
 TRAINABLE = ["llava15", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "idefics3", "gemma3", "internvl",
-             "qwen3_vl", "mistral3", "lfm2_vl", "smolvlm2", "glm4v"]
+             "qwen3_vl", "mistral3", "lfm2_vl", "smolvlm2", "glm4v", "qwen3_vl_moe", "llama4", "gemma4"]
+MOE = ["qwen3_vl_moe", "llama4", "gemma4"]  # mixture-of-experts language models
 # One family per kind of processor (LLaVA's CLIP, Qwen-VL's with its torchvision video processor, Idefics3's image
 # splitting, Gemma-3's token types, InternVL's tiles, and each newer family's own): the families `make test-latest`
 # checks on the newest releases.
 PROCESSOR_KINDS = ["llava15", "qwen2_vl", "idefics3", "gemma3", "internvl", "qwen3_vl", "mistral3", "lfm2_vl",
-                   "smolvlm2", "glm4v"]
+                   "smolvlm2", "glm4v", "llama4", "gemma4"]
 
 
 def marked(families):

@@ -1,13 +1,16 @@
 """The whole chain (blind responses, reference cache, ZeRO-3 BPO training, export, reload) on a replica of every
 family, run by tests/scripts/family_chain.py: two ranks for Qwen2-VL and Gemma-3 (the families whose per-token
-processor outputs were once dropped), one rank for the rest (ZeRO-3 all the same), to keep the suite's time. Of the
-families added later only Qwen3-VL runs the chain (DeepStack, interleaved M-RoPE); test_scoring covers the others.
+processor outputs were once dropped) and Qwen3-VL-MoE (routing that differs per rank, the router's auxiliary loss,
+its export loaded under ZeRO-3 again), one rank for the rest (ZeRO-3 all the same), to keep the suite's time. Of the
+dense families added later only Qwen3-VL runs the chain (DeepStack, interleaved M-RoPE); test_scoring covers the
+others. Llama-4 (no base model) and Gemma-4 (thinking template, soft-capped logits) run it on one rank.
 
 Qwen2-VL's data mixes text-only records with image ones so that, at some step, one rank's micro-batch holds no
 image while the other's does: the ZeRO-3 lockstep case (bpo.model.SequenceScorer's blank row).
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -18,8 +21,9 @@ import pytest
 from jobs import REPO, free_port
 
 
-TWO_RANKS = ["qwen2_vl", "gemma3"]
-ONE_RANK = ["llava15", "llava_next", "llava_onevision", "qwen2_5_vl", "idefics3", "internvl", "qwen3_vl"]
+TWO_RANKS = ["qwen2_vl", "gemma3", "qwen3_vl_moe"]
+ONE_RANK = ["llava15", "llava_next", "llava_onevision", "qwen2_5_vl", "idefics3", "internvl", "qwen3_vl", "llama4",
+            "gemma4"]
 CHAINED = ONE_RANK + TWO_RANKS
 MIXED = "qwen2_vl"
 TEXT_ONLY = {0, 3, 5}  # positions in the first epoch's order whose records lose their image (MIXED only)
@@ -77,6 +81,22 @@ def test_chain_trains_exports_and_reloads(family, chains):
     assert report["finite"]
     assert report["max_change"]["vision_encoder"] == 0.0
     assert report["max_change"]["connector"] > 0 and report["max_change"]["language_model"] > 0
+
+
+def test_moe_trains_with_router_aux_and_reloads_both_expert_layouts_under_zero3(chains):
+    """Qwen3-VL-MoE on two ranks (different records, so different routing per rank), with loss.router_aux_coef > 0
+    and its MoE block a ZeRO-3 leaf module: the auxiliary loss is logged and part of the loss. Its export (experts in
+    transformers 5's layout) and a Hub-layout copy of the base both load under ZeRO-3 with the weights a plain
+    from_pretrained gives."""
+    report = json.load(open(chains / "qwen3_vl_moe" / "report.json"))
+    assert report["world"] == 2
+    for row in report["metrics"]:
+        assert row["router_aux"] > 1.0  # num_experts x sum(fraction x probability): 1 when perfectly balanced
+    # Step 0, policy = reference: each pair's BPO loss is ln 2 per preference term, plus 0.01 x the auxiliary loss.
+    first = report["metrics"][0]
+    bpo_terms = math.log(2) * (1 + first["count/blind"] / first["count/pairs"])
+    assert first["loss"] == pytest.approx(bpo_terms + 0.01 * first["router_aux"], rel=1e-5)
+    assert report["zero3_reload"] == {"export": 0.0, "hub_layout": 0.0}
 
 
 def test_a_rank_without_an_image_trained_in_lockstep(chains):

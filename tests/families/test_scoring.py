@@ -27,16 +27,22 @@ from .conftest import TRAINABLE, marked
 END_MARKERS = {"llava15": None, "llava_next": "</s>", "llava_onevision": "<|im_end|>", "qwen2_vl": "<|im_end|>",
                "qwen2_5_vl": "<|im_end|>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>",
                "internvl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "mistral3": "</s>", "lfm2_vl": "<|im_end|>",
-               "smolvlm2": "<end_of_utterance>", "glm4v": None}
+               "smolvlm2": "<end_of_utterance>", "glm4v": None, "qwen3_vl_moe": "<|im_end|>",
+               "llama4": "<|eot|>", "gemma4": "<turn|>"}
 APPENDED_EOS = {"llava15": "</s>", "glm4v": "<|user|>"}
 # Templates that print a text turn's content as it is (GLM-4.1V: `{{ msg.content }}`): a transformers user gives
 # those turns as plain strings. GLM's reply then ends by the next turn's opener, not by a marker of its own.
 STRING_CONTENT = {"glm4v"}
 ENDS_BY_NEXT_TURN = {"glm4v"}
+# Gemma-4 with thinking unset: the generation prompt ends with an empty thought channel
+# (`<|turn>model\n<|channel>thought\n<channel|>`) that a rendered answer turn lacks; given that prompt, the model
+# emits the answer and `<turn|>`, which is what a user scores.
+THOUGHT_CHANNEL = {"gemma4"}
 IMAGE_TOKENS = {"llava15": "<image>", "llava_next": "<image>", "llava_onevision": "<image>",
                 "qwen2_vl": "<|image_pad|>", "qwen2_5_vl": "<|image_pad|>", "idefics3": "<image>",
                 "gemma3": "<image_soft_token>", "internvl": "<IMG_CONTEXT>", "qwen3_vl": "<|image_pad|>",
-                "mistral3": "[IMG]", "lfm2_vl": "<image>", "smolvlm2": "<image>", "glm4v": "<|image|>"}
+                "mistral3": "[IMG]", "lfm2_vl": "<image>", "smolvlm2": "<image>", "glm4v": "<|image|>",
+                "qwen3_vl_moe": "<|image_pad|>", "llama4": "<|patch|>", "gemma4": "<|image|>"}
 # Ministral-3's template writes a ~600-token default system prompt (~500 in the replica's vocabulary) into every
 # prompt; the others' prompts here are under 200 tokens.
 MAX_LENGTH = 1000
@@ -81,6 +87,9 @@ def hf_response_logprob(model, processor, family, record, image, reply, marker, 
     content = reply if family in STRING_CONTENT else [{"type": "text", "text": reply}]
     full = processor.apply_chat_template(messages + [{"role": "assistant", "content": content}],
                                          add_generation_prompt=False, tokenize=False)
+    if family in THOUGHT_CHANNEL:
+        assert not full.startswith(prompt) and prompt.endswith("<|channel>thought\n<channel|>")
+        full = prompt + reply + marker
     assert full.startswith(prompt)
     if marker is None:
         text = full.rstrip() + eos
@@ -94,6 +103,8 @@ def hf_response_logprob(model, processor, family, record, image, reply, marker, 
 
     n_prompt = run(prompt)["input_ids"].shape[1]
     inputs = run(text)
+    # Llama-4's image processor returns bf16 pixel_values: a user of an fp32 model casts them, or the forward fails.
+    inputs = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.no_grad():
         logits = model(**inputs).logits[0].float()  # (T, V)
     ids = inputs["input_ids"][0]
@@ -174,11 +185,13 @@ CONNECTORS = {"llava15": ["model.multi_modal_projector"],
               "qwen2_vl": ["model.visual.merger"], "qwen2_5_vl": ["model.visual.merger"],
               "idefics3": ["model.connector"], "gemma3": ["model.multi_modal_projector"],
               "internvl": ["model.multi_modal_projector"],
-              # Qwen3-VL's DeepStack mergers (model.visual.deepstack_merger_list) stay with the image encoder, as
-              # LLaMA-Factory freezes them with it; GLM-4.1V's model.visual.downsample likewise.
-              "qwen3_vl": ["model.visual.merger"], "mistral3": ["model.multi_modal_projector"],
-              "lfm2_vl": ["model.multi_modal_projector"], "smolvlm2": ["model.connector"],
-              "glm4v": ["model.visual.merger"]}
+              # Qwen3-VL's DeepStack mergers project image features into the language model like its merger does;
+              # GLM-4.1V's model.visual.downsample stays with the image encoder.
+              "qwen3_vl": ["model.visual.deepstack_merger_list", "model.visual.merger"],
+              "mistral3": ["model.multi_modal_projector"], "lfm2_vl": ["model.multi_modal_projector"],
+              "smolvlm2": ["model.connector"], "glm4v": ["model.visual.merger"],
+              "qwen3_vl_moe": ["model.visual.deepstack_merger_list", "model.visual.merger"],
+              "llama4": ["multi_modal_projector"], "gemma4": ["model.embed_vision"]}
 
 
 @pytest.mark.parametrize("family", TRAINABLE)
@@ -194,9 +207,11 @@ def test_freezing_by_what_a_module_is(family, replica):
     assert parts["vision_encoder"][0] is False and parts["connector"][0] and parts["language_model"][0]
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     vision_module = {"qwen2_vl": "model.visual.", "qwen2_5_vl": "model.visual.", "idefics3": "model.vision_model.",
-                     "qwen3_vl": "model.visual.", "glm4v": "model.visual.", "smolvlm2": "model.vision_model."}
+                     "qwen3_vl": "model.visual.", "glm4v": "model.visual.", "smolvlm2": "model.vision_model.",
+                     "qwen3_vl_moe": "model.visual.", "llama4": "vision_model."}
     prefix = vision_module.get(family, "model.vision_tower.")
-    assert frozen and all(n.startswith(prefix) and ".merger." not in n for n in frozen)
+    assert frozen and all(n.startswith(prefix) and ".merger." not in n and ".deepstack_merger_list." not in n
+                          for n in frozen)
     assert sum(p.numel() for n, p in model.named_parameters() if n in frozen) == parts["vision_encoder"][1]
 
 
@@ -244,6 +259,7 @@ def test_generation_with_images_is_the_same_batched_or_alone(family, replica, im
         image = Image.open(os.path.join(image_root, record.image)).convert("RGB")
         inputs = chat.processor(text=[text], images=[image], return_tensors="pt",
                                 add_special_tokens=not (bos and text.startswith(bos)))
+        inputs = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}  # Llama-4: bf16
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=list(chat.stop_ids),
                              pad_token_id=chat.pad_id)
         assert out[0, inputs["input_ids"].shape[1]:].tolist()[:len(g.token_ids)] == g.token_ids
