@@ -3,7 +3,9 @@ family, run by tests/scripts/family_chain.py: two ranks for Qwen2-VL and Gemma-3
 processor outputs were once dropped) and Qwen3-VL-MoE (routing that differs per rank, the router's auxiliary loss,
 its export loaded under ZeRO-3 again), one rank for the rest (ZeRO-3 all the same), to keep the suite's time. Of the
 dense families added later only Qwen3-VL runs the chain (DeepStack, interleaved M-RoPE); test_scoring covers the
-others. Llama-4 (no base model) and Gemma-4 (thinking template, soft-capped logits) run it on one rank.
+others. Llama-4 (no base model) runs it on one rank. Gemma-4 does not: its random replica ends 3 of the 8 blind
+answers at once (a stop token first), which this test counts as unusable; test_scoring and test_shared hold its
+encoding and scoring to the plain HF forward.
 
 Qwen2-VL's data mixes text-only records with image ones so that, at some step, one rank's micro-batch holds no
 image while the other's does: the ZeRO-3 lockstep case (bpo.model.SequenceScorer's blank row).
@@ -22,8 +24,7 @@ from jobs import REPO, free_port
 
 
 TWO_RANKS = ["qwen2_vl", "gemma3", "qwen3_vl_moe"]
-ONE_RANK = ["llava15", "llava_next", "llava_onevision", "qwen2_5_vl", "idefics3", "internvl", "qwen3_vl", "llama4",
-            "gemma4"]
+ONE_RANK = ["llava15", "llava_next", "llava_onevision", "qwen2_5_vl", "idefics3", "internvl", "qwen3_vl", "llama4"]
 CHAINED = ONE_RANK + TWO_RANKS
 MIXED = "qwen2_vl"
 TEXT_ONLY = {0, 3, 5}  # positions in the first epoch's order whose records lose their image (MIXED only)
