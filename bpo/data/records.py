@@ -10,9 +10,9 @@ The format is decided by content: a file whose first non-blank character is `[` 
 JSONL. Image names are joined to `image_root` (with no root: the current directory), the same rule `bpo.data.encode`
 uses, so what is checked here is what training opens. A name that is absolute or climbs out of the root (`../x`) is
 a bad record unless `allow_outside_root` (data.allow_outside_image_root): a data file must not make a job read files
-elsewhere. The rule holds for the resolved path (os.path.realpath): a symbolic link inside the root that leads
-out of it is refused the same way (issue 23: a link planted in a shared image tree reads any file). An image of more than
-`max_image_pixels` (data.max_image_pixels) is a bad record, refused from its header before it is decoded.
+elsewhere. The rule holds for the resolved path (os.path.realpath): a symbolic link inside the root that leads out
+of it is refused the same way (issue 23: a link planted in a shared image tree reads any file). An image of more
+than `max_image_pixels` (data.max_image_pixels) is a bad record, refused from its header before it is decoded.
 """
 
 import dataclasses
