@@ -4,6 +4,7 @@ point, on every rank or only on the one named.
 The exit is `os._exit`, so no finally-block, atexit hook or buffered write runs: on disk it looks exactly like a
 SIGKILL or a node failure at that moment, which is what the resume paths must survive. `BPO_CRASH_SLEEP_S=<s>` makes
 the crashing rank wait that long first: a slow write that is then killed, while the other ranks carry on.
+`BPO_NAN_LOSS=<first>[-<last>]` makes the loss of those optimizer steps (1-based) NaN: a run that diverges.
 """
 
 import os
@@ -11,6 +12,7 @@ import time
 
 ENV = "BPO_CRASH_AFTER"
 SLEEP_ENV = "BPO_CRASH_SLEEP_S"
+NAN_ENV = "BPO_NAN_LOSS"
 EXIT_CODE = 17
 
 
@@ -25,3 +27,14 @@ def maybe_crash(point, count):
     if name == point and count >= int(n):
         time.sleep(float(os.environ.get(SLEEP_ENV, "0")))
         os._exit(EXIT_CODE)
+
+
+def maybe_poison(loss, step):
+    """loss, or NaN in its place at the optimizer steps BPO_NAN_LOSS names (the graph is kept: backward runs)."""
+    spec = os.environ.get(NAN_ENV, "")
+    if not spec:
+        return loss
+    first, _, last = spec.partition("-")
+    if int(first) <= step <= int(last or 10**12):
+        return loss * float("nan")
+    return loss
