@@ -227,10 +227,22 @@ def test_resume_refuses_a_changed_run_and_applies_an_allowed_change(base, setup,
     from bpo.checkpoint import _prune
     from bpo.schedule import lr_multiplier
 
+    from bpo import run_lock
+
     run_dir, want = base
     config, run = setup("changed", keep_checkpoints=1, export_16bit=True, max_bad_steps=2)
     root = copy_run(run_dir, run, upto=2)
     before = (run / "config.yaml").read_text()
+
+    # Another job holds the run (here: this process): refused at once on every rank, naming the holder.
+    run_lock.acquire(str(run))
+    try:
+        proc = run_job("train.py", config, ["--resume"], check=False)
+    finally:
+        run_lock.release(str(run))
+    assert proc.returncode != 0 and f"{run} is in use by another job (host " in proc.stdout + proc.stderr
+    assert f"pid {os.getpid()}, started 20" in proc.stdout + proc.stderr
+    assert os.listdir(run / "history") == os.listdir(run_dir / "history")  # nothing written: base's start only
     fewer = tmp_path / "fewer.jsonl"
     with open(want_data := yaml_value(config, "data", "train_file")) as f:
         fewer.write_text("".join(f.readlines()[2:]))
