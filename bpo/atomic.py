@@ -28,8 +28,8 @@ def write_text(path, text):
 
 @contextlib.contextmanager
 def publish_dir(out_dir, tmp=None):
-    """Yield a temporary directory beside out_dir. When the block succeeds it replaces out_dir (one rename on the
-    same file system); when it raises, it is removed. `tmp`: a fixed name for it, so what a killed run leaves behind
+    """Yield a temporary directory beside out_dir. When the block succeeds it replaces out_dir (the old one renamed
+    aside, the new one renamed in, the old one deleted); when it raises, it is removed. `tmp`: a fixed name for it, so what a killed run leaves behind
     is found and removed by the next run to the same place (the default is a fresh mkdtemp name)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
@@ -43,9 +43,15 @@ def publish_dir(out_dir, tmp=None):
         os.makedirs(tmp)
     try:
         yield tmp
+        # Aside, then in: a kill at any moment leaves out_dir whole (old or new) or, between the two renames, the old
+        # one whole under the aside name; deleting it in place first would leave half a directory.
+        aside = os.path.join(parent, f".{os.path.basename(out_dir)}.replaced")
+        if os.path.exists(aside):
+            shutil.rmtree(aside)  # left by a run killed while deleting it: the directory it held was replaced
         if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
+            os.rename(out_dir, aside)
         os.rename(tmp, out_dir)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

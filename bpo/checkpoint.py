@@ -19,7 +19,9 @@ Resuming (`plan_resume`, decided by rank 0; `load`, on every rank). What is trus
   passed over is named with the reason.
 - from the files: model weights, optimizer and scheduler state, the step, each rank's RNG state. The DeepSpeed
   config stored in them is ignored: this run's config applies.
-A checkpoint saved on another number of ranks is read through DeepSpeed's universal format (bpo.reshard).
+A checkpoint saved on another number of ranks is read through DeepSpeed's universal format (bpo.reshard). Before any
+of this, train.py checks that the start is the same run (bpo.run_record) and that no other job holds it
+(bpo.run_lock). A tag holding PIN_FILE (the last finite checkpoint of a run that diverged) is never pruned.
 """
 
 import os
@@ -38,6 +40,7 @@ TAG_RE = re.compile(r"step_(\d+)")
 MODEL_FILE = "zero_pp_rank_{}_mp_rank_00_model_states.pt"
 OPTIM_FILE = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
 RNG_FILE = "rng_rank{}.pt"
+PIN_FILE = "pinned"  # in a tag directory: never pruned (the last finite checkpoint of a run that diverged)
 GiB = 2**30
 
 
@@ -356,10 +359,15 @@ def _clear_stale(tag_dir, world):
                 os.remove(path)
 
 
+def pin(output_dir, step, why):
+    """Keep step_N out of rotation: _prune never deletes it (delete it by hand once it is no longer needed)."""
+    _write_text_atomic(os.path.join(checkpoint_root(output_dir), f"step_{step}", PIN_FILE), why + "\n")
+
+
 def _prune(root, keep, current):
     """Delete tags newer than `current` (left by a run that was killed before finishing them: a complete one would
-    have been resumed from) and, with keep > 0, all but the `keep` newest of the rest."""
-    tags = step_tags(root)
+    have been resumed from) and, with keep > 0, all but the `keep` newest of the rest. Pinned tags stay."""
+    tags = [t for t in step_tags(root) if not os.path.exists(os.path.join(root, t, PIN_FILE))]
     newer = [t for t in tags if tag_step(t) > current]
     rest = [t for t in tags if tag_step(t) <= current]
     for tag in newer + (rest[keep:] if keep > 0 else []):

@@ -11,9 +11,10 @@ def expected_errors():
     from bpo.data.records import DataFileError, RecordError
     from bpo.lora import PlatformError
     from bpo.ref_cache import CacheError
+    from bpo.stop import Diverged
 
     return (ConfigError, RecordError, DataFileError, CacheError, CheckpointError, ChatTemplateError, PlatformError,
-            MissingPackageError, FileNotFoundError)
+            MissingPackageError, Diverged, FileNotFoundError)
 
 
 def run(main, argv=None):

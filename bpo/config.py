@@ -149,6 +149,12 @@ class TrainConfig:
     # Continue from the newest complete checkpoint in output_dir (or start at step 0 when there is none); false into
     # an output_dir that holds checkpoints is refused rather than overwriting them.
     resume: bool = False
+    # Changes a resume accepts in the keys that change the math (bpo.run_record), e.g. [loss.beta, data.contents];
+    # --allow-change KEY adds one. Recorded in RUN/history/; anything else that differs from the run is refused.
+    resume_allow: typing.List[str] = field(default_factory=list)
+    # Consecutive steps with a non-finite loss or gradient norm (DeepSpeed skips those updates) that stop the run,
+    # naming the last finite checkpoint; 0 = never stop.
+    max_bad_steps: int = 3
     ref_cache: str = ""  # directory of cached reference log-probs; empty = live frozen reference model
     ref_model_path: str = ""  # reference weights; empty = model.path (the paper: reference = initial policy)
     export_16bit: bool = False  # also write a Hugging Face model directory (OUTPUT_DIR/hf_model, model.dtype) at the end
@@ -496,7 +502,8 @@ def validate(cfg):
                        ("loss.sft_weight", cfg.loss.sft_weight), ("eval.limit", cfg.eval.limit),
                        ("loss.router_aux_coef", cfg.loss.router_aux_coef),
                        ("train.max_tokens_per_sequence", cfg.train.max_tokens_per_sequence),
-                       ("decode.server_retries", cfg.decode.server_retries)]:
+                       ("decode.server_retries", cfg.decode.server_retries),
+                       ("train.max_bad_steps", cfg.train.max_bad_steps)]:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if cfg.train.max_steps != -1 and cfg.train.max_steps < 1:

@@ -51,6 +51,11 @@ def init_distributed():
     # A rank that dies mid-collective should fail the job in minutes, not hang it for NCCL's default hour.
     timeout = datetime.timedelta(seconds=float(os.environ.get("BPO_DIST_TIMEOUT_S", "1800")))
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    # On CPU every rank has now created its /dev/shm all-reduce buffer and mapped every other rank's; once all have,
+    # the names are no longer needed, and removing them here leaves nothing behind however the job ends (a kill,
+    # a rank the launcher terminates). The mappings stay valid until each process exits.
+    barrier()
+    _unlink_shm_buffer()
     # Left to interpreter teardown, the process group's threads can outlive it: torch 2.14 on gloo then aborts
     # ("terminate called without an active exception", SIGABRT) after the job's work is done and written.
     atexit.register(_destroy)
@@ -59,17 +64,21 @@ def init_distributed():
 
 
 def _destroy():
-    buffer = shm_buffer_path(rank())
     if is_initialized():
         dist.destroy_process_group()
-    if os.path.exists(buffer):
-        os.unlink(buffer)
+
+
+def _unlink_shm_buffer():
+    try:
+        os.unlink(shm_buffer_path(rank()))
+    except FileNotFoundError:  # a GPU backend, or ranks on several nodes: DeepSpeed made none
+        pass
 
 
 def shm_buffer_path(rank, addr=None, port=None):
     """The /dev/shm all-reduce buffer DeepSpeed's CPU backend maps for a rank (deepspeed/ops/csrc/cpu/comm/shm.cpp
     names it from uid, MASTER_ADDR and MASTER_PORT). DeepSpeed 0.19 never unlinks it: left alone, every CPU job
-    would keep 2 x 69 MB of RAM (tmpfs) after it exits. Peers that still map it keep their mapping."""
+    would keep 2 x 69 MB of RAM (tmpfs) after it exits. init_distributed unlinks it once every rank has mapped it."""
     addr = addr if addr is not None else os.environ.get("MASTER_ADDR", "")
     port = port if port is not None else os.environ.get("MASTER_PORT", "")
     return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"

@@ -22,6 +22,7 @@ written.
 
 --force replaces OUT_DIR only when it holds a previous export (its `.bpo_export` mark, or the marked index file)
 and neither the checkpoint nor the base model lies inside it; any other non-empty directory is refused, force or not.
+It is replaced by renames (bpo.atomic.publish_dir): the old one aside, the new one in, then the old one deleted.
 
 A LoRA run's checkpoint (model.finetune=lora|qlora) becomes a PEFT adapter directory (`PeftModel.from_pretrained(
 base, OUT_DIR)`), or with --merge the same layout as above with each adapter folded into its layer: see

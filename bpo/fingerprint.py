@@ -99,7 +99,7 @@ def images_fingerprint(data_file, image_root, allow_outside_root=False, split=""
     out = {}
     for name in names:
         path = os.path.join(image_root or "", name)
-        if not allow_outside_root and image_name_problem(name):
+        if not allow_outside_root and image_name_problem(name, image_root):
             out[name] = "refused"
         elif os.path.isfile(path):
             out[name] = file_digest(path, index)

@@ -43,3 +43,7 @@ class StopRequest:
                 os.remove(self.path)
             except FileNotFoundError:
                 pass
+
+
+class Diverged(RuntimeError):
+    """Training stopped after train.max_bad_steps consecutive steps with a non-finite loss or gradient norm."""

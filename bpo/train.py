@@ -4,11 +4,14 @@ One GPU node / many:   deepspeed --num_gpus 8 bpo/train.py --config configs/bpo_
 Multi-node (Slurm):    srun torchrun --nnodes $N --nproc_per_node 8 ... bpo/train.py --config ...  (see slurm/)
 CPU, 2 processes:      DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bpo/train.py \
                            --config configs/smoke.yaml train.ds_config=ds_configs/zero3_cpu.json
-Resume after a kill:   the same command with train.resume=true
+Resume after a kill:   the same command with --resume (train.resume=true); a changed math key is refused unless
+                       accepted with --allow-change KEY (README "Checkpoints, resuming, and what is trusted")
 Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_8bit | paged_adamw_8bit (README)
 """
 
 import argparse
+import json
+import math
 import os
 import sys
 import time
@@ -18,10 +21,10 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import torch
 
-from bpo import checkpoint, dist, ds_configs, lora, optim, reshard, run_log, sampler
-from bpo.config import check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
+from bpo import checkpoint, dist, ds_configs, lora, optim, reshard, run_lock, run_log, run_record, sampler
+from bpo.config import ConfigError, check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.data.records import enforce_max_image_pixels
-from bpo.faults import maybe_crash, maybe_slow
+from bpo.faults import maybe_crash, maybe_poison, maybe_slow
 from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
 from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
                        resolve_attn_implementation, set_gradient_checkpointing, set_trainable,
@@ -29,7 +32,7 @@ from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_m
 from bpo.ops.logprobs import describe_impl
 from bpo.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
-from bpo.stop import EXIT_CODE as STOPPED_EXIT_CODE, StopRequest
+from bpo.stop import EXIT_CODE as STOPPED_EXIT_CODE, Diverged, StopRequest
 
 
 def parse_args(argv=None):
@@ -39,10 +42,15 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run's newest complete checkpoint, on any number of ranks "
                              "(= train.resume=true)")
+    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                        help="with --resume: accept a changed math key (loss.beta, optim.lr, ...) or data.contents "
+                             "(the training data); repeatable (= train.resume_allow=[KEY, ...])")
     parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
     args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
     if args.resume:
         args.overrides.append("train.resume=true")
+    if args.allow_change:
+        args.overrides.append(f"train.resume_allow=[{', '.join(args.allow_change)}]")
     return args
 
 
@@ -175,6 +183,42 @@ def build_reference(cfg, ds_config, chat, dataset, blank):
     return LiveReference(engine, cfg.loss.reduction)
 
 
+def open_run(cfg):
+    """Rank 0, before anything is written to the run directory: lock it (bpo.run_lock); returns this start's number."""
+    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    note = run_lock.acquire(cfg.train.output_dir)
+    if note:
+        print(note, flush=True)
+    return run_record.next_start(cfg.train.output_dir)
+
+
+def record_start(cfg, point, start_n):
+    """Rank 0: check this start against the run's identity (a refusal raises), keep it in RUN/history/, and only then
+    write config.yaml, the config the run now uses."""
+    notes, changes = run_record.check_resume(cfg, resuming=point is not None, world=dist.world_size())
+    for line in notes:
+        print(line, flush=True)
+    verdict = f"resumed from step {point.step}" if point is not None else "started at step 0"
+    run_record.write_history(cfg, start_n, verdict, changes)
+    save_config(with_absolute_paths(cfg), os.path.join(cfg.train.output_dir, "config.yaml"))
+    return changes
+
+
+def apply_optim_config(engine, ds_config, optim_cfg):
+    """After a resume: this run's lr, betas, eps and weight decay, not the ones the checkpoint's optimizer and
+    scheduler state carry (torch's load_state_dict restores them, so a changed optim.lr would silently not apply).
+    The schedule's shape is this run's already: LambdaLR keeps no lambda in its state."""
+    given = ds_config.get("optimizer", {}).get("params", {})  # the ds_config's own numbers win, as at the start
+    lr = given.get("lr", optim_cfg.lr)
+    hyper = {"betas": tuple(given.get("betas", optim_cfg.betas)), "eps": given.get("eps", optim_cfg.eps),
+             "weight_decay": given.get("weight_decay", optim_cfg.weight_decay)}
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch), **hyper)
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
 def peak_memory_mb():
     """This rank's peak memory so far: allocated GPU memory on CUDA, else the process's max resident set."""
     if torch.cuda.is_available():
@@ -233,13 +277,18 @@ def train(cfg):
     enforce_max_image_pixels(cfg.data.max_image_pixels)
     chat = load_chat(cfg.model.path, cfg.data.chat_template, cfg.model.trust_remote_code,
                      cfg.data.chat_template_kwargs)  # no template: fail first
+    run_record.check_allow_list(cfg)
     dist.init_distributed()
     torch.manual_seed(cfg.train.seed)
-    os.makedirs(cfg.train.output_dir, exist_ok=True)
-    # First, before any data or weights load: a refused or damaged checkpoint fails in seconds.
-    point = checkpoint.plan_resume(cfg.train.output_dir, cfg.train.resume)
-    if dist.is_rank0():
-        save_config(with_absolute_paths(cfg), os.path.join(cfg.train.output_dir, "config.yaml"))
+    # First, before any data or weights load: a second job, a refused or damaged checkpoint fail in seconds. Only
+    # rank 0 locks and writes; the others wait for its verdict.
+    start_n = dist.on_rank0(lambda: open_run(cfg))
+    try:
+        point = checkpoint.plan_resume(cfg.train.output_dir, cfg.train.resume)
+        dist.on_rank0(lambda: record_start(cfg, point, start_n))
+    except (checkpoint.CheckpointError, ConfigError) as e:  # every rank has it (bpo.dist.on_rank0)
+        dist.on_rank0(lambda: run_record.write_history(cfg, start_n, f"refused: {e}"))
+        raise
     dist.print0(to_yaml(cfg))
     log = run_log.make_log(cfg.train.output_dir, tensorboard=cfg.train.tensorboard, plot=cfg.train.plot)
 
@@ -276,6 +325,7 @@ def train(cfg):
     start = 0
     if point is not None:
         start = checkpoint.load(engine, point, universal)
+        apply_optim_config(engine, ds_config, cfg.optim)
         moved = optim.repage_states(client_optimizer) if client_optimizer is not None else 0
         dist.print0(f"resumed from step {start} ({point.path})" + (f"; {moved} optimizer states back in paged "
                                                                    f"memory" if moved else ""))
@@ -286,6 +336,8 @@ def train(cfg):
         return 0
     stop_request = StopRequest(cfg.train.output_dir)
     log.start(total, initial_step=start)
+    last_saved = start if point is not None else None  # the newest checkpoint with finite weights
+    bad_steps = 0  # consecutive steps with a non-finite loss or gradient norm
     engine.train()
     t_last, cpu_last = time.time(), time.process_time()
     for step in range(start, total):
@@ -301,6 +353,7 @@ def train(cfg):
             ref_logps = reference(batch, inputs) if reference is not None else None  # (R,)
             loss, metrics = preference_loss(engine(**inputs), response_mask, ref_logps, batch, cfg.loss)
             loss, metrics = add_router_aux(loss, metrics, engine.module, cfg.loss.router_aux_coef)
+            loss = maybe_poison(loss, step + 1)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only on the last micro-step of the accumulation
             metrics["tokens"] = inputs["attention_mask"].sum()  # tokens the forward computes, padding excluded
@@ -315,20 +368,32 @@ def train(cfg):
         stopping = float(totals.pop("stop")) > 0 and step + 1 < total
         metrics = finalize_metrics({k: v for k, v in totals.items() if k not in ("tokens", "positions")})
         now, cpu_now = time.time(), time.process_time()
-        metrics.update(lr=lr, grad_norm=float(engine.get_global_grad_norm() or 0.0), epoch=epoch,
+        # ZeRO-3 finds a non-finite gradient norm itself, skips the update (weights and schedule stay as they were)
+        # and reports the norm as inf; fp32/bf16 have no loss scale to lower, so the next step is as likely to fail.
+        grad_norm = float(engine.get_global_grad_norm() or 0.0)
+        metrics.update(lr=lr, grad_norm=grad_norm, epoch=epoch, start=start_n,
                        tokens=float(totals["tokens"]), positions=float(totals["positions"]), step_time=now - t_last,
                        peak_mem_mb=peak_memory_mb(), cpu_time=cpu_now - cpu_last)  # cpu_time: this rank's, all threads
         t_last, cpu_last = now, cpu_now
         log.log(step + 1, metrics)
-        if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < total):
+        # Every rank sees the same all-reduced loss and global norm, so every rank takes the same branch.
+        bad_steps = bad_steps + 1 if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)) else 0
+        if cfg.train.max_bad_steps and bad_steps >= cfg.train.max_bad_steps:
+            diverged(cfg, step + 1, bad_steps, last_saved, log)
+        # No checkpoint during a streak: it would rotate out the last one from before it.
+        in_streak = cfg.train.max_bad_steps and bad_steps
+        if not in_streak and (stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0
+                                           and step + 1 < total)):
             checkpoint.save(engine, cfg.train.output_dir, step + 1, cfg.train.keep_checkpoints)
+            last_saved = step + 1
         maybe_crash("train_steps", step + 1)
         if stopping:
             stop_request.clear()
             log.close()
             dist.barrier()
-            dist.print0(f"stopped on request after step {step + 1} of {total}: saved "
-                        f"{checkpoint.checkpoint_root(cfg.train.output_dir)}/step_{step + 1}; resume with --resume")
+            saved = (f"saved {checkpoint.checkpoint_root(cfg.train.output_dir)}/step_{last_saved}" if last_saved
+                     else "no checkpoint saved yet")  # last_saved < step + 1: stopped within a non-finite streak
+            dist.print0(f"stopped on request after step {step + 1} of {total}: {saved}; resume with --resume")
             return STOPPED_EXIT_CODE
 
     checkpoint.save(engine, cfg.train.output_dir, total, cfg.train.keep_checkpoints)
@@ -350,6 +415,23 @@ def train(cfg):
     dist.barrier()
     dist.print0(f"done: {total} steps, run directory {cfg.train.output_dir}")
     return 0
+
+
+def diverged(cfg, step, bad_steps, last_saved, log):
+    """Stop a run whose loss or gradient norm has been non-finite for `bad_steps` steps up to `step`: keep its last
+    finite checkpoint out of rotation, export nothing, raise Diverged (exit 1) on every rank."""
+    root = checkpoint.checkpoint_root(cfg.train.output_dir)
+    first = step - bad_steps + 1
+    if last_saved is not None and dist.is_rank0():
+        checkpoint.pin(cfg.train.output_dir, last_saved,
+                       f"last finite checkpoint before the divergence at step {first}")
+    log.close()
+    dist.barrier()
+    kept = (f"the last finite checkpoint, {root}/step_{last_saved}, is kept out of rotation (remove its `pinned` "
+            f"file to let it go)" if last_saved is not None else "no checkpoint was saved before it")
+    raise Diverged(f"training diverged: loss or gradient norm not finite for {bad_steps} consecutive steps "
+                   f"(train.max_bad_steps), steps {first}-{step}; {kept}. Nothing was exported. Lower optim.lr or "
+                   f"check the data, then resume from it with --resume (and --allow-change for what you changed).")
 
 
 def main(argv=None):

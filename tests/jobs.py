@@ -26,8 +26,9 @@ def write_config(path, sections):
     return str(path)
 
 
-def run_job(script, config, overrides=(), nproc=2, env=None, check=True, timeout=600):
-    """Run bpo/<script> on `nproc` CPU ranks under the deepspeed launcher; returns the CompletedProcess."""
+def run_job(script, config, overrides=(), nproc=2, env=None, check=True, timeout=600, clean_shm=True):
+    """Run bpo/<script> on `nproc` CPU ranks under the deepspeed launcher; returns the CompletedProcess, with the
+    rendezvous port as `master_port`. clean_shm=False leaves the job's /dev/shm buffers as it left them."""
     full_env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                     PYTHONPATH=REPO)
     full_env.update(env or {})
@@ -36,14 +37,17 @@ def run_job(script, config, overrides=(), nproc=2, env=None, check=True, timeout
     cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(port),
            os.path.join(REPO, "bpo", script), "--config", config, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    remove_shm_buffers(port, nproc)
+    proc.master_port = port
+    if clean_shm:
+        remove_shm_buffers(port, nproc)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
 def remove_shm_buffers(port, nproc, addr="127.0.0.1"):
-    """A job killed on purpose (BPO_CRASH_AFTER hard-exits) cannot unlink its DeepSpeed shm buffers itself."""
+    """A job killed before every rank mapped every buffer (bpo.dist.init_distributed) leaves its DeepSpeed shm
+    buffers behind."""
     from bpo.dist import shm_buffer_path
 
     for rank in range(nproc):

@@ -6,6 +6,7 @@ it, the launched ones resume from copies.
 """
 
 import json
+import math
 import os
 import shutil
 
@@ -205,3 +206,102 @@ def test_a_tag_written_again_drops_what_its_first_writing_left(base, tmp_path):
     assert sorted(os.listdir(tag_dir)) == ["rng_rank0.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt",
                                            "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
     assert check_tag(str(root / "step_6")) == (2, None)  # other tags untouched
+
+
+def changed_config(config, path, edit):
+    """A copy of a run's config file with edit(sections) applied."""
+    import yaml
+
+    with open(config) as f:
+        sections = yaml.safe_load(f)
+    edit(sections)
+    return write_config(path, sections)
+
+
+def test_resume_refuses_a_changed_run_and_applies_an_allowed_change(base, setup, tmp_path):
+    """Reported: two records deleted, loss.beta and optim.lr changed, the objective switched, and each silently
+    taken (the lr silently not). The resume is refused naming each, config.yaml untouched, the refusal kept in the
+    history. An allowed lr change then applies from the next step; the metrics rows say which start wrote them; and
+    a loss that turns NaN stops the run after train.max_bad_steps, its last finite checkpoint pinned, nothing
+    exported."""
+    from bpo.checkpoint import _prune
+    from bpo.schedule import lr_multiplier
+
+    from bpo import run_lock
+
+    run_dir, want = base
+    config, run = setup("changed", keep_checkpoints=1, export_16bit=True, max_bad_steps=2)
+    root = copy_run(run_dir, run, upto=2)
+    before = (run / "config.yaml").read_text()
+
+    # Another job holds the run (here: this process): refused at once on every rank, naming the holder.
+    run_lock.acquire(str(run))
+    try:
+        proc = run_job("train.py", config, ["--resume"], check=False)
+    finally:
+        run_lock.release(str(run))
+    assert proc.returncode != 0 and f"{run} is in use by another job (host " in proc.stdout + proc.stderr
+    assert f"pid {os.getpid()}, started 20" in proc.stdout + proc.stderr
+    assert os.listdir(run / "history") == os.listdir(run_dir / "history")  # nothing written: base's start only
+    fewer = tmp_path / "fewer.jsonl"
+    with open(want_data := yaml_value(config, "data", "train_file")) as f:
+        fewer.write_text("".join(f.readlines()[2:]))
+
+    def edit(s):
+        s["data"]["train_file"] = str(fewer)
+        s["loss"] = {"beta": 0.5, "type": "dpo"}
+        s["optim"]["lr"] = 1e-3
+
+    proc = run_job("train.py", changed_config(config, tmp_path / "all.yaml", edit), ["--resume"], check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"refusing to resume {run}" in out
+    for line in ("loss.beta: 0.1 -> 0.5", "loss.type: 'bpo' -> 'dpo'", "optim.lr: 0.005 -> 0.001",
+                 f"data.train_file: '{want_data}' -> '{fewer}'", "data.contents: '48 records, sha256 ",
+                 "-> '46 records, sha256 "):
+        assert line in out, line
+    assert "Traceback" not in proc.stdout
+    assert (run / "config.yaml").read_text() == before
+
+    # Only the lr changed, and allowed; the save interval too (free). A NaN loss from step 5: steps 5-6 are bad.
+    lower = changed_config(config, tmp_path / "lr.yaml", lambda s: s["optim"].update(lr=1e-3))
+    proc = run_job("train.py", lower, ["--resume", "--allow-change", "optim.lr", "train.save_every=2"],
+                   env={"BPO_NAN_LOSS": "5"}, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-3000:]
+    assert "resume: optim.lr changed, allowed by train.resume_allow: 0.005 -> 0.001" in out
+    rows = read_metrics(run)
+    assert [(r["step"], r["start"]) for r in rows] == [(1, 1), (2, 1), (3, 3), (4, 3), (5, 3), (6, 3)]
+    assert rows[:2] == want[:2]
+    for r in rows[2:5]:  # the new peak lr on the old schedule, not the checkpoint's
+        assert r["lr"] == pytest.approx(1e-3 * lr_multiplier(r["step"] - 1, 6, 2)), r["step"]
+    assert rows[5]["lr"] == rows[4]["lr"]  # DeepSpeed skipped step 5's update: the schedule did not move either
+    # The NaN reaches the gradients only (the logged loss is the metrics'): ZeRO-3 reports the norm as inf.
+    assert [math.isinf(r["grad_norm"]) for r in rows] == [False] * 4 + [True] * 2
+    assert (f"training diverged: loss or gradient norm not finite for 2 consecutive steps (train.max_bad_steps), "
+            f"steps 5-6; the last finite checkpoint, {root}/step_4, is kept out of rotation") in out
+    assert sorted(t for t in os.listdir(root) if t.startswith("step_")) == ["step_4"]  # step_2 rotated out
+    assert (root / "step_4" / "pinned").exists() and not (run / "hf_model").exists()
+    (root / "step_8").mkdir()
+    _prune(str(root), keep=1, current=8)  # a later save: the pinned tag stays
+    assert sorted(t for t in os.listdir(root) if t.startswith("step_")) == ["step_4", "step_8"]
+
+    history = sorted(os.listdir(run / "history"))
+    assert [h.rsplit("-", 1)[1] for h in history] == ["start1.yaml", "start2.yaml", "start3.yaml"]
+    entries = [yaml_load(run / "history" / h) for h in history]
+    assert entries[1]["verdict"].startswith(f"refused: refusing to resume {run}")
+    assert entries[1]["config"]["loss"]["beta"] == 0.5 and "--resume" in entries[1]["command"]
+    assert entries[2]["allowed_changes"] == [{"key": "optim.lr", "from": 0.005, "to": 0.001}]
+    assert entries[2]["verdict"] == "resumed from step 2"
+    assert yaml_load(run / "config.yaml")["optim"]["lr"] == 0.001  # what the run uses now
+    assert (run / ".lock").read_text() == ""  # released at exit
+
+
+def yaml_load(path):
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def yaml_value(config, section, key):
+    return yaml_load(config)[section][key]

@@ -78,8 +78,12 @@ def test_resume_after_kill_equals_uninterrupted(full_run, train_setup):
     config, run_dir = train_setup("killed")
     # ckpt_write counts checkpoint files a rank writes, two per save: the 6th is rank 1's optimizer file of step_6.
     proc = run_job("train.py", config, env={"BPO_CRASH_AFTER": "ckpt_write:6@1", "BPO_CRASH_SLEEP_S": "3"},
-                   check=False)
+                   check=False, clean_shm=False)
     assert proc.returncode != 0
+    from bpo.dist import shm_buffer_path
+
+    left = [shm_buffer_path(r, "127.0.0.1", proc.master_port) for r in (0, 1)]
+    assert not [p for p in left if os.path.exists(p)]  # killed, and still nothing left in /dev/shm
     ckpt = os.path.join(run_dir, "checkpoints")
     assert open(os.path.join(ckpt, "latest")).read() == "step_4"
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in os.listdir(os.path.join(ckpt, "step_6"))  # rank 0's done

@@ -15,7 +15,10 @@ cut right after the template's end-of-turn marker (what follows it, such as Qwen
 for a template that writes none, the reply followed by EOS. A blind response written by bpo/generate_blind.py is
 scored as the ids the model generated (stop token included), not its decoded text re-tokenised, when the tokenizer is
 the same. The prompt is never cut; responses are cut at the end to fit max_length, and then end without that token
-(`truncated`).
+(`truncated`). A response longer than MAX_CHARS_PER_TOKEN x max_length characters is cut to that many before it is
+tokenised (a 20 MB response would otherwise be tokenised whole to keep max_length tokens of it); no tokenizer
+writes a token of more than 16 characters often enough to fall short of the budget, and if one does the response
+still counts as truncated and ends without the end-of-turn token.
 
 Some generation prompts end with text that the rendered assistant turn does not contain: Gemma-4, thinking unset,
 ends its prompt `<|turn>model\n<|channel>thought\n<channel|>` (an empty thought channel) while a rendered answer is
@@ -33,6 +36,9 @@ from dataclasses import dataclass, field
 
 from bpo.data.conversation import Turn
 from bpo.data.records import RESPONSE_KEYS, blind_generation, image_path
+
+
+MAX_CHARS_PER_TOKEN = 16
 
 
 class PromptTooLong(ValueError):
@@ -235,10 +241,16 @@ def encode_example(record, chat, image_root, max_length, with_image=True, respon
         if text is None:
             continue
         # A blind response: what the reference model wrote, its stop token included unless it was cut.
-        ids = _generated_ids(record, kind, chat) or response_ids(record, chat, prompt, prompt_tokens, text,
-                                                                 with_image=with_image)
+        ids = _generated_ids(record, kind, chat)
+        cut = False
+        if not ids:
+            limit = int(MAX_CHARS_PER_TOKEN * max_length)
+            cut = len(text) > limit
+            ids = response_ids(record, chat, prompt, prompt_tokens, text[:limit].rstrip(), with_image=with_image)
+            if cut and len(ids) <= budget:
+                ids = ids[:-1]  # the text did not end here: no end-of-turn token
         out[kind] = ids[:budget]
-        truncated[kind] = len(ids) > budget
+        truncated[kind] = cut or len(ids) > budget
     return EncodedExample(record.id, prompt_ids, image_inputs, out, truncated, fields)
 
 

@@ -16,9 +16,10 @@ so its id does not depend on where the image was extracted.
 Image names are joined to `image_root` (with no root: the current directory), the same rule `bpo.data.encode` uses,
 so what is checked here is what training opens. A name that is absolute or climbs out of the root (`../x`) is a bad
 record unless `allow_outside_root` (data.allow_outside_image_root): a data file must not make a job read files
-elsewhere; an inline image (bytes inside the data file, `formats.InlineImage`) names no file and is exempt. Symbolic
-links inside the root are followed: whoever made the root put them there. An image of more than
-`max_image_pixels` (data.max_image_pixels) is a bad record, refused from its header before it is decoded.
+elsewhere; an inline image (bytes inside the data file, `formats.InlineImage`) names no file and is exempt. The rule
+holds for the resolved path (os.path.realpath): a symbolic link inside the root that leads out of it is refused the
+same way (issue 23: a link planted in a shared image tree reads any file). An image of more than `max_image_pixels`
+(data.max_image_pixels) is a bad record, refused from its header before it is decoded.
 """
 
 import dataclasses
@@ -73,8 +74,11 @@ def image_path(record, image_root):
     return os.path.join(image_root or "", record.image)
 
 
-def image_name_problem(name):
-    """Why an `image` name may not be read without data.allow_outside_image_root, or None."""
+def image_name_problem(name, image_root=None):
+    """Why an `image` name may not be read without data.allow_outside_image_root, or None.
+
+    With image_root, the path is also resolved (os.path.realpath: symlinks, in the name or in the tree) and must
+    stay under the resolved root: `link.png -> /etc/...` inside the root is refused like `../x`."""
     if os.path.isabs(name):
         return (f"image path {name!r} is absolute; names are read relative to the image root (set "
                 f"data.allow_outside_image_root=true to allow it)")
@@ -82,6 +86,12 @@ def image_name_problem(name):
     if parts[0] == "..":
         return (f"image path {name!r} climbs out of the image root (set data.allow_outside_image_root=true to "
                 f"allow it)")
+    if image_root is not None:
+        root = os.path.realpath(image_root or ".")
+        where = os.path.realpath(os.path.join(root, name))
+        if os.path.commonpath([root, where]) != root:
+            return (f"image path {name!r} resolves through a symlink to {where}, outside the image root {root} "
+                    f"(set data.allow_outside_image_root=true to allow it)")
     return None
 
 
@@ -149,8 +159,10 @@ def _check_record_image(record, image_root, check_images, allow_outside_root, ma
     """_Bad with the reason when the record's image name or file is refused; image_verdicts caches the file checks
     by path (records share images)."""
     inline = isinstance(record.image, InlineImage)
-    if record.image is not None and not inline and not allow_outside_root and image_name_problem(record.image):
-        raise _Bad(image_name_problem(record.image))
+    if record.image is not None and not inline and not allow_outside_root:
+        problem = image_name_problem(record.image, image_root or "")
+        if problem:
+            raise _Bad(problem)
     if check_images and record.image is not None:
         where = image_path(record, image_root)
         if where not in image_verdicts:
@@ -307,6 +319,9 @@ def _build_record(obj, rid, source):
         turns = _attach_image(turns)
 
     responses = {key: _response(obj, key) for key in RESPONSE_KEYS if key in obj}
+    if responses["chosen"] == responses["rejected"]:
+        # A pair that cannot teach a preference: its DPO term is ln 2 whatever the policy, its gradient zero.
+        raise _Bad("'chosen' and 'rejected' are the same response")
     meta = {k: v for k, v in obj.items() if k not in _OWN_KEYS}
     meta["conversation_key"] = keys[0]
     return Record(

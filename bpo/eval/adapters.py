@@ -77,8 +77,9 @@ def image_under_root(name, image_root, allow_outside_root=False, check=True):
         return name, None
     if not isinstance(name, str) or not name.strip():
         return None, "field 'image' must be a non-empty file name"
-    if not allow_outside_root and image_name_problem(name):
-        return None, image_name_problem(name)
+    problem = None if allow_outside_root else image_name_problem(name, image_root or "")
+    if problem:
+        return None, problem
     path = os.path.join(image_root or "", name)
     problem = check_image(path) if check else None
     return (None, problem) if problem else (path, None)

@@ -84,6 +84,27 @@ def test_long_responses_are_cut_at_the_end(chat, image_root):
     assert cut.response_ids["rejected"] == full.response_ids["rejected"][:budget] and cut.truncated["rejected"]
 
 
+def test_an_enormous_response_is_cut_before_it_is_tokenised(chat, image_root, monkeypatch):
+    """A 20 MB response: tokenised whole it takes minutes and gigabytes, for max_length tokens of it."""
+    from bpo.data import encode
+
+    seen = []
+    tokenize = encode.tokenize_text
+    monkeypatch.setattr(encode, "tokenize_text", lambda p, text: seen.append(len(text)) or tokenize(p, text))
+    huge = "Sure, " + "here is more and more detail, " * 700_000  # ~21 MB
+    got = encode_example(make_record(rejected=huge), chat, image_root, max_length=200)
+    assert max(seen) < 16 * 200 + 2000  # the prompt and MAX_CHARS_PER_TOKEN x max_length of the response
+    want = encode_example(make_record(rejected=huge[:100_000]), chat, image_root, max_length=200)
+    assert got.response_ids == want.response_ids and got.truncated["rejected"]
+
+    # Cut text that still fits: truncated, and no end-of-turn token after text that did not end there.
+    short = encode_example(make_record(rejected="a" * 40), chat, image_root, max_length=200)
+    monkeypatch.setattr(encode, "MAX_CHARS_PER_TOKEN", 0.1)  # 20 characters of max_length=200
+    cut = encode_example(make_record(rejected="a" * 40), chat, image_root, max_length=200)
+    assert cut.truncated["rejected"] and len(cut.response_ids["rejected"]) < len(short.response_ids["rejected"])
+    assert cut.response_ids["rejected"][-1] != short.response_ids["rejected"][-1]
+
+
 def test_prompt_too_long(chat, processor, image_root):
     record = make_record()
     n = len(encode_prompt(record, chat, image_root)[0])

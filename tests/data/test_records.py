@@ -233,3 +233,28 @@ def test_one_object_holding_the_records_is_named(root):
     single.write_text(json.dumps(rec(id=5)))
     records, _ = load_records(str(single), image_root=root / "images")
     assert [r.id for r in records] == ["5"]
+
+
+def test_a_symlink_leading_out_of_the_root_is_refused(root):
+    """The root rule holds for the resolved path: a link planted inside the root reads nothing outside it."""
+    import os
+
+    Image.new("RGB", (4, 4)).save(root / "outside.png")
+    os.symlink(root / "outside.png", root / "images" / "link.png")
+    os.symlink(root / "images" / "ok.png", root / "images" / "inside.png")  # stays in the root: fine
+    path = write_jsonl(root / "d.jsonl", [rec(id=1, image="link.png"), rec(id=2, image="inside.png")])
+    for check_images in (True, False):
+        records, bad = load_records(path, image_root=root / "images", check_images=check_images)
+        assert [r.id for r in records] == ["2"] and [b.id for b in bad] == ["1"]
+        why = bad[0].reason
+        assert f"'link.png' resolves through a symlink to {root / 'outside.png'}, outside the image root" in why
+    records, bad = load_records(path, image_root=root / "images", allow_outside_root=True)
+    assert [r.id for r in records] == ["1", "2"]
+
+
+def test_a_pair_whose_two_responses_are_the_same_is_a_bad_record(root):
+    path = write_jsonl(root / "d.jsonl", [rec(id=1, rejected="ASSISTANT: I can't share private addresses."),
+                                          rec(id=2)])
+    records, bad = load_records(path, image_root=root / "images")
+    assert [r.id for r in records] == ["2"]
+    assert (bad[0].id, bad[0].reason) == ("1", "'chosen' and 'rejected' are the same response")
