@@ -177,8 +177,10 @@ def qwen2_5_vl():
     return _qwen_vl(2.5)
 
 
-def idefics3():
-    from transformers import GPT2Tokenizer, Idefics3Config, Idefics3ImageProcessor, Idefics3Processor, LlamaConfig
+def _smolvlm_text():
+    """SmolVLM's tokenizer (GPT-2 byte-level, its image and tile-grid tokens) and Llama text config, shared by the
+    Idefics3-class SmolVLM and SmolVLM2."""
+    from transformers import GPT2Tokenizer, LlamaConfig
 
     grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     tok = build_tokenizer(GPT2Tokenizer, byte_level=True,
@@ -189,6 +191,13 @@ def idefics3():
     text = LlamaConfig(**TEXT, vocab_size=len(tok), **_ids(tok, bos_token_id="<|im_start|>",
                                                             eos_token_id="<end_of_utterance>",
                                                             pad_token_id="<|im_end|>"))
+    return tok, text
+
+
+def idefics3():
+    from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+
+    tok, text = _smolvlm_text()
     vision = dict(VISION, image_size=32, patch_size=8)
     config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
                             image_token_id=tok.convert_tokens_to_ids("<image>"))
@@ -388,18 +397,9 @@ def lfm2_vl():
 
 
 def smolvlm2():
-    from transformers import (GPT2Tokenizer, LlamaConfig, SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor,
-                              SmolVLMVideoProcessor)
+    from transformers import SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
 
-    grid = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    tok = build_tokenizer(GPT2Tokenizer, byte_level=True,
-                          special_tokens=["<fake_token_around_image>", "<image>", "<end_of_utterance>",
-                                          "<global-img>", *grid],
-                          unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<end_of_utterance>",
-                          pad_token="<|im_end|>")
-    text = LlamaConfig(**TEXT, vocab_size=len(tok), **_ids(tok, bos_token_id="<|im_start|>",
-                                                            eos_token_id="<end_of_utterance>",
-                                                            pad_token_id="<|im_end|>"))
+    tok, text = _smolvlm_text()
     # Real (SmolVLM2-500M-Video-Instruct, the transformers defaults): up to 4 x 512 pixels in 512-pixel tiles plus a
     # global image, SigLIP patches of 16, pixel-shuffled by 4 -> 64 tokens a tile; here up to 2 x 32 pixels in
     # 32-pixel tiles, patches of 4, shuffled by 4 -> 4 tokens a tile.
