@@ -8,7 +8,10 @@ entity types, how many records carry a blind response, missing or undecodable im
 prompts leave no room for a response under --max-length (bad) and how many responses would be truncated (counted,
 not bad). With --model every record is also encoded as training encodes it and checked against the processor's own
 tokenization of the whole conversation (image included): prompt + response tokens must be exactly what the model
-sees, or the record is bad, with the differing tokens named. Then every bad record: file, line or index, id, reason.
+sees, or the record is bad, with the differing tokens named; and the prompt budget: the rendered prompts' lengths
+(system prompt and image tokens included) against --max-length, what the template alone writes (a default system
+prompt such as Ministral-3's ~600 tokens) and the longest prompts by id. Then every bad record: file, line or index,
+id, reason.
 
 Exit status: 0 when every record is usable, 1 when some are not, 2 for usage errors (bad arguments, unreadable file).
 """
@@ -24,12 +27,13 @@ from bpo.data.records import RESPONSE_KEYS, BadRecord, DataFileError, load_recor
 
 def check_lengths(records, chat, image_root, max_length):
     """(prompts too long, records that fail to encode or whose tokens are not what the model sees, Counter of
-    truncated responses by kind); the first two are lists of BadRecord."""
+    truncated responses by kind, {record id: prompt tokens} of the usable ones); the first two are lists of
+    BadRecord."""
     from tqdm import tqdm
 
     from bpo.data.encode import PromptTooLong, encode_example, verify_example
 
-    too_long, failed, truncated = [], [], Counter()
+    too_long, failed, truncated, prompt_tokens = [], [], Counter(), {}
     for record in tqdm(records, desc="encoding", unit="rec", disable=None):
         try:
             example = encode_example(record, chat, image_root, max_length)
@@ -42,7 +46,33 @@ def check_lengths(records, chat, image_root, max_length):
             failed.append(BadRecord(record.source, record.id, f"cannot encode: {e}"))
             continue
         truncated.update(kind for kind, cut in example.truncated.items() if cut)
-    return too_long, failed, truncated
+        prompt_tokens[record.id] = len(example.prompt_ids)
+    return too_long, failed, truncated, prompt_tokens
+
+
+def template_overhead(chat):
+    """Tokens the chat template writes around a one-character question, no image: its system prompt (Ministral-3
+    always writes one of ~600 tokens), role markers and generation prompt, which every prompt pays."""
+    from bpo.data.conversation import Turn
+    from bpo.data.encode import tokenize_text
+
+    text = chat.render(chat.messages([Turn("user", ".")]), add_generation_prompt=True)
+    return len(tokenize_text(chat.processor, text))
+
+
+def budget_lines(max_length, prompt_tokens, overhead, longest=5):
+    """The prompt budget: rendered prompt lengths (system prompt and image tokens included) against max_length."""
+    if not prompt_tokens:
+        return []
+    ordered = sorted(prompt_tokens.items(), key=lambda kv: -kv[1])
+    lengths = sorted(prompt_tokens.values())
+    median = lengths[len(lengths) // 2]
+    lines = [f"prompt tokens (system prompt and image tokens included) against max_length {max_length}: min "
+             f"{lengths[0]}, median {median}, max {lengths[-1]}; the template alone writes {overhead} "
+             f"({100 * overhead / max_length:.0f}% of the budget); a response keeps at least "
+             f"{max_length - lengths[-1]} tokens",
+             "longest prompts: " + ", ".join(f"{rid} {n}" for rid, n in ordered[:longest])]
+    return lines
 
 
 def _histogram(values):
@@ -52,7 +82,8 @@ def _histogram(values):
 
 
 def summarize(path, records, bad, check_images, lengths=None):
-    """The report as a list of lines; lengths is (max_length, prompts too long, Counter of truncated responses)."""
+    """The report as a list of lines; lengths is (max_length, prompts too long, Counter of truncated responses,
+    the prompt budget's lines)."""
     lines = [f"file: {path}", f"records: {len(records)} usable, {len(bad)} bad"]
     lines.append("variant (conversation key): " + _histogram(r.meta["conversation_key"] for r in records))
     lines.append("user turns per record: " + _histogram(sum(t.role == "user" for t in r.turns) for r in records))
@@ -67,9 +98,10 @@ def summarize(path, records, bad, check_images, lengths=None):
     else:
         lines.append("images: not checked (--no-images)")
     if lengths is not None:
-        max_length, too_long, truncated = lengths
+        max_length, too_long, truncated, budget = lengths
         cut = ", ".join(f"{kind} {truncated[kind]}" for kind in RESPONSE_KEYS)
         lines.append(f"length budget {max_length}: {too_long} prompts too long; truncated responses: {cut}")
+        lines += budget
     if bad:
         lines.append("bad records:")
         lines += [f"  {b}" for b in bad]
@@ -121,11 +153,12 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(chat.describe(), file=sys.stderr)
-        too_long, failed, truncated = check_lengths(records, chat, args.image_root, args.max_length)
+        too_long, failed, truncated, prompt_tokens = check_lengths(records, chat, args.image_root, args.max_length)
         bad = bad + too_long + failed
         unusable = {b.id for b in too_long + failed}
         records = [r for r in records if r.id not in unusable]
-        lengths = (args.max_length, len(too_long), truncated)
+        budget = budget_lines(args.max_length, prompt_tokens, template_overhead(chat))
+        lengths = (args.max_length, len(too_long), truncated, budget)
     print("\n".join(summarize(args.file, records, bad, not args.no_images, lengths)))
     return 1 if bad else 0
 

@@ -231,6 +231,40 @@ def test_inspect_accepts_every_record_as_the_model_sees_it(family, replica, imag
     assert "2 usable, 0 bad" in capsys.readouterr().out
 
 
+def test_inspect_reports_the_prompt_budget_system_prompt_included(replica, image_root, tmp_path, capsys):
+    """Ministral-3's template writes a long default system prompt into every prompt: inspect says what it costs and
+    how long each prompt is, counted as the processor counts them."""
+    import json
+    import re
+
+    from bpo.data.chat import load_chat
+    from bpo.data.inspect import main
+
+    rows = [{"id": r.id, "question": q, "image": r.image, "chosen": "ASSISTANT: " + r.chosen,
+             "rejected": "ASSISTANT: " + r.rejected} for r, q in zip(records(), (HISTORY, SINGLE))]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([str(path), "--image-root", image_root, "--model", replica("mistral3"), "--max-length", "1000"]) == 0
+    out = capsys.readouterr().out
+    processor = load_chat(replica("mistral3")).processor
+    # Independently: the processor's own prompt lengths, and its tokens for a one-character question.
+    lengths = {}
+    for record in records():
+        text = processor.apply_chat_template(to_messages(record.turns), add_generation_prompt=True, tokenize=False)
+        image = Image.open(os.path.join(image_root, record.image)).convert("RGB")
+        lengths[record.id] = processor(text=[text], images=[image], return_tensors="pt",
+                                       add_special_tokens=False)["input_ids"].shape[1]
+    alone = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "."}]}],
+                                          add_generation_prompt=True, tokenize=False)
+    overhead = len(processor.tokenizer(alone, add_special_tokens=False)["input_ids"])
+    assert overhead > 300  # the default system prompt is there
+    line = next(x for x in out.splitlines() if x.startswith("prompt tokens"))
+    assert f"min {min(lengths.values())}, " in line and f"max {max(lengths.values())};" in line
+    assert f"the template alone writes {overhead} " in line
+    longest = max(lengths, key=lengths.get)
+    assert re.search(rf"longest prompts: {longest} {lengths[longest]}\b", out)
+
+
 @pytest.mark.parametrize("family", TRAINABLE)
 def test_generation_with_images_is_the_same_batched_or_alone(family, replica, image_root):
     """Evaluation decodes prompts with their images in left-padded batches: per-token fields (token_type_ids,
