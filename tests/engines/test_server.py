@@ -126,11 +126,13 @@ def test_evaluation_on_the_server_equals_the_hf_path(vllm_server, sample_data_di
 
     hf_rows, hf_report = evaluate("hf")
     server_rows, server_report = evaluate("server", engine="vllm", server_url=vllm_server.url)
-    assert len(server_rows) == 16
+    assert len(server_rows) == 32  # 16 test records, each asked again with its image withheld (eval.modality_probe)
+    assert all(r["response"] is not None and r["verdict"] for r in server_rows)
     for a, b in zip(hf_rows, server_rows):
         for key in ("id", "prompt", "response", "new_tokens", "finish_reason", "pairwise_answer", "verdict"):
-            assert b[key] == a[key], (a["id"], key)
+            assert b.get(key) == a.get(key), (a["id"], key)  # probe copies have no pairwise answer
     assert server_report["safety"] == hf_report["safety"] and server_report["pairwise"] == hf_report["pairwise"]
+    assert server_report["modality_probe"] == hf_report["modality_probe"]
 
 
 def test_wrong_model_name_is_a_clear_error(vllm_server, sample_data_dir, tmp_path):
