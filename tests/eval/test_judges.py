@@ -453,3 +453,23 @@ def test_redirects_are_refused_and_the_key_stays_home(server, monkeypatch, tmp_p
         assert [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs] == []  # and nothing was cached
     finally:
         other.close()
+
+
+def test_hf_judge_guard_preset_on_the_llama_guard_4_class(tmp_path):
+    """Llama Guard 4 is a Llama4ForConditionalGeneration: the guard preset runs on a tiny replica of that class (its
+    processor, bf16 pixel values and all), the exchange rendered as user and assistant turns by its template."""
+    from PIL import Image
+
+    from bpo.tiny import write_family
+
+    model_dir = write_family("llama4", str(tmp_path / "guard"))
+    image = tmp_path / "img.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(image)
+    guard = build_judge({"type": "hf", "path": model_dir, "dtype": "fp32", "device": "cpu", "input": "conversation",
+                         "max_new_tokens": 2})
+    assert type(guard.model).__name__ == "Llama4ForConditionalGeneration"
+    it = item(image=str(image))
+    text = guard.processor.apply_chat_template(guard.messages(it), tokenize=False)
+    assert "<|header_start|>assistant<|header_end|>" in text and it.response in text and "<|image|>" in text
+    (v,) = guard.judge([it])
+    assert v.label == parse_verdict(v.raw)
