@@ -37,3 +37,6 @@ builtins.open = real_open
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump({"hashed": hashed, "fingerprint": fp}, f)
 torch.distributed.barrier()
+# Left to interpreter teardown, gloo's threads can outlive the group and abort the process (torch 2.14,
+# "terminate called without an active exception"), as bpo.dist.init_distributed's atexit hook explains.
+torch.distributed.destroy_process_group()
