@@ -39,10 +39,6 @@ class LogitTransform:
         if self.softcap is not None and not self.softcap > 0:
             raise ValueError(f"final logit softcap must be > 0 or None, got {self.softcap}")
 
-    @property
-    def is_identity(self):
-        return self.scale == 1.0 and self.softcap is None
-
     def __call__(self, logits):
         """The reference: a new tensor, never in place, in the same steps as the transformers forwards."""
         if self.scale != 1.0:
