@@ -68,7 +68,7 @@ lock: latest-venv
 	$(VLLM_VENV)/bin/pip freeze --exclude torch --exclude torchvision > $(VLLM_LOCK).tmp && mv $(VLLM_LOCK).tmp $(VLLM_LOCK)
 	touch $(VLLM_VENV)/.installed  # built from what the new lock now says
 
-# The science demo: BPO vs DPO from one SFT base on bpo.world, 3 seeds (README, "The science demo").
+# The science demo: BPO vs DPO from one SFT base on bpo.demo.world, 3 seeds (README, "The science demo").
 demo: venv
 	$(PY) -m launch.science --out demo
 

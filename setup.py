@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Blind Preference Optimization for vision-language models on DeepSpeed ZeRO-3",
     packages=find_packages(include=["bpo", "bpo.*"]),
-    package_data={"bpo": ["*.txt", "**/*.txt", "configs/*.yaml", "templates/*.jinja", "tiny/templates/*"]},
+    package_data={"bpo": ["*.txt", "**/*.txt", "configs/*.yaml", "templates/*.jinja", "demo/tiny/templates/*"]},
     python_requires=">=3.10",
     # Ranges a user installs with. Their lower bounds are the versions the whole suite passed with
     # (requirements/lock.txt, which `make venv` and CI install exactly); the upper bounds stop at the next major
@@ -25,8 +25,8 @@ setup(
         "tqdm",
         "tensorboard",
         "matplotlib",
-        "bitsandbytes",  # optim.name=adamw_8bit / paged_adamw_8bit, model.finetune=qlora (bpo/optim.py, bpo/lora.py)
-        "peft>=0.22,<1",  # model.finetune=lora / qlora: adapters (bpo/lora.py) and their export (bpo/export_lora.py)
+        "bitsandbytes",  # optim.name=adamw_8bit / paged_adamw_8bit, model.finetune=qlora (bpo/optim.py, bpo/model/lora.py)
+        "peft>=0.22,<1",  # model.finetune=lora / qlora: adapters (bpo/model/lora.py) and their export (bpo/export/lora.py)
         "accelerate",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 construction); not used for training
     ],
     extras_require={

@@ -4,7 +4,7 @@ mask, FlexAttention with a block mask), with MFU.
     python benchmarks/gpu_step.py [--hidden-size 2048 --num-layers 16 --steps 6] [--out FILE]
     python benchmarks/gpu_step.py --cpu --hidden-size 64 --num-layers 2 --steps 2     # smoke run of the script
 
-A bpo.tiny LLaVA widened to ~1B parameters (random weights; 576 image tokens per 336-pixel image) on the step
+A bpo.demo.tiny LLaVA widened to ~1B parameters (random weights; 576 image tokens per 336-pixel image) on the step
 benchmark's MMSafe-PO-shaped data (benchmarks/step_bench.py), bf16, ZeRO-3 on one rank, cached reference log-probs
 (built first by bpo/ref_logprobs.py), 4 examples per step. MFU counts the model FLOPs the step needs, 6 x trained
 parameters per computed token (forward 2, backward 4), against the card's dense bf16 peak (--peak-tflops, or a table
@@ -43,7 +43,7 @@ def trained_parameters(model_dir):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from bpo.config import ModelConfig
-    from bpo.model import set_trainable
+    from bpo.model.load import set_trainable
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir))
@@ -62,8 +62,8 @@ def main():
     args = parser.parse_args()
     import torch
 
-    from bpo.sample_data import write_sample_data
-    from bpo.tiny import write_tiny_llava
+    from bpo.demo.sample_data import write_sample_data
+    from bpo.demo.tiny import write_tiny_llava
 
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --cpu to check the script on CPU")

@@ -13,9 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import deepspeed  # noqa: E402
 
-from bpo import dist  # noqa: E402
+from bpo.runtime import dist
 from bpo.config import from_dict  # noqa: E402
-from bpo.model import SequenceScorer, load_model, set_trainable  # noqa: E402
+from bpo.model.load import SequenceScorer, load_model, set_trainable  # noqa: E402
 from bpo.train import build_ds_config  # noqa: E402
 
 model_dir, ckpt_dir = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it

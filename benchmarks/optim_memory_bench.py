@@ -1,13 +1,13 @@
-"""Optimizer-state memory per rank: adamw vs adamw_8bit, full fine-tuning vs LoRA, measured beside bpo.plan.
+"""Optimizer-state memory per rank: adamw vs adamw_8bit, full fine-tuning vs LoRA, measured beside bpo.plan.estimate.
 
     python benchmarks/optim_memory_bench.py [--hidden-size 512 --num-layers 8 --lora-r 16 --steps 2]
 
-Builds a LLaVA with bpo.tiny (random weights, ~20M parameters), the sample data with fixed blind responses, and
+Builds a LLaVA with bpo.demo.tiny (random weights, ~20M parameters), the sample data with fixed blind responses, and
 runs 2-rank ZeRO-3 BPO training on CPU (fp32) four times: {full, LoRA} x {adamw, adamw_8bit}. What each rank's
 optimizer holds is read from its partition of the final checkpoint, the exact tensors DeepSpeed serialises from
 memory: the fp32 master partition (`fp32_flat_groups`) and every tensor of the optimizer's state_dict (Adam's m and
 v in fp32, or bitsandbytes' uint8 m and v with their fp32 block scales and code books). The plan column is
-`bpo.plan`'s optimizer row for the same model, 1 node x 2 ranks, same optimizer and fine-tuning mode. Peak RSS is
+`bpo.plan.estimate`'s optimizer row for the same model, 1 node x 2 ranks, same optimizer and fine-tuning mode. Peak RSS is
 rank 0's whole process (python, torch, model, activations), for scale. Writes its table into BENCHMARKS.md.
 """
 
@@ -75,9 +75,9 @@ def main():
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
-    from bpo import plan
-    from bpo.sample_data import write_sample_data
-    from bpo.tiny import write_tiny_llava
+    from bpo.plan import estimate as plan
+    from bpo.demo.sample_data import write_sample_data
+    from bpo.demo.tiny import write_tiny_llava
 
     root = tempfile.mkdtemp(prefix="optimbench-")
     model = write_tiny_llava(os.path.join(root, "model"), hidden_size=args.hidden_size, num_layers=args.num_layers)
@@ -110,12 +110,12 @@ def main():
     table = markdown_table(
         ["fine-tuning, optim.name", "trained params: checkpoint / plan",
          "per rank (rank 0 / rank 1): fp32 master + optimizer state (MiB)", "measured, larger rank (MiB)",
-         "bpo.plan optimizer row (MiB)", "measured / plan", "vs full adamw", "peak RSS rank 0 (MiB)"], rows)
+         "bpo.plan.estimate optimizer row (MiB)", "measured / plan", "vs full adamw", "peak RSS rank 0 (MiB)"], rows)
     transient = step_transient(20_000_000, "AdamW8bit")
-    table += (f"\n\nModel: bpo.tiny LLaVA, {dims.total_params / 1e6:.1f}M parameters (hidden {args.hidden_size}, "
+    table += (f"\n\nModel: bpo.demo.tiny LLaVA, {dims.total_params / 1e6:.1f}M parameters (hidden {args.hidden_size}, "
               f"{args.num_layers} layers, CLIP tower frozen), fp32, 2 ranks, ZeRO-3, {args.steps} optimizer steps; "
               f"LoRA r={args.lora_r} on every Linear of the language model and projector. "
-              "bpo.plan counts 12 B per trained parameter for adamw and 4 + 2 + 8/256 B for 8-bit Adam; the "
+              "bpo.plan.estimate counts 12 B per trained parameter for adamw and 4 + 2 + 8/256 B for 8-bit Adam; the "
               "measurement adds ZeRO's per-parameter padding to a multiple of the world size, Adam's step counters "
               "and bitsandbytes' two 256-entry code books (2 KiB). "
               f"Peak RSS does not fall on CPU: bitsandbytes' CPU step (a torch implementation, not a fused kernel) "

@@ -2,7 +2,7 @@
 
     python benchmarks/ref_cache_bench.py [--hidden-size 512 --num-layers 8 --steps 8]
 
-Builds a ~20M-parameter LLaVA with bpo.tiny (random weights), the sample data with fixed blind responses, then runs
+Builds a ~20M-parameter LLaVA with bpo.demo.tiny (random weights), the sample data with fixed blind responses, then runs
 2-rank ZeRO-3 training on CPU twice (live frozen reference engine; `train.ref_cache`) and the caching job once. Step
 time is the median over steps after the first; peak memory is rank 0's max resident set (both ranks are symmetric).
 Writes its table into BENCHMARKS.md.
@@ -36,8 +36,8 @@ def main():
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
-    from bpo.sample_data import write_sample_data
-    from bpo.tiny import write_tiny_llava
+    from bpo.demo.sample_data import write_sample_data
+    from bpo.demo.tiny import write_tiny_llava
 
     root = tempfile.mkdtemp(prefix="refbench-")
     model = write_tiny_llava(os.path.join(root, "model"), hidden_size=args.hidden_size, num_layers=args.num_layers)

@@ -5,13 +5,13 @@ import sys
 
 
 def expected_errors():
-    from bpo.checkpoint import CheckpointError
+    from bpo.runtime.checkpoint import CheckpointError
     from bpo.config import ConfigError
     from bpo.data.chat import ChatTemplateError, MissingPackageError
     from bpo.data.records import DataFileError, RecordError
-    from bpo.lora import PlatformError
-    from bpo.ref_cache import CacheError
-    from bpo.stop import Diverged
+    from bpo.model.lora import PlatformError
+    from bpo.ref_cache.store import CacheError
+    from bpo.runtime.stop import Diverged
 
     return (ConfigError, RecordError, DataFileError, CacheError, CheckpointError, ChatTemplateError, PlatformError,
             MissingPackageError, Diverged, FileNotFoundError)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from bpo.atomic import write_text
+from bpo.runtime.atomic import write_text
 
 
 @dataclass
@@ -39,7 +39,7 @@ class ModelConfig:
     # parameters are gathered all at once, as one unit. Needed where each expert is its own module, called only when
     # a token routes to it (remote-code DeepSeek/Mixtral-style MoE): ranks routing differently would otherwise gather
     # different modules and their collectives would desynchronise (a hang on NCCL). Blocks holding an `experts`
-    # nn.ModuleList are found without being named here (bpo.model.leaf_module_classes); transformers 5's own MoE
+    # nn.ModuleList are found without being named here (bpo.model.load.leaf_module_classes); transformers 5's own MoE
     # classes keep every expert in one fused tensor and need none.
     z3_leaf_modules: typing.List[str] = field(default_factory=list)
 
@@ -149,7 +149,7 @@ class TrainConfig:
     # Continue from the newest complete checkpoint in output_dir (or start at step 0 when there is none); false into
     # an output_dir that holds checkpoints is refused rather than overwriting them.
     resume: bool = False
-    # Changes a resume accepts in the keys that change the math (bpo.run_record), e.g. [loss.beta, data.contents];
+    # Changes a resume accepts in the keys that change the math (bpo.runtime.run_record), e.g. [loss.beta, data.contents];
     # --allow-change KEY adds one. Recorded in RUN/history/; anything else that differs from the run is refused.
     resume_allow: typing.List[str] = field(default_factory=list)
     # Consecutive steps with a non-finite loss or gradient norm (DeepSpeed skips those updates) that stop the run,

@@ -30,16 +30,16 @@ if __package__ in (None, ""):
 
 import torch
 
-from bpo import dist
-from bpo.atomic import write_text
+from bpo.runtime import dist
+from bpo.runtime.atomic import write_text
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config
 from bpo.data.conversation import Turn
 from bpo.data.records import Record, enforce_max_image_pixels
 from bpo.engines.server import ServerError, adds_bos, chat_messages, connect
-from bpo.faults import maybe_slow
-from bpo.fingerprint import digest_of, model_fingerprint
-from bpo.generate import generate, load_generator
-from bpo.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
+from bpo.runtime.faults import maybe_slow
+from bpo.ref_cache.fingerprint import digest_of, model_fingerprint
+from bpo.engines.hf import generate, load_generator
+from bpo.runtime.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
 
 
 def parse_args(argv=None):
@@ -150,7 +150,7 @@ def reward_margins(examples, cfg, model_path, chat):
     from bpo.data.dataset import PreferenceDataset, split_by_kind
     from bpo.data.shared import make_collate
     from bpo.loss import sequence_logps
-    from bpo.model import SequenceScorer, choose_layout, load_model, model_inputs
+    from bpo.model.load import SequenceScorer, choose_layout, load_model, model_inputs
     from bpo.ops.logprobs import describe_impl
 
     records = [as_record(e) for e in examples]
@@ -161,13 +161,13 @@ def reward_margins(examples, cfg, model_path, chat):
     dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, device))
     policy = SequenceScorer(load_model(cfg.model, path=model_path), **head).to(device).eval()
     if cfg.eval.ref_cache:
-        from bpo.ref_cache import CachedReference
+        from bpo.ref_cache.store import CachedReference
 
         reference = CachedReference(cfg.eval.ref_cache, cfg, chat.processor, data_file=cfg.eval.test_file,
                                     image_root=cfg.eval.image_root or cfg.data.image_root)
         reference.check_ids(records, ("chosen", "rejected"))
     else:
-        from bpo.reference import LiveReference
+        from bpo.model.reference import LiveReference
 
         ref_model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path)
         reference = LiveReference(SequenceScorer(ref_model, **head).to(device).eval(),

@@ -27,13 +27,13 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bpo import dist
+from bpo.runtime import dist
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config, require
 from bpo.data.formats import InlineImage
 from bpo.engines.server import ServerError, adds_bos, connect
-from bpo.fingerprint import data_digest, digest_of, model_fingerprint
-from bpo.generate import Generation, generate, load_generator
-from bpo.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
+from bpo.ref_cache.fingerprint import data_digest, digest_of, model_fingerprint
+from bpo.engines.hf import Generation, generate, load_generator
+from bpo.runtime.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
 
 
 def parse_args(argv=None):

@@ -27,9 +27,11 @@ if __package__ in (None, ""):
 
 import torch
 
-from bpo import dist, lora, ref_cache
+from bpo.runtime import dist
+from bpo.model import lora
+from bpo.ref_cache import store as ref_cache
 from bpo.config import check_model_dir, load_config, require
-from bpo.faults import maybe_crash
+from bpo.runtime.faults import maybe_crash
 from bpo.loss import sequence_logps
 
 
@@ -44,8 +46,8 @@ def parse_args(argv=None):
 def build_scorer(cfg, blank):
     import deepspeed
 
-    from bpo.ds_configs import inference_config
-    from bpo.model import SequenceScorer, load_model
+    from bpo.runtime.ds_configs import inference_config
+    from bpo.model.load import SequenceScorer, load_model
 
     ds = inference_config(cfg.model)  # ds_configs/zero3_inference.json, as ZeRO-3 generation reads it
     # QLoRA's reference is its 4-bit base: the cache holds what training's adapters-off forward would compute.
@@ -63,7 +65,7 @@ def build_scorer(cfg, blank):
 def score_shard(engine, dataset, indices, batch_size, cfg, collate):
     """Sequence log-probs (n,) for each kind over one shard's examples; blind is NaN where absent."""
     from bpo.data.dataset import split_by_kind
-    from bpo.model import model_inputs
+    from bpo.model.load import model_inputs
 
     out = {k: [] for k in ref_cache.KINDS}
     per_token = {k: [] for k in ref_cache.KINDS} if cfg.cache.per_token else None
@@ -85,7 +87,7 @@ def score_shard(engine, dataset, indices, batch_size, cfg, collate):
 
 def dummy_forward(engine, dataset, collate):
     """ZeRO-3 needs every rank in every forward; a rank without work scores one example and discards it."""
-    from bpo.model import model_inputs
+    from bpo.model.load import model_inputs
 
     with torch.no_grad():
         engine(**model_inputs(collate([dataset[0]]), engine.device))
@@ -130,8 +132,8 @@ def main(argv=None):
     from bpo.data.records import RESPONSE_KEYS, drop_cut_blind, enforce_max_image_pixels, load_records
     from bpo.data.shared import make_collate
     from bpo.data.usable import usable_records
-    from bpo.fingerprint import digest_of
-    from bpo.model import choose_layout
+    from bpo.ref_cache.fingerprint import digest_of
+    from bpo.model.load import choose_layout
     from bpo.ops.logprobs import describe_impl
 
     args = parse_args(argv)

@@ -21,18 +21,21 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make
 
 import torch
 
-from bpo import checkpoint, dist, ds_configs, lora, optim, reshard, run_lock, run_log, run_record, sampler
+from bpo.runtime import checkpoint, dist, ds_configs, reshard, run_lock, run_log, run_record
+from bpo.model import lora
+from bpo import optim
+from bpo.data import sampler
 from bpo.config import ConfigError, check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.data.records import enforce_max_image_pixels
-from bpo.faults import maybe_crash, maybe_poison, maybe_slow
+from bpo.runtime.faults import maybe_crash, maybe_poison, maybe_slow
 from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
-from bpo.model import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
+from bpo.model.load import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
                        resolve_attn_implementation, set_gradient_checkpointing, set_trainable,
                        text_hidden_size)
 from bpo.ops.logprobs import describe_impl
-from bpo.reference import AdapterOffReference, LiveReference
+from bpo.model.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
-from bpo.stop import EXIT_CODE as STOPPED_EXIT_CODE, Diverged, StopRequest
+from bpo.runtime.stop import EXIT_CODE as STOPPED_EXIT_CODE, Diverged, StopRequest
 
 
 def parse_args(argv=None):
@@ -56,7 +59,7 @@ def parse_args(argv=None):
 
 def build_ds_config(cfg, world_size, hidden_size=None):
     """Read the DeepSpeed JSON and fill its "auto" entries from the one config tree; an entry the config decides that
-    the file sets to another value is an error naming both (bpo.ds_configs.fill).
+    the file sets to another value is an error naming both (bpo.runtime.ds_configs.fill).
 
     ZeRO's bucket sizes follow the language model's `hidden_size` as transformers' DeepSpeed integration sizes them
     (H^2 elements per gradient-reduction bucket, 0.9 H^2 per parameter prefetch, parameters under 10 H kept whole):
@@ -136,7 +139,7 @@ def build_policy(cfg, ds_config, total_steps, blank):
         peft_config, parts = lora.add_adapters(model, cfg.model, cfg.lora)
         describe(model, None, attn)
         dist.print0(lora.describe(parts, cfg.model, cfg.lora))
-        if dist.is_rank0():  # what bpo.export writes into an adapter directory
+        if dist.is_rank0():  # what bpo.export.job writes into an adapter directory
             lora.save_config(peft_config, cfg.train.output_dir)
     else:
         describe(model, set_trainable(model, cfg.model), attn)
@@ -163,7 +166,7 @@ def build_reference(cfg, ds_config, chat, dataset, blank):
     if cfg.loss.type == "sft":
         return None
     if cfg.train.ref_cache:
-        from bpo.ref_cache import CachedReference
+        from bpo.ref_cache.store import CachedReference
 
         reference = CachedReference(cfg.train.ref_cache, cfg, chat.processor, cfg.data.train_file)
         reference.check_ids(dataset.records, dataset.responses)
@@ -184,7 +187,7 @@ def build_reference(cfg, ds_config, chat, dataset, blank):
 
 
 def open_run(cfg):
-    """Rank 0, before anything is written to the run directory: lock it (bpo.run_lock); returns this start's number."""
+    """Rank 0, before anything is written to the run directory: lock it (bpo.runtime.run_lock); returns this start's number."""
     os.makedirs(cfg.train.output_dir, exist_ok=True)
     note = run_lock.acquire(cfg.train.output_dir)
     if note:
@@ -253,7 +256,7 @@ def preference_loss(token_logps, response_mask, ref_logps, batch, loss_cfg):
 
 def add_router_aux(loss, metrics, scorer, coef):
     """loss + coef x the MoE router's auxiliary load-balancing loss of the forward just run (loss.router_aux_coef;
-    bpo.model.router_aux_loss_function), logged as router_aux. coef 0: the loss unchanged, the paper's objective."""
+    bpo.model.load.router_aux_loss_function), logged as router_aux. coef 0: the loss unchanged, the paper's objective."""
     if not coef:
         return loss, metrics
     aux = scorer.router_aux_loss  # scalar, this micro-batch's tokens
@@ -264,7 +267,7 @@ def add_router_aux(loss, metrics, scorer, coef):
 
 
 def train(cfg):
-    """Run (or resume) training; returns 0 when done, bpo.stop.EXIT_CODE when stopped on request (checkpoint saved)."""
+    """Run (or resume) training; returns 0 when done, bpo.runtime.stop.EXIT_CODE when stopped on request (checkpoint saved)."""
     from bpo.data.chat import load_chat
     from bpo.data.encode import blank_image_example
     from bpo.data.shared import make_collate
@@ -286,7 +289,7 @@ def train(cfg):
     try:
         point = checkpoint.plan_resume(cfg.train.output_dir, cfg.train.resume)
         dist.on_rank0(lambda: record_start(cfg, point, start_n))
-    except (checkpoint.CheckpointError, ConfigError) as e:  # every rank has it (bpo.dist.on_rank0)
+    except (checkpoint.CheckpointError, ConfigError) as e:  # every rank has it (bpo.runtime.dist.on_rank0)
         dist.on_rank0(lambda: run_record.write_history(cfg, start_n, f"refused: {e}"))
         raise
     dist.print0(to_yaml(cfg))
@@ -296,7 +299,7 @@ def train(cfg):
     dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, dist.device()))
     pad_id = chat.pad_id
     dataset = build_data(cfg, chat, log)
-    blank = blank_image_example(chat)  # ZeRO-3 lockstep for micro-batches without an image (bpo.model)
+    blank = blank_image_example(chat)  # ZeRO-3 lockstep for micro-batches without an image (bpo.model.load)
     world, rank = dist.world_size(), dist.rank()
     per_epoch = sampler.steps_per_epoch(len(dataset), cfg.train.micro_batch_size, cfg.train.grad_accum, world)
     if per_epoch == 0:
@@ -400,7 +403,7 @@ def train(cfg):
     stop_request.clear()  # a request that came with the last step: the run is complete, nothing to stop
     log.close()
     if cfg.train.export_16bit:
-        from bpo.export import export
+        from bpo.export.job import export
 
         def export_model():
             # From the checkpoint just written, streaming, in the model class's key names: loads with from_pretrained.

@@ -9,7 +9,7 @@ Each check prints one line `preflight <host>: ok|FAIL ...`; any FAIL ends with e
   --readable      each path exists and can be read (a directory: listed) on this node
   --writable      each directory can be created and written to (a file is written and removed)
   free disk       at the first --writable directory: room for --keep-checkpoints + 1 checkpoints (one being written
-                  while the kept ones stay) of --checkpoint-model, sized by bpo.plan.checkpoint_bytes, less those
+                  while the kept ones stay) of --checkpoint-model, sized by bpo.plan.estimate.checkpoint_bytes, less those
                   already there; or for an --export-model in --export-dtype; or --need-gb
 """
 
@@ -77,14 +77,14 @@ def existing_checkpoints(run_dir):
 
 def checkpoint_need(model, keep, run_dir):
     """Bytes still to find for checkpoints: (keep + 1 - already written) x one checkpoint, at least one."""
-    from bpo.plan import checkpoint_bytes, load_dims
+    from bpo.plan.estimate import checkpoint_bytes, load_dims
 
     one = checkpoint_bytes(load_dims(model))
     return one * max(1, keep + 1 - existing_checkpoints(run_dir)), one
 
 
 def export_need(model, dtype):
-    from bpo.plan import load_dims
+    from bpo.plan.estimate import load_dims
 
     return load_dims(model).total_params * (4 if dtype == "fp32" else 2)
 
@@ -105,7 +105,7 @@ def disk_check(args):
             need = export_need(args.export_model, args.export_dtype)
             return check_disk(target, need, f"a {args.export_dtype} export")
         need, one = checkpoint_need(args.checkpoint_model, args.keep_checkpoints, target)
-    except (ValueError, SystemExit) as e:  # a model bpo.plan cannot size: say so; the run may still fit
+    except (ValueError, SystemExit) as e:  # a model bpo.plan.estimate cannot size: say so; the run may still fit
         return True, f"disk check skipped: cannot size {args.export_model or args.checkpoint_model}: {e}"
     return check_disk(target, need, f"checkpoints of {one / GiB:.1f} GiB, keeping {args.keep_checkpoints}")
 
@@ -124,7 +124,7 @@ def parse_args(argv=None):
     parser.add_argument("--gpus-per-node", type=int, default=0, help="0 skips the GPU check")
     parser.add_argument("--readable", nargs="*", default=[], metavar="PATH")
     parser.add_argument("--writable", nargs="*", default=[], metavar="DIR")
-    parser.add_argument("--checkpoint-model", help="model (directory or bpo.plan built-in) to size checkpoints by")
+    parser.add_argument("--checkpoint-model", help="model (directory or bpo.plan.estimate built-in) to size checkpoints by")
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--export-model", help="model to size an export by (parameters x dtype bytes)")
     parser.add_argument("--export-dtype", default="bf16", choices=("bf16", "fp16", "fp32"))

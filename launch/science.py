@@ -2,10 +2,10 @@
 
     python -m launch.science [--out demo] [--seeds 0 1 2] [--nproc 2]
 
-Runs bpo's own commands on bpo.world (README, "The science demo"), each printed before it runs, its output in
-OUT/logs/. Once: the starting checkpoint (`python -m bpo.world model OUT/start`). Then per seed S, in OUT/seed_S/:
+Runs bpo's own commands on bpo.demo.world (README, "The science demo"), each printed before it runs, its output in
+OUT/logs/. Once: the starting checkpoint (`python -m bpo.demo.world model OUT/start`). Then per seed S, in OUT/seed_S/:
 
-    world/           python -m bpo.world data ... --seed S             (training files drawn by S; val, test fixed)
+    world/           python -m bpo.demo.world data ... --seed S             (training files drawn by S; val, test fixed)
     base/            deepspeed bpo/train.py --config configs/science_sft.yaml     the SFT base -> base/hf_model
     world/pref_blind.jsonl   deepspeed bpo/generate_blind.py              the base's answers, image withheld
     ref_cache/       deepspeed bpo/ref_logprobs.py                        the base's log-probs of every response
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from bpo.atomic import write_text
+from bpo.runtime.atomic import write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = {"base": "base (SFT)", "dpo": "DPO", "bpo": "BPO"}
@@ -75,7 +75,7 @@ def chain(out, seeds, methods=METHODS, nproc=2, overrides=None, evaluate_base=Tr
                              *args]
 
     stages = [Stage("starting checkpoint (tiny LLaVA, vision tower pretrained on the world's objects)", "start",
-                    lambda: [py, "-m", "bpo.world", "model", start], _exists(start, "config.json"),
+                    lambda: [py, "-m", "bpo.demo.world", "model", start], _exists(start, "config.json"),
                     os.path.join(logs, "start.log"))]
     for seed in seeds:
         d = os.path.join(out, f"seed_{seed}")
@@ -85,7 +85,7 @@ def chain(out, seeds, methods=METHODS, nproc=2, overrides=None, evaluate_base=Tr
         common = [f"data.image_root={images}", f"train.seed={seed}"]
         log = lambda name: os.path.join(logs, f"seed_{seed}_{name}.log")  # noqa: E731
         stages.append(Stage(f"seed {seed}: the world's data", "world",
-                            lambda world=world, seed=seed: [py, "-m", "bpo.world", "data", world, "--seed", str(seed)],
+                            lambda world=world, seed=seed: [py, "-m", "bpo.demo.world", "data", world, "--seed", str(seed)],
                             _exists(world, "test.json"), log("world")))
         stages.append(Stage(f"seed {seed}: SFT base", "sft", job(
             "bpo/train.py", sft_cfg, f"model.path={start}", f"data.train_file={os.path.join(world, 'sft.jsonl')}",
@@ -231,7 +231,7 @@ def main(argv=None):
 
         loads = lambda la: "/".join(f"{x:.1f}" for x in la)  # noqa: E731
         record.replace_section("science", (
-            f"## Science demo: BPO vs DPO on bpo.world (launch/science.py)\n\n"
+            f"## Science demo: BPO vs DPO on bpo.demo.world (launch/science.py)\n\n"
             f"`python -m launch.science --seeds {' '.join(map(str, args.seeds))} --record` (what `make demo` runs, "
             f"plus this record)\n\nMachine: {record.machine()}; {datetime.date.today().isoformat()}. Chain time "
             f"{took}, the sum of its stages' times ({len(args.seeds)} seeds, {args.nproc} ranks per job); "

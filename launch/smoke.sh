@@ -11,8 +11,8 @@ PORT=${MASTER_PORT:-29533}
 CFG=configs/smoke.yaml
 
 echo "== 1/6 tiny model and sample data"
-[ -f smoke/tiny/config.json ] || $PY -m bpo.tiny smoke/tiny
-[ -f smoke/data/train.jsonl ] || $PY -m bpo.sample_data smoke/data
+[ -f smoke/tiny/config.json ] || $PY -m bpo.demo.tiny smoke/tiny
+[ -f smoke/data/train.jsonl ] || $PY -m bpo.demo.sample_data smoke/data
 $PY -m bpo.data.inspect smoke/data/train.jsonl --image-root smoke/data/images --model smoke/tiny --max-length 160
 
 echo "== 2/6 blind responses: the reference model answers with the image withheld"

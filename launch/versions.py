@@ -17,7 +17,7 @@ import re
 import sys
 from importlib import metadata
 
-from bpo.atomic import write_text
+from bpo.runtime.atomic import write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK = "requirements/lock.txt"

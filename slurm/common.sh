@@ -100,7 +100,7 @@ _bpo_requeue() {
 _bpo_on_usr1() {  # USR1 reaches only this shell (--signal=B:USR1@300): the time limit is near, or a preemption
     echo "bpo: USR1 (time limit near, or preemption)"
     if [ -n "${BPO_STOP_FILE:-}" ] && [ -n "${BPO_STEP_PID:-}" ] && kill -0 "$BPO_STEP_PID" 2>/dev/null; then
-        # Training polls this file once a step (bpo/stop.py): it saves a checkpoint at that step and exits 75.
+        # Training polls this file once a step (bpo/runtime/stop.py): it saves a checkpoint at that step and exits 75.
         # A file instead of forwarding the signal: it reaches the ranks on every node through any launcher.
         echo "bpo: asking training to save at its next step and stop ($BPO_STOP_FILE)"
         touch "$BPO_STOP_FILE"
@@ -180,7 +180,7 @@ bpo_launch() {  # bpo_launch SCRIPT ARGS...: SCRIPT on every node, GPUS_PER_NODE
 # (vllm), VLLM_PORT (a free port), VLLM_ARGS (more `vllm serve` options, space-separated), VLLM_START_TIMEOUT_S (1800:
 # loading 145 GB of weights takes a while), VLLM_LOG (LOG_DIR/vllm-JOBID.log). On cpu-tiny the server is vLLM's CPU
 # build from .venv-vllm (`make vllm-venv`). A checkpoint whose vision tower lacks the published `vision_model.` level
-# (saved by recent transformers, or bpo.export) is served from a renamed copy under RUN_ROOT/served/ (bpo.engines.layout).
+# (saved by recent transformers, or bpo.export.job) is served from a renamed copy under RUN_ROOT/served/ (bpo.engines.layout).
 _bpo_vllm_stop() {
     if [ -n "${BPO_VLLM_PID:-}" ] && kill -0 "$BPO_VLLM_PID" 2>/dev/null; then
         echo "bpo: stopping the vLLM server (pid $BPO_VLLM_PID)"

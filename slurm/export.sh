@@ -1,5 +1,5 @@
 #!/bin/bash
-# Export (bpo/export.py): the latest ZeRO-3 checkpoint of RUN_DIR -> a Hugging Face model directory of safetensors
+# Export (bpo/export/job.py): the latest ZeRO-3 checkpoint of RUN_DIR -> a Hugging Face model directory of safetensors
 # shards in EXPORT_DIR, streaming (one shard in memory at a time), on one node's CPUs; no GPU needed.
 #
 #   mkdir -p logs && CONFIG=configs/bpo_70b.yaml sbatch slurm/export.sh         (from the repo root; or pipeline.sh)

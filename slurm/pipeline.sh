@@ -41,8 +41,8 @@ if [ "$BPO_PROFILE" = cpu-tiny ]; then
     # The same templates, made small: no GPUs asked for, short limits, the tiny model and sample data built here.
     common+=(--gpus-per-node=0 --time=00:15:00)
     train_nodes=(--nodes="${NODES:-2}") other_nodes=(--nodes="${NODES:-2}") export_cpus=(--cpus-per-task=1)
-    [ -f "$MODEL_PATH/config.json" ] || "$PY" -m bpo.tiny "$MODEL_PATH"
-    [ -f "$TRAIN_FILE" ] || "$PY" -m bpo.sample_data "$DATA_DIR"
+    [ -f "$MODEL_PATH/config.json" ] || "$PY" -m bpo.demo.tiny "$MODEL_PATH"
+    [ -f "$TRAIN_FILE" ] || "$PY" -m bpo.demo.sample_data "$DATA_DIR"
 fi
 
 submit() {  # submit STAGE SCRIPT [sbatch options...]: chains on the previous job, prints and records STAGE=JOBID

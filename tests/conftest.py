@@ -23,15 +23,15 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """Directory of a tiny random LLaVA (bpo.tiny): loads with AutoProcessor / AutoModelForImageTextToText."""
-    from bpo.tiny import write_tiny_llava
+    """Directory of a tiny random LLaVA (bpo.demo.tiny): loads with AutoProcessor / AutoModelForImageTextToText."""
+    from bpo.demo.tiny import write_tiny_llava
 
     return write_tiny_llava(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
 @pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory):
-    """Directory from bpo.sample_data: train.jsonl (48 records), test.json (16), images/ (the image root)."""
-    from bpo.sample_data import write_sample_data
+    """Directory from bpo.demo.sample_data: train.jsonl (48 records), test.json (16), images/ (the image root)."""
+    from bpo.demo.sample_data import write_sample_data
 
     return write_sample_data(str(tmp_path_factory.mktemp("sample") / "data"))

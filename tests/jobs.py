@@ -46,9 +46,9 @@ def run_job(script, config, overrides=(), nproc=2, env=None, check=True, timeout
 
 
 def remove_shm_buffers(port, nproc, addr="127.0.0.1"):
-    """A job killed before every rank mapped every buffer (bpo.dist.init_distributed) leaves its DeepSpeed shm
+    """A job killed before every rank mapped every buffer (bpo.runtime.dist.init_distributed) leaves its DeepSpeed shm
     buffers behind."""
-    from bpo.dist import shm_buffer_path
+    from bpo.runtime.dist import shm_buffer_path
 
     for rank in range(nproc):
         path = shm_buffer_path(rank, addr, port)

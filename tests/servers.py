@@ -5,7 +5,7 @@ first of them is collected) and the server is stopped right after the last test 
 while it is used: an idle one takes no CPU (measured) but a few GB of memory, and tests/engines/test_slurm_serve.py
 starts servers of its own.
 
-The model is bpo.tiny's LLaVA with hidden size 128 (vLLM's CPU attention takes head sizes 32..512, the default tiny
+The model is bpo.demo.tiny's LLaVA with hidden size 128 (vLLM's CPU attention takes head sizes 32..512, the default tiny
 model has 8) and the published weight names (bpo.engines.layout). Both engines read this one directory, so the
 comparison is of engines, not of checkpoints. Registers the `server` marker: `pytest -m "not server"` leaves out the
 tests that start it. tests/conftest.py imports the fixtures and hooks from here.
@@ -85,8 +85,8 @@ class Served:
 
 @pytest.fixture(scope="session")
 def tiny128_dir(tmp_path_factory):
-    """The tiny LLaVA as bpo.tiny saves it (hidden size 128): vLLM cannot read its vision-tower names."""
-    from bpo.tiny import write_tiny_llava
+    """The tiny LLaVA as bpo.demo.tiny saves it (hidden size 128): vLLM cannot read its vision-tower names."""
+    from bpo.demo.tiny import write_tiny_llava
 
     return write_tiny_llava(str(tmp_path_factory.mktemp("tiny128") / "model"), hidden_size=128)
 

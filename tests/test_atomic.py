@@ -1,10 +1,10 @@
-"""bpo.atomic.write_text: a file under its real name is the old one or the whole new one, never a part."""
+"""bpo.runtime.atomic.write_text: a file under its real name is the old one or the whole new one, never a part."""
 
 import os
 
 import pytest
 
-from bpo.atomic import write_text
+from bpo.runtime.atomic import write_text
 
 
 def test_text_and_lines_are_written_whole(tmp_path):
@@ -36,7 +36,7 @@ def test_a_replaced_directory_is_renamed_aside_never_deleted_in_place(tmp_path, 
     import os
     import shutil
 
-    from bpo import atomic
+    from bpo.runtime import atomic
 
     out = tmp_path / "model"
     out.mkdir()

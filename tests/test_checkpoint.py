@@ -89,7 +89,7 @@ def test_resume_never_runs_code_from_a_checkpoint(base, setup, tmp_path):
 
 
 def test_deepspeed_loads_are_weights_only(base, tmp_path):
-    from bpo.safe_load import UnsafeCheckpoint, safe_load, weights_only_loads
+    from bpo.runtime.safe_load import UnsafeCheckpoint, safe_load, weights_only_loads
 
     run_dir, _ = base
     ckpt = copy_run(run_dir, tmp_path / "run")
@@ -107,7 +107,7 @@ def test_deepspeed_loads_are_weights_only(base, tmp_path):
 
 
 def test_resume_point_is_the_newest_complete_tag(base, tmp_path):
-    from bpo.checkpoint import find_resume_point
+    from bpo.runtime.checkpoint import find_resume_point
 
     run_dir, _ = base
     root = copy_run(run_dir, tmp_path / "run")
@@ -129,7 +129,7 @@ def test_resume_point_is_the_newest_complete_tag(base, tmp_path):
 
 
 def test_damaged_run_is_not_silently_started_over(base, tmp_path):
-    from bpo.checkpoint import CheckpointError, find_resume_point, plan_resume
+    from bpo.runtime.checkpoint import CheckpointError, find_resume_point, plan_resume
 
     run_dir, _ = base
     root = copy_run(run_dir, tmp_path / "run", upto=2)
@@ -163,8 +163,8 @@ def test_full_disk_names_the_directory_and_keeps_latest(setup):
 def test_resume_on_one_rank_and_back_equals_the_two_rank_run(base, setup, tmp_path):
     """2 ranks -> 1 -> 2, the global batch kept (grad_accum 2 -> 4 -> 2). The 1-rank leg starts from a copy whose
     `latest` is empty and is stopped by the stop file after one step (what the Slurm requeue path does)."""
-    from bpo.checkpoint import check_tag
-    from bpo.export import PartitionedCheckpoint
+    from bpo.runtime.checkpoint import check_tag
+    from bpo.export.job import PartitionedCheckpoint
 
     run_dir, want = base
     config, moved = setup("moved", grad_accum=4)
@@ -195,7 +195,7 @@ def test_resume_on_one_rank_and_back_equals_the_two_rank_run(base, setup, tmp_pa
 
 
 def test_a_tag_written_again_drops_what_its_first_writing_left(base, tmp_path):
-    from bpo.checkpoint import _clear_stale, check_tag
+    from bpo.runtime.checkpoint import _clear_stale, check_tag
 
     run_dir, _ = base
     root = copy_run(run_dir, tmp_path / "run")
@@ -224,10 +224,10 @@ def test_resume_refuses_a_changed_run_and_applies_an_allowed_change(base, setup,
     history. An allowed lr change then applies from the next step; the metrics rows say which start wrote them; and
     a loss that turns NaN stops the run after train.max_bad_steps, its last finite checkpoint pinned, nothing
     exported."""
-    from bpo.checkpoint import _prune
+    from bpo.runtime.checkpoint import _prune
     from bpo.schedule import lr_multiplier
 
-    from bpo import run_lock
+    from bpo.runtime import run_lock
 
     run_dir, want = base
     config, run = setup("changed", keep_checkpoints=1, export_16bit=True, max_bad_steps=2)

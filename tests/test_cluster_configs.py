@@ -19,8 +19,8 @@ CONFIGS = {"bpo_7b.yaml": "llava15", "bpo_70b.yaml": "llava_next"}
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_shipped_config_trains_two_steps_on_cpu(name, tmp_path):
-    from bpo.sample_data import write_sample_data
-    from bpo.tiny import write_family
+    from bpo.demo.sample_data import write_sample_data
+    from bpo.demo.tiny import write_family
 
     config = os.path.join(REPO, "configs", name)
     with open(config) as f:

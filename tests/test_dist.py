@@ -1,9 +1,9 @@
-"""bpo.dist.on_rank0_polled: rank-0 work the other ranks wait for by polling a marker file, never in a collective
+"""bpo.runtime.dist.on_rank0_polled: rank-0 work the other ranks wait for by polling a marker file, never in a collective
 (the 2-rank case, an export slower than BPO_DIST_TIMEOUT_S, runs in tests/test_lora.py)."""
 
 import pytest
 
-from bpo import dist
+from bpo.runtime import dist
 
 
 def test_rank0_runs_the_work_and_leaves_no_marker(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from jobs import REPO
 
 from bpo.config import ConfigError, load_config
-from bpo.ds_configs import DS_CONFIGS, INFERENCE, inference_config
+from bpo.runtime.ds_configs import DS_CONFIGS, INFERENCE, inference_config
 from bpo.train import build_ds_config
 
 
@@ -79,7 +79,7 @@ def test_inference_config_is_the_shared_file():
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_micro_batch_size_per_gpu"] == 1
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (False, True)
     assert os.path.dirname(INFERENCE) == os.path.join(REPO, "ds_configs")
-    for module in ("generate.py", "ref_logprobs.py"):  # neither builds a DeepSpeed dict of its own any more
+    for module in ("engines/hf.py", "ref_logprobs.py"):  # neither builds a DeepSpeed dict of its own any more
         with open(os.path.join(REPO, "bpo", module)) as f:
             source = f.read()
         assert "inference_config(" in source and '"zero_optimization"' not in source, module

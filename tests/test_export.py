@@ -38,7 +38,7 @@ def _reference_state_dict(ckpt_dir):
 def test_round_trip_equals_deepspeed_and_loads(run_dir, tiny_model_dir, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from bpo.export import export
+    from bpo.export.job import export
 
     out = tmp_path / "hf"
     export(str(run_dir / "checkpoints"), str(out), dtype="fp32", max_shard_size="40KB", progress=False)
@@ -70,7 +70,7 @@ def test_round_trip_equals_deepspeed_and_loads(run_dir, tiny_model_dir, tmp_path
 def test_bf16_export(run_dir, tmp_path):
     from safetensors import safe_open
 
-    from bpo.export import export
+    from bpo.export.job import export
 
     out = export(str(run_dir / "checkpoints"), str(tmp_path / "bf16"), dtype="bf16", progress=False)
     assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
@@ -79,7 +79,7 @@ def test_bf16_export(run_dir, tmp_path):
 
 
 def test_refuses_non_empty_output(run_dir, tmp_path):
-    from bpo.export import ExportError, export
+    from bpo.export.job import ExportError, export
 
     out = tmp_path / "taken"
     out.mkdir()
@@ -92,7 +92,7 @@ def test_refuses_non_empty_output(run_dir, tmp_path):
 
 
 def test_force_replaces_only_a_previous_export(run_dir, tmp_path):
-    from bpo.export import ExportError, export
+    from bpo.export.job import ExportError, export
 
     # The run directory holds the checkpoint: `export RUN/checkpoints RUN --force` once deleted the whole run.
     with pytest.raises(ExportError, match=f"refusing --force: {run_dir} holds the checkpoint"):
@@ -108,7 +108,7 @@ def test_force_replaces_only_a_previous_export(run_dir, tmp_path):
 def test_base_model_comes_from_the_run_wherever_export_runs(run_dir, tiny_model_dir, tmp_path, monkeypatch):
     import yaml
 
-    from bpo.export import export
+    from bpo.export.job import export
 
     saved = yaml.safe_load(open(run_dir / "config.yaml"))["model"]["path"]
     assert saved == os.path.abspath(tiny_model_dir)  # training ran with a relative model.path
@@ -120,7 +120,7 @@ def test_base_model_comes_from_the_run_wherever_export_runs(run_dir, tiny_model_
 def test_bad_base_model_fails_before_any_shard_is_written(run_dir, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from bpo.export import ExportError, export
+    from bpo.export.job import ExportError, export
 
     written = []
     monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: written.append(a))
@@ -154,7 +154,7 @@ def _broken_copy(run_dir, tmp_path):
 
 
 def test_missing_rank_file_is_named(run_dir, tmp_path):
-    from bpo.export import ExportError, export
+    from bpo.export.job import ExportError, export
 
     ckpt, tag_dir = _broken_copy(run_dir, tmp_path)
     victim = tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
@@ -165,7 +165,7 @@ def test_missing_rank_file_is_named(run_dir, tmp_path):
 
 
 def test_truncated_rank_file_is_named(run_dir, tmp_path):
-    from bpo.export import ExportError, export
+    from bpo.export.job import ExportError, export
 
     ckpt, tag_dir = _broken_copy(run_dir, tmp_path)
     victim = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"

@@ -91,7 +91,7 @@ def test_sampling_is_seeded(tiny_model_dir):
 
     from bpo.config import DecodeConfig
     from bpo.data.chat import load_chat
-    from bpo.generate import generate_texts
+    from bpo.engines.hf import generate_texts
 
     chat = load_chat(tiny_model_dir)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()

@@ -11,7 +11,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(bpo.__path__, prefix="bpo
 
 
 def test_the_package_has_its_modules():
-    for name in ("bpo.train", "bpo.loss", "bpo.ref_cache", "bpo.generate_blind", "bpo.export", "bpo.evaluate",
+    for name in ("bpo.train", "bpo.loss", "bpo.ref_cache.store", "bpo.generate_blind", "bpo.export.job", "bpo.evaluate",
                  "bpo.ops.logprobs", "bpo.data.encode"):
         assert name in MODULES
 

@@ -1,4 +1,4 @@
-"""LoRA on ZeRO-3 (bpo.lora): adapters by part on bpo's tiny LLaVA and on replicas of real families (Qwen2-VL, whose
+"""LoRA on ZeRO-3 (bpo.model.lora): adapters by part on bpo's tiny LLaVA and on replicas of real families (Qwen2-VL, whose
 connector is `model.visual.merger`; Idefics3, whose language model is `model.text_model`), the reference with
 adapters off against a separate frozen copy, export as a PEFT adapter directory and merged, and QLoRA's refusal on
 CPU. Every model-level expectation is computed here with plain transformers / PEFT, not read off bpo."""
@@ -47,8 +47,8 @@ def models(tiny_model_dir, replica):  # noqa: F811
 @pytest.mark.parametrize("name", ["tiny", "qwen2_vl", "idefics3", "gemma3"])
 def test_adapters_go_on_the_linear_layers_of_the_trained_parts(name, models):
     from bpo.config import LoraConfig, ModelConfig
-    from bpo.lora import add_adapters, is_adapter_param
-    from bpo.model import part_of
+    from bpo.model.lora import add_adapters, is_adapter_param
+    from bpo.model.load import part_of
 
     model = _plain(models[name])
     expected_lm = _linears(model, LANGUAGE[name])
@@ -72,7 +72,7 @@ def test_adapters_go_on_the_linear_layers_of_the_trained_parts(name, models):
 def test_adapters_off_is_the_base_model(models):
     """With random adapters the model differs from its base; with them off it is the base, bit for bit."""
     from bpo.config import LoraConfig, ModelConfig
-    from bpo.lora import add_adapters, adapters_disabled
+    from bpo.model.lora import add_adapters, adapters_disabled
 
     model = _plain(models["qwen2_vl"])
     add_adapters(model, ModelConfig(path=models["qwen2_vl"], finetune="lora"), LoraConfig(r=4, alpha=8))
@@ -94,7 +94,7 @@ def test_adapters_off_is_the_base_model(models):
 def test_qlora_keeps_everything_but_the_language_model_unquantized():
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from bpo.lora import unquantized_patterns
+    from bpo.model.lora import unquantized_patterns
 
     patterns = unquantized_patterns()
     for name in ("model.language_model.layers.0.self_attn.q_proj", "model.text_model.layers.11.mlp.down_proj"):
@@ -118,8 +118,8 @@ def test_reference_cache_fingerprint_is_the_base_and_its_quantization(models, sa
     QLoRA's reference is the 4-bit base, so its cache must differ."""
     from bpo.config import load_config
     from bpo.data.chat import load_chat
-    from bpo.lora import QUANTIZATION
-    from bpo.ref_cache import describe_mismatch, fingerprint
+    from bpo.model.lora import QUANTIZATION
+    from bpo.ref_cache.store import describe_mismatch, fingerprint
 
     processor = load_chat(models["tiny"]).processor
     data = os.path.join(sample_data_dir, "train.jsonl")
@@ -193,7 +193,7 @@ def lora_runs(models, sample_data_dir, tmp_path_factory):
     return runs
 
 
-# Rank 0's export sleeps 30 s first (bpo.faults.maybe_slow); collectives time out after 20 s, which a barrier behind
+# Rank 0's export sleeps 30 s first (bpo.runtime.faults.maybe_slow); collectives time out after 20 s, which a barrier behind
 # the export would hit (a gloo barrier fails "Timed out waiting"), while every other collective of the run is quick.
 SLOW_EXPORT = {"BPO_SLOW": "export:30", "BPO_DIST_TIMEOUT_S": "20"}
 
@@ -209,8 +209,8 @@ def test_a_slow_export_outlasts_the_collective_timeout(lora_runs):
 
 @pytest.mark.parametrize("name", ["tiny", "qwen2_vl"])
 def test_lora_training_moves_only_the_adapters(name, lora_runs, models):
-    from bpo.export import PartitionedCheckpoint, hf_name
-    from bpo.lora import base_name
+    from bpo.export.job import PartitionedCheckpoint, hf_name
+    from bpo.model.lora import base_name
 
     run_dir, rows, stdout = lora_runs[name]
     assert "reference=policy with adapters off" in stdout
@@ -253,14 +253,14 @@ def test_adapter_export_loads_with_peft_and_merged_export_equals_it(lora_runs, m
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from bpo.export import export
+    from bpo.export.job import export
 
     run_dir, _, _ = lora_runs["tiny"]
     adapter_dir = run_dir / "hf_model"  # written by train.export_16bit with lora.export=adapter
-    # The adapter and its config, and bpo.export's mark (a later --force may replace only a marked export).
+    # The adapter and its config, and bpo.export.job's mark (a later --force may replace only a marked export).
     assert sorted(os.listdir(adapter_dir)) == [".bpo_export", "adapter_config.json", "adapter_model.safetensors"]
     from bpo.config import ModelConfig
-    from bpo.model import load_model
+    from bpo.model.load import load_model
 
     with pytest.raises(FileNotFoundError, match="is a LoRA adapter directory.*--merge"):  # e.g. eval.model_path
         load_model(ModelConfig(dtype="fp32"), path=str(adapter_dir))
@@ -289,13 +289,13 @@ def test_adapter_export_loads_with_peft_and_merged_export_equals_it(lora_runs, m
 def test_merge_through_peft_equals_the_streaming_merge(lora_runs, models, tmp_path):
     """QLoRA's merge (adapters folded into the base checkpoint with transformers + PEFT) agrees with the streaming
     merge of a LoRA checkpoint: the path QLoRA exports take, checked here on CPU."""
-    from bpo.export import PartitionedCheckpoint
-    from bpo.export_lora import merge_into_base
+    from bpo.export.job import PartitionedCheckpoint
+    from bpo.export.lora import merge_into_base
 
     run_dir, rows, _ = lora_runs["tiny"]
     ckpt = PartitionedCheckpoint(os.path.join(run_dir, "checkpoints", f"step_{len(rows)}"))
     merge_into_base(ckpt, str(run_dir / "checkpoints"), models["tiny"], str(tmp_path / "peft"), "fp32")
-    from bpo.export import export
+    from bpo.export.job import export
 
     streamed = dict(_plain(export(str(run_dir / "checkpoints"), str(tmp_path / "stream"), dtype="fp32", merge=True,
                                   progress=False)).named_parameters())
@@ -310,7 +310,7 @@ def test_family_merged_export_at_the_end_of_training(lora_runs, models, sample_d
     the merger (its connector) moved, its vision blocks did not."""
     from peft import PeftModel
 
-    from bpo.export import export
+    from bpo.export.job import export
 
     run_dir, _, _ = lora_runs["qwen2_vl"]
     merged = _plain(str(run_dir / "hf_model"))

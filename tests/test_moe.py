@@ -1,4 +1,4 @@
-"""bpo.moe on a module-per-expert model: which blocks become ZeRO-3 leaf modules (the replicas of real MoE families,
+"""bpo.model.moe on a module-per-expert model: which blocks become ZeRO-3 leaf modules (the replicas of real MoE families,
 whose experts are fused, are in tests/families/test_moe.py)."""
 
 import pytest
@@ -33,7 +33,7 @@ class Toy(nn.Module):
 def test_leaf_modules_found_or_named():
     from deepspeed.utils import get_z3_leaf_modules
 
-    from bpo.moe import leaf_module_classes, set_leaf_modules
+    from bpo.model.moe import leaf_module_classes, set_leaf_modules
 
     toy = Toy()
     assert leaf_module_classes(toy) == ["ModulePerExpertMoe"]  # found by its `experts` ModuleList

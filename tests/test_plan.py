@@ -1,4 +1,4 @@
-"""bpo.plan: parameter counts against real transformers models, and memory rows small enough to check by hand."""
+"""bpo.plan.estimate: parameter counts against real transformers models, and memory rows small enough to check by hand."""
 
 import json
 import os
@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from bpo import plan
-from bpo.plan import GiB, ModelDims, Setup, estimate, total_bytes
+from bpo.plan import estimate as plan
+from bpo.plan.estimate import GiB, ModelDims, Setup, estimate, total_bytes
 from jobs import REPO
 
 # A model with round numbers: H = 100, 2 layers, 4 heads of 25 (2 kv heads: kv_dim 50), I = 300, V = 1000.
@@ -215,11 +215,11 @@ def test_bad_combinations_are_refused():
 
 @pytest.mark.parametrize("family", ["tiny", "qwen2_vl"])
 def test_lora_count_matches_peft_on_instantiated_models(family, tiny_model_dir, tmp_path):
-    """plan's r x (in + out) per adapted Linear against the adapters PEFT actually adds (bpo.lora) to the model."""
+    """plan's r x (in + out) per adapted Linear against the adapters PEFT actually adds (bpo.model.lora) to the model."""
     from transformers import AutoConfig, AutoModelForImageTextToText, Qwen2VLForConditionalGeneration
 
     from bpo.config import LoraConfig, ModelConfig
-    from bpo.lora import add_adapters
+    from bpo.model.lora import add_adapters
 
     if family == "tiny":
         dims = plan.load_dims(tiny_model_dir)
@@ -265,15 +265,15 @@ def test_setup_from_config_reads_what_the_config_decides():
 
 
 def test_docs_quote_what_plan_computes_from_the_configs():
-    """configs/bpo_7b.yaml and bpo_70b.yaml (their `# plan says:` line) and README.md's plan tables are what bpo.plan
+    """configs/bpo_7b.yaml and bpo_70b.yaml (their `# plan says:` line) and README.md's plan tables are what bpo.plan.estimate
     computes from those configs now: a change to a config, a default or the plan fails here until
-    `python -m bpo.plan_docs` rewrites them."""
-    from bpo import plan_docs
+    `python -m bpo.plan.docs` rewrites them."""
+    from bpo.plan import docs as plan_docs
 
     docs = plan_docs.documents()
     assert set(docs) == {"configs/bpo_7b.yaml", "configs/bpo_70b.yaml", "README.md"}
     for path, (now, generated) in docs.items():
-        assert now == generated, f"{path}: memory figures drifted from bpo.plan; run python -m bpo.plan_docs"
+        assert now == generated, f"{path}: memory figures drifted from bpo.plan.estimate; run python -m bpo.plan.docs"
     assert docs["README.md"][0].count("<!-- plan: configs/") == 2
     # The check can fail: a stale figure is rewritten, and the figure follows the config it is computed from.
     text = docs["configs/bpo_7b.yaml"][0]

@@ -19,7 +19,7 @@ CUDA = {"DS_ACCELERATOR": "cuda"}
 
 @pytest.fixture(scope="module")
 def setup(sample_data_dir, tmp_path_factory):
-    from bpo.tiny import write_tiny_llava
+    from bpo.demo.tiny import write_tiny_llava
 
     root = tmp_path_factory.mktemp("gpu")
     # Wide enough that a flat partition passes bitsandbytes' 1e5-element threshold for paging.
@@ -45,8 +45,8 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_exports(setup, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from bpo.export import PartitionedCheckpoint, export
-    from bpo.lora import is_adapter_param
+    from bpo.export.job import PartitionedCheckpoint, export
+    from bpo.model.lora import is_adapter_param
 
     model_dir, config = setup
     cfg, run_dir = config("qlora", model={"finetune": "qlora", "gradient_checkpointing": True},

@@ -65,7 +65,7 @@ def test_cached_training_equals_live(setup):
 
 
 def test_cache_contents(setup):
-    from bpo.ref_cache import read_manifest, read_shard
+    from bpo.ref_cache.store import read_manifest, read_shard
 
     root, _, _ = setup
     manifest = read_manifest(root / "cache")
@@ -107,7 +107,7 @@ def processor(tiny_model_dir):
 
 
 def test_refuses_a_cache_for_other_settings(setup, processor):
-    from bpo.ref_cache import CacheError, CachedReference
+    from bpo.ref_cache.store import CacheError, CachedReference
 
     root, _, sections = setup
     cfg = _cfg(sections, data__max_length=200)
@@ -121,7 +121,7 @@ def test_refuses_a_cache_for_other_settings(setup, processor):
 
 def test_refuses_other_data_and_missing_ids(setup, processor, tmp_path):
     from bpo.data.records import load_records
-    from bpo.ref_cache import CacheError, CachedReference
+    from bpo.ref_cache.store import CacheError, CachedReference
 
     root, _, sections = setup
     changed = tmp_path / "other.jsonl"
@@ -141,7 +141,7 @@ def test_refuses_other_data_and_missing_ids(setup, processor, tmp_path):
 
 
 def test_refuses_incomplete_and_missing_cache(setup, tmp_path, processor):
-    from bpo.ref_cache import CacheError, CachedReference
+    from bpo.ref_cache.store import CacheError, CachedReference
 
     root, _, sections = setup
     cfg = _cfg(sections)
@@ -181,7 +181,7 @@ def test_damaged_shard_and_manifest_are_redone(setup, tmp_path):
 
 
 def test_reading_a_damaged_cache_names_the_file(setup, processor, tmp_path):
-    from bpo.ref_cache import CacheError, CachedReference
+    from bpo.ref_cache.store import CacheError, CachedReference
 
     root, _, sections = setup
     cfg = _cfg(sections)
@@ -199,7 +199,7 @@ def test_reading_a_damaged_cache_names_the_file(setup, processor, tmp_path):
 def test_refuses_a_cache_whose_images_changed(setup, processor, tmp_path):
     from PIL import Image
 
-    from bpo.ref_cache import CacheError, CachedReference
+    from bpo.ref_cache.store import CacheError, CachedReference
 
     root, _, sections = setup
     images = tmp_path / "images"
@@ -215,18 +215,18 @@ def test_refuses_a_cache_whose_images_changed(setup, processor, tmp_path):
 def test_fingerprint_covers_the_scoring_code(setup, processor):
     import hashlib
 
-    from bpo.ref_cache import read_manifest
+    from bpo.ref_cache.store import read_manifest
 
     root, _, _ = setup
     fp = read_manifest(root / "cache")["fingerprint"]
-    for name in ("data/encode.py", "data/dataset.py", "model.py", "ops/logprobs.py"):
+    for name in ("data/encode.py", "data/dataset.py", "model/load.py", "ops/logprobs.py"):
         path = os.path.join(REPO, "bpo", name)
         assert fp[f"code bpo/{name}"] == hashlib.sha256(open(path, "rb").read()).hexdigest()[:16], name
     assert fp["version transformers"] and fp["version tokenizers"]
 
 
 def test_an_edit_that_restores_mtime_is_noticed(tmp_path, monkeypatch):
-    from bpo.fingerprint import file_digest
+    from bpo.ref_cache.fingerprint import file_digest
 
     monkeypatch.setenv("BPO_CACHE_DIR", str(tmp_path / "index"))
     data = tmp_path / "train.jsonl"

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from bpo import run_lock
-from bpo.checkpoint import CheckpointError
+from bpo.runtime import run_lock
+from bpo.runtime.checkpoint import CheckpointError
 from jobs import REPO
 
 HOLD = "import sys, time; from bpo import run_lock; run_lock.acquire(sys.argv[1]); print('held', flush=True); " \

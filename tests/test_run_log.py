@@ -2,7 +2,7 @@
 
 import json
 
-from bpo.run_log import RunLog, read_metrics
+from bpo.runtime.run_log import RunLog, read_metrics
 
 
 def test_resume_drops_a_torn_last_line_with_a_warning(tmp_path, capsys):

@@ -5,7 +5,7 @@ from PIL import Image
 
 from bpo.data.conversation import parse_conversation
 from bpo.data.records import load_records
-from bpo.sample_data import main, write_sample_data
+from bpo.demo.sample_data import main, write_sample_data
 
 
 def read_tree(root):

@@ -1,6 +1,6 @@
 import pytest
 
-from bpo.sampler import micro_batches, steps_per_epoch
+from bpo.data.sampler import micro_batches, steps_per_epoch
 from bpo.schedule import lr_multiplier
 
 

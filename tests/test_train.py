@@ -80,7 +80,7 @@ def test_resume_after_kill_equals_uninterrupted(full_run, train_setup):
     proc = run_job("train.py", config, env={"BPO_CRASH_AFTER": "ckpt_write:6@1", "BPO_CRASH_SLEEP_S": "3"},
                    check=False, clean_shm=False)
     assert proc.returncode != 0
-    from bpo.dist import shm_buffer_path
+    from bpo.runtime.dist import shm_buffer_path
 
     left = [shm_buffer_path(r, "127.0.0.1", proc.master_port) for r in (0, 1)]
     assert not [p for p in left if os.path.exists(p)]  # killed, and still nothing left in /dev/shm
@@ -216,7 +216,7 @@ def sft_run(train_setup):
 
 
 def test_sft_step_is_the_nll_of_the_chosen_response(sft_run, tiny_model_dir, sample_data_dir):
-    from bpo import sampler
+    from bpo.data import sampler
 
     proc, _, rows = sft_run
     assert "reference=none (sft)" in proc.stdout and "(0 with a blind response)" not in proc.stdout
@@ -244,7 +244,7 @@ def test_zero_bucket_sizes_follow_the_language_model(tiny_model_dir):
     """"auto" ZeRO buckets are sized from the text model's hidden size (not DeepSpeed's 5e8-element default, which
     contiguous gradients allocate whole); values a ds_config sets are kept; without a hidden size DeepSpeed decides."""
     from bpo.config import load_config
-    from bpo.model import text_hidden_size
+    from bpo.model.load import text_hidden_size
     from bpo.train import build_ds_config
 
     gpu = load_config(None, [f"train.ds_config={REPO}/ds_configs/zero3.json"])
@@ -264,7 +264,7 @@ def test_zero_bucket_sizes_follow_the_language_model(tiny_model_dir):
 def test_two_models_built_under_zero3_in_one_process_both_run(tiny_model_dir, tmp_path):
     """The policy and the live reference are built one after the other under zero.Init; the second used to lose the
     `__init__` that transformers' `kernels` decorator puts on attention classes and crash at its first forward
-    (bpo.model.import_model_classes)."""
+    (bpo.model.load.import_model_classes)."""
     out = tmp_path / "two"
     script = os.path.join(REPO, "tests", "scripts", "two_models_probe.py")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=REPO)

@@ -1,4 +1,4 @@
-"""bpo.world: the science demo's world is what its docstring says, and the offline judge reads its answers as meant."""
+"""bpo.demo.world: the science demo's world is what its docstring says, and the offline judge reads its answers as meant."""
 
 import collections
 import json
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bpo import world
+from bpo.demo import world
 from bpo.data.conversation import parse_conversation
 from bpo.data.records import load_records
 from bpo.eval.judges import JudgeItem, RefusalJudge

@@ -24,7 +24,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from bpo.atomic import write_text
+from bpo.runtime.atomic import write_text
 from bpo.build_data.entity import build_recognizer
 from bpo.build_data.images import build_images
 from bpo.build_data.llm import ChatClient, LLMError
@@ -33,7 +33,7 @@ from bpo.build_data.read import read_input
 from bpo.build_data.report import build_report, summary_lines
 from bpo.build_data.rewrite import build_rewriter
 from bpo.config import BUILD_TRANSPORT_KEYS, load_config, require_build
-from bpo.fingerprint import data_digest
+from bpo.ref_cache.fingerprint import data_digest
 
 FORMAT = 1  # of the parts' rows; bump when they change
 
@@ -58,7 +58,7 @@ def _in_order(pool, fn, items):
 def main(argv=None):
     import yaml
 
-    from bpo.shards import check_settings, run_sharded, write_jsonl_atomic
+    from bpo.runtime.shards import check_settings, run_sharded, write_jsonl_atomic
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)

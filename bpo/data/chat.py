@@ -55,7 +55,7 @@ class Chat:
     eos_id: int  # appended to every response when end_of_turn_id is None
     stop_ids: tuple  # generation config's end tokens, the tokenizer's EOS and the end-of-turn marker
     template_source: str  # "checkpoint" or the data.chat_template value
-    tokenizer_digest: str  # bpo.fingerprint.tokenizer_digest: generated ids are reused only under the same one
+    tokenizer_digest: str  # bpo.ref_cache.fingerprint.tokenizer_digest: generated ids are reused only under the same one
     text_content: str = "parts"  # how a text-only turn's content is given: "parts" (a list) or "string"
     template_kwargs: dict = field(default_factory=dict)  # data.chat_template_kwargs, passed to every rendering
     # True when end_of_turn_id is the next turn's opening (GLM-4.1V: <|user|>): the template writes it only before a
@@ -86,7 +86,7 @@ class Chat:
     def template_digest(self):
         """Hash of what renders text: the template, and data.chat_template_kwargs when any are set (so settings
         written before the key existed still match)."""
-        from bpo.fingerprint import digest_of
+        from bpo.ref_cache.fingerprint import digest_of
 
         template = self.processor.chat_template
         return digest_of([template, self.template_kwargs] if self.template_kwargs else template)
@@ -160,7 +160,7 @@ def load_chat(model_dir, chat_template="", trust_remote_code=False, template_kwa
 
 def chat_from_processor(processor, generation_eos=(), template_source="checkpoint", template_kwargs=None):
     """The Chat of a processor that has a chat template; generation_eos: the generation config's end tokens."""
-    from bpo.fingerprint import tokenizer_digest
+    from bpo.ref_cache.fingerprint import tokenizer_digest
 
     probe = Chat(processor, None, None, (), template_source, "", "parts", dict(template_kwargs or {}))
     text_content = _text_content(probe)

@@ -6,7 +6,7 @@ response; here they are computed once. In the one forward pass:
 - a prompt token attends causally within its prompt; a response token attends to its whole prompt and causally to
   its own response, never to a sibling response or another example (`attention_allowed`);
 - a response token's position continues from the end of its prompt as if the response stood alone after it
-  (`position_ids`: prompt 0..P-1, every response P, P+1, ...); bpo.model turns these into multimodal rotary positions
+  (`position_ids`: prompt 0..P-1, every response P, P+1, ...); bpo.model.load turns these into multimodal rotary positions
   for families that have them;
 - the log-prob of a response's first token is read off the prompt's last hidden state, of every later token off the
   token before it (`predictor_index`).
@@ -166,7 +166,7 @@ def image_blocks(token_type_ids, image_types=(1,)):
 
 
 def make_collate(layout, pad_token_id, max_tokens=0):
-    """examples -> batch for `layout` ("shared" or "rows"), as chosen by bpo.model.choose_layout."""
+    """examples -> batch for `layout` ("shared" or "rows"), as chosen by bpo.model.load.choose_layout."""
     from bpo.data.dataset import collate
 
     if layout == "rows":

@@ -10,7 +10,7 @@ Every job applies this rule to the same file with the same settings, so they agr
 holds exactly the records training (or evaluation) scores.
 """
 
-from bpo import dist
+from bpo.runtime import dist
 from bpo.data.records import BadRecord, raise_if_bad
 
 

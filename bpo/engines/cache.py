@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 
-from bpo.atomic import write_text
+from bpo.runtime.atomic import write_text
 
 
 class AnswerCache:

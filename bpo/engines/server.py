@@ -5,7 +5,7 @@
     replies = engine.complete([(text, ids, add_bos), ...], seeds)   # blind prompts: POST {url}/completions
     replies = engine.chat([(messages, ids, add_bos), ...], seeds)   # prompts with images: POST {url}/chat/completions
 
-What keeps it equal to the hf path (bpo.generate), which stays the reference:
+What keeps it equal to the hf path (bpo.engines.hf), which stays the reference:
 - Blind prompts go to the completions endpoint as the exact text the hf path renders with the chat template, with
   `add_special_tokens` set the way bpo.data.encode tokenises it (a BOS unless the template wrote one), so the server
   does not re-render the conversation with a template of its own. Prompts with an image go to the chat endpoint as
@@ -190,7 +190,7 @@ class ServerEngine:
 
 def connect(decode, model_path, tokenizer, stop_ids):
     """A ServerEngine for decode.server_url whose server is checked to serve the configured model."""
-    from bpo import dist
+    from bpo.runtime import dist
 
     engine = ServerEngine(decode, decode.server_model or model_path, tokenizer, stop_ids)
     entry = engine.check_model()

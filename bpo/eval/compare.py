@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from bpo.atomic import write_text
+from bpo.runtime.atomic import write_text
 
 # (column, function of a report -> value or None); rates are shown as percentages
 _COLUMNS = (

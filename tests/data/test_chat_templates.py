@@ -44,7 +44,7 @@ def _template(name):
 def _byte_level(cls_name, first, special, **kwargs):
     import transformers
 
-    from bpo.tiny.tokenizers import build_tokenizer
+    from bpo.demo.tiny.tokenizers import build_tokenizer
 
     return build_tokenizer(getattr(transformers, cls_name), byte_level=True, first=first, special_tokens=special,
                            **kwargs)
@@ -66,7 +66,7 @@ def glm4v():
 def gemma4():
     from transformers import GemmaTokenizer
 
-    from bpo.tiny.tokenizers import build_tokenizer
+    from bpo.demo.tiny.tokenizers import build_tokenizer
 
     tok = build_tokenizer(GemmaTokenizer, byte_level=False, first=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
                           special_tokens=["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>", "<|image|>",

@@ -158,7 +158,7 @@ def test_inspect_reads_a_hub_folder_by_split(tmp_path, capsys):
 
 
 def test_fingerprints_of_a_hub_folder(tmp_path):
-    from bpo.fingerprint import data_digest, images_fingerprint
+    from bpo.ref_cache.fingerprint import data_digest, images_fingerprint
 
     path = str(tmp_path / "data" / "test-00000-of-00001.parquet")
     write_hub_parquet(path, [hub_row((1, 1, 1))])

@@ -18,7 +18,7 @@ def test_clean_file_exits_0_with_a_summary(capsys, sample_data_dir):
     assert code == 0
     assert "records: 48 usable, 0 bad" in out
     assert "variant (conversation key): question: 48" in out
-    # Fixed by position in bpo.sample_data: 12 single-turn, 18 with one history round, 18 with two.
+    # Fixed by position in bpo.demo.sample_data: 12 single-turn, 18 with one history round, 18 with two.
     assert "user turns per record: 1: 12, 2: 18, 3: 18" in out
     assert "entity types: " in out and "PER: " in out
     assert "blind responses: 0 with, 48 without" in out

@@ -344,7 +344,7 @@ def test_unreadable_image_is_a_clear_error(server, tmp_path):
 def tiny_judge_setup(tmp_path_factory):
     from PIL import Image
 
-    from bpo.tiny import write_tiny_llava
+    from bpo.demo.tiny import write_tiny_llava
 
     root = tmp_path_factory.mktemp("hf_judge")
     model_dir = write_tiny_llava(str(root / "tiny"))
@@ -460,7 +460,7 @@ def test_hf_judge_guard_preset_on_the_llama_guard_4_class(tmp_path):
     processor, bf16 pixel values and all), the exchange rendered as user and assistant turns by its template."""
     from PIL import Image
 
-    from bpo.tiny import write_family
+    from bpo.demo.tiny import write_family
 
     model_dir = write_family("llama4", str(tmp_path / "guard"))
     image = tmp_path / "img.png"

@@ -1,4 +1,4 @@
-"""Tiny replicas of real families (bpo.tiny.families), built once per session and shared by the family tests."""
+"""Tiny replicas of real families (bpo.demo.tiny.families), built once per session and shared by the family tests."""
 
 import pytest
 
@@ -21,7 +21,7 @@ def marked(families):
 @pytest.fixture(scope="session")
 def replica(tmp_path_factory):
     """replica(name) -> directory of the family's tiny checkpoint (written on first use)."""
-    from bpo.tiny import write_family
+    from bpo.demo.tiny import write_family
 
     root = tmp_path_factory.mktemp("replicas")
     built = {}

@@ -29,7 +29,7 @@ def _score(path, dtype, impl, examples, pad_id, perturb):
 
     from bpo.data.shared import collate_shared
     from bpo.loss import sequence_logps
-    from bpo.model import SequenceScorer, model_inputs
+    from bpo.model.load import SequenceScorer, model_inputs
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     if perturb:

@@ -8,7 +8,7 @@ answers at once (a stop token first), which this test counts as unusable; test_s
 encoding and scoring to the plain HF forward.
 
 Qwen2-VL's data mixes text-only records with image ones so that, at some step, one rank's micro-batch holds no
-image while the other's does: the ZeRO-3 lockstep case (bpo.model.SequenceScorer's blank row).
+image while the other's does: the ZeRO-3 lockstep case (bpo.model.load.SequenceScorer's blank row).
 """
 
 import json
@@ -39,8 +39,8 @@ def _text_only(row):
 
 @pytest.fixture(scope="module")
 def chains(replica, tmp_path_factory):
-    from bpo.sample_data import write_sample_data
-    from bpo.sampler import epoch_permutation
+    from bpo.demo.sample_data import write_sample_data
+    from bpo.data.sampler import epoch_permutation
 
     root = tmp_path_factory.mktemp("chains")
     data = write_sample_data(str(root / "data"), n_train=8, n_test=2)
@@ -103,7 +103,7 @@ def test_moe_trains_with_router_aux_and_reloads_both_expert_layouts_under_zero3(
 def test_a_rank_without_an_image_trained_in_lockstep(chains):
     """Qwen2-VL's mixed data: at some step rank 0's micro-batch had no image and rank 1's had one, or the reverse."""
     from bpo.data.records import load_records
-    from bpo.sampler import micro_batches
+    from bpo.data.sampler import micro_batches
 
     work = chains / MIXED
     records, bad = load_records(os.path.join(work, "train_blind.jsonl"), os.path.join(work, "images"))

@@ -120,7 +120,7 @@ def test_sequence_logprobs_equal_the_plain_hf_forward(family, replica, image_roo
     from bpo.data.dataset import collate, split_by_kind
     from bpo.data.encode import encode_example, verify_example
     from bpo.loss import sequence_logps
-    from bpo.model import SequenceScorer, model_inputs
+    from bpo.model.load import SequenceScorer, model_inputs
 
     path = replica(family)
     chat = load_chat(path)
@@ -199,7 +199,7 @@ def test_freezing_by_what_a_module_is(family, replica):
     from transformers import AutoModelForImageTextToText
 
     from bpo.config import ModelConfig
-    from bpo.model import set_trainable
+    from bpo.model.load import set_trainable
 
     model = AutoModelForImageTextToText.from_pretrained(replica(family), dtype=torch.float32)
     parts = set_trainable(model, ModelConfig())  # the paper's defaults: image encoder frozen
@@ -274,7 +274,7 @@ def test_generation_with_images_is_the_same_batched_or_alone(family, replica, im
     from bpo.config import DecodeConfig
     from bpo.data.chat import load_chat
     from bpo.data.encode import encode_prompt
-    from bpo.generate import generate
+    from bpo.engines.hf import generate
 
     path = replica(family)
     chat = load_chat(path)
@@ -308,7 +308,7 @@ def test_final_logit_softcap_as_the_hf_forward_applies_it(family, impl, replica,
     equal the log-softmax of `model(**inputs).logits` either way, and taking the other choice must be wrong."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from bpo.model import SequenceScorer
+    from bpo.model.load import SequenceScorer
     from bpo.ops.logit_transform import LogitTransform
 
     path = replica(family)

@@ -13,7 +13,7 @@ def score(model, scorer, batch, device=torch.device("cpu"), backward=True):
     """Per-sequence log-probs (R,) and the gradient of a weighted sum of them over every trained parameter (None
     without backward)."""
     from bpo.loss import sequence_logps
-    from bpo.model import model_inputs
+    from bpo.model.load import model_inputs
 
     inputs = model_inputs(batch, device)
     model.zero_grad()
@@ -37,7 +37,7 @@ def test_shared_equals_rows(family, replica, image_root):  # noqa: F811
     from bpo.data.dataset import collate
     from bpo.data.encode import encode_example
     from bpo.data.shared import collate_shared
-    from bpo.model import SequenceScorer, shared_layout_unsupported
+    from bpo.model.load import SequenceScorer, shared_layout_unsupported
 
     path = replica(family)
     chat = load_chat(path)
@@ -71,7 +71,7 @@ def test_layers_outside_attention_refuse_the_shared_layout(family, replica, imag
     from bpo.data.dataset import collate
     from bpo.data.encode import encode_example
     from bpo.data.shared import collate_shared
-    from bpo.model import SequenceScorer, choose_layout, shared_layout_unsupported
+    from bpo.model.load import SequenceScorer, choose_layout, shared_layout_unsupported
 
     path = replica(family)
     chat = load_chat(path)
@@ -99,7 +99,7 @@ def test_flex_attention_shared_equals_sdpa_rows(family, replica, image_root, mon
     from bpo.data.dataset import collate
     from bpo.data.encode import encode_example
     from bpo.data.shared import collate_shared
-    from bpo.model import SequenceScorer, shared_layout_unsupported
+    from bpo.model.load import SequenceScorer, shared_layout_unsupported
 
     path = replica(family)
     chat = load_chat(path)
@@ -148,7 +148,7 @@ def test_auto_attention_takes_the_shared_layout_and_flash_attention_stops_it(mon
     import types
 
     from bpo.config import ConfigError, load_config
-    from bpo.model import choose_layout, resolve_attn_implementation
+    from bpo.model.load import choose_layout, resolve_attn_implementation
 
     assert resolve_attn_implementation("auto", cuda=True) == "flex_attention"
     assert resolve_attn_implementation("auto", cuda=False) == "sdpa"
@@ -167,7 +167,7 @@ def test_auto_attention_takes_the_shared_layout_and_flash_attention_stops_it(mon
         load_config(None, ["model.attn_implementation=flash_attention_2"])
     assert load_config(None, ["model.attn_implementation=flash_attention_2", "loss.scoring=rows"])
     # Generation has no shared masks: auto decodes with SDPA there; an explicit choice is kept.
-    from bpo import generate
+    from bpo.engines import hf as generate
 
     seen, model = [], types.SimpleNamespace()
     model.to, model.eval = (lambda device: model), (lambda: model)

@@ -280,8 +280,8 @@ def test_one_chunk_default():
     import inspect
 
     from bpo.config import load_config
-    from bpo.model import SequenceScorer
-    from bpo.plan import Setup
+    from bpo.model.load import SequenceScorer
+    from bpo.plan.estimate import Setup
 
     default = load_config().loss.logprob_chunk_size
     assert logprobs_mod.DEFAULT_CHUNK_SIZE == default == Setup.chunk_size

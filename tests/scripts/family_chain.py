@@ -19,7 +19,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from bpo import dist  # noqa: E402
+from bpo.runtime import dist
 
 
 # Per-family settings on top of the common config. Qwen3-VL-MoE (two ranks, so routing differs per rank): the router's
@@ -27,7 +27,7 @@ from bpo import dist  # noqa: E402
 FAMILY_SETTINGS = {"qwen3_vl_moe": {"loss": {"router_aux_coef": 0.01},
                                     "model": {"z3_leaf_modules": ["Qwen3VLMoeTextSparseMoeBlock"]}}}
 # Families whose export is loaded again under ZeRO-3 (bpo -> export -> bpo), beside a copy of the base checkpoint in
-# the Hub's expert layout: transformers converts both at load time (bpo.model.full_shapes_for_weight_conversions).
+# the Hub's expert layout: transformers converts both at load time (bpo.model.load.full_shapes_for_weight_conversions).
 ZERO3_RELOAD = {"qwen3_vl_moe"}
 
 
@@ -62,7 +62,7 @@ def reload_check(work):
     from bpo.data.chat import load_chat
     from bpo.data.encode import encode_prompt
     from bpo.data.records import load_records
-    from bpo.model import part_of
+    from bpo.model.load import part_of
 
     exported = os.path.join(work, "run", "hf_model")
     chat = load_chat(exported)  # the processor files came along
@@ -107,7 +107,7 @@ def zero3_reload(work):
     from transformers import AutoModelForImageTextToText
 
     from bpo.config import load_config
-    from bpo.model import load_model
+    from bpo.model.load import load_model
     from bpo.train import build_ds_config
 
     hub = os.path.join(work, "model_hub_layout")

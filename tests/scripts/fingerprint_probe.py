@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch.distributed  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
-from bpo import ref_cache  # noqa: E402
+from bpo.ref_cache import store as ref_cache
 from bpo.config import from_dict  # noqa: E402
 
 out, model_dir, data_file, image_root = sys.argv[1:5]
@@ -38,5 +38,5 @@ with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump({"hashed": hashed, "fingerprint": fp}, f)
 torch.distributed.barrier()
 # Left to interpreter teardown, gloo's threads can outlive the group and abort the process (torch 2.14,
-# "terminate called without an active exception"), as bpo.dist.init_distributed's atexit hook explains.
+# "terminate called without an active exception"), as bpo.runtime.dist.init_distributed's atexit hook explains.
 torch.distributed.destroy_process_group()

@@ -14,7 +14,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bpo import dist  # noqa: E402
+from bpo.runtime import dist
 from bpo.optim import share_fp32_master  # noqa: E402
 
 DS = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,

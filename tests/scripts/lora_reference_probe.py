@@ -4,7 +4,7 @@
 
 For each model: the LoRA policy engine is built as training builds it (bpo.train.build_policy), its lora_B weights
 are set to random values so the adapters change the model, and each rank scores its micro-batches three ways:
-with adapters off (bpo.reference.AdapterOffReference), with a second ZeRO-3 engine that loaded the same directory
+with adapters off (bpo.model.reference.AdapterOffReference), with a second ZeRO-3 engine that loaded the same directory
 without adapters (bpo.train.build_reference with train.ref_model_path, a LiveReference), and with the adapters on.
 Writes OUT.rank{r}.json: {model_dir: {"off": [...], "copy": [...], "on": [...]}} sequence log-probs.
 """
@@ -18,7 +18,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from bpo import dist  # noqa: E402
+from bpo.runtime import dist
 
 
 def probe(model_dir, data, image_root, work):
@@ -30,9 +30,9 @@ def probe(model_dir, data, image_root, work):
     from bpo.data.encode import blank_image_example
     from bpo.data.records import load_records
     from bpo.loss import sequence_logps
-    from bpo.model import model_inputs
-    from bpo.reference import AdapterOffReference
-    from bpo.sampler import micro_batches
+    from bpo.model.load import model_inputs
+    from bpo.model.reference import AdapterOffReference
+    from bpo.data.sampler import micro_batches
     from bpo.train import build_ds_config, build_policy, build_reference
 
     sections = {"model": {"path": model_dir, "dtype": "fp32", "finetune": "lora"}, "lora": {"r": 4, "alpha": 8},

@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bpo import loss as bpo_loss_module  # noqa: E402
-from bpo import train  # noqa: E402
+from bpo import loss as bpo_loss_module
+from bpo import train
 
 
 def flipped_bpo_loss(pc, pr, pb, rc, rr, rb, beta, blind_weight=1.0, blind_mask=None):

@@ -8,9 +8,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from bpo import dist  # noqa: E402
+from bpo.runtime import dist
 from bpo.config import load_config  # noqa: E402
-from bpo.model import load_model  # noqa: E402
+from bpo.model.load import load_model  # noqa: E402
 from bpo.train import build_ds_config  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it

@@ -89,8 +89,8 @@ def wait_for(condition, timeout, what, poll=0.2):
 @pytest.fixture(scope="module")
 def pipeline(cluster, tmp_path_factory):
     """Submit the CPU pipeline, requeue its training job part-way, wait for the chain; returns what happened."""
-    from bpo.sample_data import write_sample_data
-    from bpo.tiny import write_tiny_llava
+    from bpo.demo.sample_data import write_sample_data
+    from bpo.demo.tiny import write_tiny_llava
 
     root = tmp_path_factory.mktemp("pipeline")
     run_root = str(root / "run")
