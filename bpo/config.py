@@ -143,7 +143,6 @@ class TrainConfig:
     max_tokens_per_sequence: int = 0
     grad_accum: int = 1
     seed: int = 42
-    log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept; 0 = all
     # Continue from the newest complete checkpoint in output_dir (or start at step 0 when there is none); false into
@@ -204,7 +203,6 @@ class CacheConfig:
     output_dir: str = ""
     shard_size: int = 256  # examples per shard file: the unit of resumption
     batch_size: int = 4  # examples per forward
-    per_token: bool = False  # also keep per-token log-probs
 
 
 @dataclass
@@ -493,8 +491,7 @@ def validate(cfg):
                        ("lora.r", cfg.lora.r), ("lora.alpha", cfg.lora.alpha)]:
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
-    for key, value in [("train.epochs", cfg.train.epochs), ("train.log_every", cfg.train.log_every),
-                       ("data.max_image_pixels", cfg.data.max_image_pixels)]:
+    for key, value in [("train.epochs", cfg.train.epochs), ("data.max_image_pixels", cfg.data.max_image_pixels)]:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     for key, value in [("train.save_every", cfg.train.save_every), ("train.keep_checkpoints", cfg.train.keep_checkpoints),

@@ -68,7 +68,6 @@ def score_shard(engine, dataset, indices, batch_size, cfg, collate):
     from bpo.model.load import model_inputs
 
     out = {k: [] for k in ref_cache.KINDS}
-    per_token = {k: [] for k in ref_cache.KINDS} if cfg.cache.per_token else None
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start:start + batch_size]])
         inputs = model_inputs(batch, engine.device)
@@ -79,10 +78,7 @@ def score_shard(engine, dataset, indices, batch_size, cfg, collate):
         blind = torch.where(batch["has_blind"], blind, torch.full_like(blind, float("nan")))
         for kind, values in zip(ref_cache.KINDS, (chosen, rejected, blind)):
             out[kind].append(values)
-        if per_token is not None:
-            for r, (kind, row) in enumerate(zip(batch["kind"].tolist(), batch["example_index"].tolist())):
-                per_token[ref_cache.KINDS[kind]].append(token_logps[r][mask[r]].float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}, per_token
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def dummy_forward(engine, dataset, collate):
@@ -170,7 +166,7 @@ def main(argv=None):
     shards = [list(range(s, min(s + shard_size, len(records)))) for s in range(0, len(records), shard_size)]
     shard_ids = [[records[j].id for j in shard] for shard in shards]
     manifest = {"format": ref_cache.FORMAT_VERSION, "complete": False, "fingerprint": fp,
-                "num_shards": len(shards), "num_examples": len(records), "per_token": cfg.cache.per_token}
+                "num_shards": len(shards), "num_examples": len(records)}
 
     def shard_path(i):
         return os.path.join(out_dir, ref_cache.SHARD_FORMAT.format(i))
@@ -194,8 +190,8 @@ def main(argv=None):
         forwards = max(-(-len(shards[i]) // bs) for i in round_shards)
         if rank < len(round_shards):
             i = round_shards[rank]
-            values, per_token = score_shard(engine, dataset, shards[i], bs, cfg, collate)
-            ref_cache.write_shard(shard_path(i), shard_ids[i], values, per_token, fingerprint_digest=digest_of(fp))
+            values = score_shard(engine, dataset, shards[i], bs, cfg, collate)
+            ref_cache.write_shard(shard_path(i), shard_ids[i], values, fingerprint_digest=digest_of(fp))
             forwards -= -(-len(shards[i]) // bs)
             written += 1
             maybe_crash("ref_shards", written)

@@ -83,7 +83,7 @@ def test_report_of_a_set_with_benign_prompts_and_the_probe(tmp_path):
     benign ones, the modality gap side by side; no model is run."""
     from bpo.config import from_dict
     from bpo.data.conversation import Turn
-    from bpo.eval.adapters import EvalExample
+    from bpo.eval.examples import EvalExample
     from bpo.eval.judges import Verdict
     from bpo.evaluate import build_report, markdown
 

@@ -18,7 +18,7 @@ def test_every_training_key_is_math_unless_listed_operational():
     # The reported cases, and the batch shape and schedule, are compared; how often to save is not.
     assert {"loss.beta", "loss.type", "optim.lr", "optim.warmup_steps", "train.global_batch", "train.max_steps",
             "train.seed", "model.path", "data.max_length"} <= math
-    assert not {"train.save_every", "train.output_dir", "train.resume", "train.log_every"} & math
+    assert not {"train.save_every", "train.output_dir", "train.resume"} & math
     assert not {"train.micro_batch_size", "train.grad_accum"} & math  # the split: a resume on other ranks changes it
 
 

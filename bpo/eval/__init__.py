@@ -5,8 +5,8 @@
     verdicts = judges.build_judge(cfg).judge([JudgeItem(...), ...])        # -> Verdict(id, label, raw)
     metrics.mm_safetybench_asr(examples, verdicts)                         # rates + unparsable counts
 
-Modules: `adapters` (loaders, `load_test_set`; layouts in docs/eval_formats.md), `figstep` and `vlguard` (those
-sets' loaders), `metrics` (per-set rates, the modality gap, over-refusal), `judges` (refusal rules, an
-OpenAI-compatible endpoint, a local guard model), `pairwise` (harmless-response choice accuracy), `compare` (tables
-and a chart from several runs' reports).
+Modules: `examples` (`EvalExample`, `BadExample` and the image checks every loader shares), `adapters` (loaders,
+`load_test_set`; layouts in docs/eval_formats.md), `figstep` and `vlguard` (those sets' loaders), `metrics` (per-set
+rates, the modality gap, over-refusal), `judges` (refusal rules, an OpenAI-compatible endpoint, a local guard model),
+`pairwise` (harmless-response choice accuracy), `compare` (tables and a chart from several runs' reports).
 """

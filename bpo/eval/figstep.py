@@ -16,7 +16,7 @@ import os
 
 from bpo.data.conversation import Turn
 from bpo.data.formats import DataFileError
-from bpo.eval.adapters import BadExample, EvalExample, check_image
+from bpo.eval.examples import BadExample, EvalExample, check_image
 
 # The text every FigStep query sends with its image: QueryType.figstep (6) in ThuCCSLab/FigStep
 # src/generate_prompts.py (commit 96e015e0750e9ff7c21ab4e5d1f3342dd22d5fb1), quoted exactly.

@@ -17,7 +17,7 @@ An example's id is "<entry id>/<subset>", its meta holds `subset`, `benign` (tru
 """
 
 from bpo.data.conversation import Turn
-from bpo.eval.adapters import BadExample, EvalExample, image_under_root
+from bpo.eval.examples import BadExample, EvalExample, image_under_root
 
 SUBSETS = {"safe_instruction": "safe_safe", "unsafe_instruction": "safe_unsafe", "instruction": "unsafe"}
 

@@ -113,15 +113,11 @@ def write_manifest(cache_dir, manifest):
     write_text(os.path.join(cache_dir, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def write_shard(path, ids, values, per_token=None, fingerprint_digest=""):
-    """values: {kind: (n,) float32 tensor}; per_token: optional {kind: list of 1-D tensors}. Atomic."""
+def write_shard(path, ids, values, fingerprint_digest=""):
+    """values: {kind: (n,) float32 tensor}. Atomic."""
     from safetensors.torch import save_file
 
     tensors = {k: v.float().contiguous() for k, v in values.items()}
-    for kind, rows in (per_token or {}).items():
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-        tensors[f"tokens/{kind}"] = torch.cat(rows).float() if rows else torch.zeros(0)
-        tensors[f"tokens/{kind}/lengths"] = lengths
     tmp = f"{path}.tmp.{os.getpid()}"
     about = json.dumps({"ids": list(ids), "fingerprint": fingerprint_digest}, sort_keys=True)
     save_file(tensors, tmp, metadata={"shard": about})
@@ -136,7 +132,7 @@ def _read(path):
         metadata = json.loads((f.metadata() or {})["shard"])
         ids = metadata["ids"]
         values = {k: f.get_tensor(k) for k in KINDS if k in f.keys()}
-        for k in f.keys():  # per-token tensors too: a torn file fails here, not later
+        for k in f.keys():  # any other tensor too (older caches kept per-token log-probs): a torn file fails here
             f.get_tensor(k)
     if not isinstance(ids, list) or set(values) != set(KINDS) or any(len(v) != len(ids) for v in values.values()):
         raise ValueError(f"holds {len(ids) if isinstance(ids, list) else '?'} ids and columns "

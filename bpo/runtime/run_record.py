@@ -30,13 +30,13 @@ DATA_KEY = "data.contents"  # the training data's bytes and record count, as one
 
 # The config sections train.py reads; decode, blind, cache, eval and build belong to other jobs.
 TRAINING_SECTIONS = ("model", "lora", "data", "loss", "optim", "train")
-# Keys that change no number of the run: where it writes, how often it saves and logs, whether it resumes, what it
+# Keys that change no number of the run: where it writes, how often it saves, whether it resumes, what it
 # exports at the end; and the ways of computing the same numbers that the invariance tests hold equal (log-prob head,
 # scoring layout, packing, attention kernel, recomputation), which a resume after running out of memory may switch;
 # and the split of the global batch into micro-batches, accumulation and ranks (GLOBAL_BATCH is compared instead).
 # Every other key of TRAINING_SECTIONS changes the math, a key added later included.
 OPERATIONAL = ("train.output_dir", "train.resume", "train.resume_allow", "train.save_every", "train.keep_checkpoints",
-               "train.log_every", "train.plot", "train.tensorboard", "train.export_16bit", "train.max_bad_steps",
+               "train.plot", "train.tensorboard", "train.export_16bit", "train.max_bad_steps",
                "lora.export",
                "loss.logprob_impl", "loss.logprob_chunk_size", "loss.scoring", "train.max_tokens_per_sequence",
                "model.attn_implementation", "model.gradient_checkpointing",

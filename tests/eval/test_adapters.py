@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from bpo.eval.adapters import EvalExample, load_mm_safetybench, load_mmsafe_po, load_spa_vl_harm, load_test_set
+from bpo.eval.adapters import load_mm_safetybench, load_mmsafe_po, load_spa_vl_harm, load_test_set
 from real_data import real_path
 
 

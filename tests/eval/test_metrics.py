@@ -2,7 +2,7 @@
 
 import pytest
 
-from bpo.eval.adapters import EvalExample
+from bpo.eval.examples import EvalExample
 from bpo.eval.judges import Verdict
 from bpo.eval.metrics import (WITHHELD, benign_rates, modality_gap, mm_safetybench_asr, safety_rate,
                               spa_vl_unsafe_rate)

@@ -3,7 +3,7 @@
 import pytest
 
 from bpo.data.conversation import Turn
-from bpo.eval.adapters import EvalExample
+from bpo.eval.examples import EvalExample
 from bpo.eval.pairwise import (
     PairwiseItem,
     build_pairwise_prompt,
