@@ -205,6 +205,50 @@ class CacheConfig:
     batch_size: int = 4  # examples per forward
 
 
+# eval.judge: the judge that reads the evaluated model's answers (bpo/eval/judges.py builds it). `type` picks the
+# dataclass, and with it the keys the section takes; the YAML gives it as a mapping, e.g. judge: {type: refusal}.
+
+
+@dataclass
+class RefusalJudgeConfig:
+    type: str = "refusal"  # offline keyword rules
+
+
+@dataclass
+class OpenAIJudgeConfig:
+    type: str = "openai"  # any OpenAI-compatible chat-completions endpoint
+    url: str = ""  # base URL, e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1
+    model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key (never the key itself)
+    max_retries: int = 5  # retries after the first attempt, on HTTP 429, 5xx and connection errors
+    timeout_s: float = 120.0  # per request
+    backoff_s: float = 1.0  # first retry waits about this long; doubles each retry, with jitter
+    backoff_max_s: float = 60.0
+    max_tokens: int = 16  # the verdict is one word; guard models may add a category line
+    workers: int = 4  # requests in flight at once
+    cache_dir: str = ""  # verdict cache directory; empty = no cache
+    prompt_file: str = ""  # empty = bpo/eval/judge_prompt.txt
+
+
+@dataclass
+class HFJudgeConfig:
+    type: str = "hf"  # a local guard model
+    path: str = ""  # local model directory; never downloaded
+    model_class: str = "auto"  # auto | image-text-to-text | causal-lm (auto: by the config's model type)
+    dtype: str = "bf16"  # bf16 | fp16 | fp32
+    device: str = "auto"  # auto = cuda when available, else cpu
+    max_new_tokens: int = 8
+    prompt_file: str = ""  # empty = bpo/eval/judge_prompt.txt; or a shipped prompt's name (mm_safetybench)
+    # prompt = the judge prompt as one user message; conversation = the guard-model preset: the request (with its
+    # image) as the user turn and the response as the assistant turn, through the guard's own chat template, which
+    # carries its policy and asks for its verdict (Llama Guard 3 / Llama Guard 3 Vision answer "safe" or "unsafe\nS<k>")
+    input: str = "prompt"
+
+
+JUDGE_CONFIGS = {"refusal": RefusalJudgeConfig, "openai": OpenAIJudgeConfig, "hf": HFJudgeConfig}
+JudgeConfig = typing.Union[RefusalJudgeConfig, OpenAIJudgeConfig, HFJudgeConfig]
+
+
 @dataclass
 class EvalConfig:
     """bpo/evaluate.py: generate on a test set, judge safety, pairwise and implicit-reward accuracy."""
@@ -216,7 +260,7 @@ class EvalConfig:
     image_root: str = ""  # default: data.image_root
     model_path: str = ""  # the model evaluated (e.g. an exported run); default: model.path
     output_dir: str = "runs/eval"
-    judge: typing.Dict[str, typing.Any] = field(default_factory=lambda: {"type": "refusal"})  # see bpo/eval/judges.py
+    judge: JudgeConfig = field(default_factory=RefusalJudgeConfig)  # eval.judge.type picks the judge (above)
     pairwise: bool = True  # ask the model which of chosen/rejected is harmless (sets with pairs only)
     pairwise_seed: int = 0
     pairwise_max_new_tokens: int = 16
@@ -377,7 +421,11 @@ def _apply(node, data, prefix=""):
         if key not in names:
             raise ConfigError(f"unknown config key {path!r}; known keys here: {sorted(names)}")
         current = getattr(node, key)
-        if dataclasses.is_dataclass(current):
+        if hints[key] == JudgeConfig:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path!r} is a section; give it a mapping")
+            setattr(node, key, _judge_from({**_judge_keys_set(current), **value}, path))
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} is a section; give it a mapping")
             _apply(current, value, prefix=path + ".")
@@ -385,6 +433,36 @@ def _apply(node, data, prefix=""):
             setattr(node, key, {**current, **_coerce(value, hints[key], path)})  # free-form section: merge keys
         else:
             setattr(node, key, _coerce(value, hints[key], path))
+
+
+def _judge_keys_set(judge):
+    """The judge's type and the keys that differ from its defaults: what a later mapping (a YAML file's, then
+    overrides) merges with, as into a free-form section, so keys given for another type are refused, not dropped."""
+    return {"type": judge.type, **{f.name: getattr(judge, f.name) for f in dataclasses.fields(judge)
+                                   if getattr(judge, f.name) != f.default}}
+
+
+def _judge_from(data, key):
+    """The judge config dataclass `data["type"]` picks, its keys read by _coerce; values are validate_judge's."""
+    if not isinstance(data, dict) or "type" not in data:
+        raise ConfigError(f"{key} needs a 'type', one of {sorted(JUDGE_CONFIGS)}; got {data!r}")
+    kind = data["type"]
+    if not isinstance(kind, str) or kind not in JUDGE_CONFIGS:
+        raise ConfigError(f"{key}.type must be one of {sorted(JUDGE_CONFIGS)}, got {kind!r}")
+    cls = JUDGE_CONFIGS[kind]
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} for a {kind} judge ({key}); known keys: {sorted(hints)}")
+    return cls(**{k: _coerce(v, hints[k], f"{key}.{k}") for k, v in data.items()})
+
+
+def judge_config(data, key="eval.judge"):
+    """A validated judge config from a mapping of eval.judge's keys (a library caller's; the tree's own is read by
+    load_config): the same reading and checks as the config file's."""
+    judge = _judge_from(data, key)
+    validate_judge(judge, key)
+    return judge
 
 
 def _set_dotted(data, dotted, raw):
@@ -521,7 +599,32 @@ def validate(cfg):
                                              or cfg.model.train_vision_tower):
         raise ConfigError(f"model.finetune={cfg.model.finetune} adapts the parts model.train_language_model / "
                           f"train_projector / train_vision_tower mark trained, and all three are false")
+    validate_judge(cfg.eval.judge)
     validate_build(cfg.build)
+
+
+def validate_judge(j, key="eval.judge"):
+    """The judge's values, for the type it is; what only building it can tell (the API key, the prompt file, the
+    model directory) bpo.eval.judges checks."""
+    if j.type == "openai":
+        if not j.url.startswith(("http://", "https://")) or not j.model:
+            raise ConfigError(f"an openai judge needs url (http:// or https://) and model; got url={j.url!r}, "
+                              f"model={j.model!r}")
+        if j.max_retries < 0 or j.timeout_s <= 0 or j.workers < 1 or j.max_tokens < 1:
+            raise ConfigError(f"{key}: max_retries must be >= 0; timeout_s, workers and max_tokens must be positive")
+    if j.type == "hf":
+        if not j.path:
+            raise ConfigError("an hf judge needs path (a local model directory)")
+        if j.model_class not in ("auto", "image-text-to-text", "causal-lm"):
+            raise ConfigError(f"{key}.model_class must be auto, image-text-to-text or causal-lm, got "
+                              f"{j.model_class!r}")
+        if j.dtype not in ("bf16", "fp16", "fp32") or j.max_new_tokens < 1:
+            raise ConfigError(f"{key}: dtype must be bf16, fp16 or fp32 and max_new_tokens positive")
+        if j.input not in ("prompt", "conversation"):
+            raise ConfigError(f"{key}.input must be prompt or conversation, got {j.input!r}")
+        if j.input == "conversation" and j.prompt_file:
+            raise ConfigError(f"{key}.input=conversation sends the exchange through the guard model's own chat "
+                              f"template; it reads no prompt_file (leave it empty)")
 
 
 def validate_build(b):

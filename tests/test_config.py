@@ -109,6 +109,44 @@ def test_build_section_three_levels_deep_and_phrases_merge(tmp_path):
     assert b.replace.phrases["person"] == "the person in the image"  # the defaults stay
 
 
+def test_judge_section_type_picks_its_keys_and_merges(tmp_path):
+    """eval.judge is a section of the tree: the file's keys and the overrides merge, read as every key is, and the
+    saved config reads back the same."""
+    from bpo.config import HFJudgeConfig, OpenAIJudgeConfig, RefusalJudgeConfig
+
+    assert load_config().eval.judge == RefusalJudgeConfig()
+    path = tmp_path / "e.yaml"
+    path.write_text("eval:\n  judge: {type: openai, url: 'http://127.0.0.1:8000/v1', model: guard, workers: 2}\n")
+    cfg = load_config(str(path), ["eval.judge.max_tokens=4", "eval.judge.timeout_s=30"])
+    assert cfg.eval.judge == OpenAIJudgeConfig(url="http://127.0.0.1:8000/v1", model="guard", workers=2, max_tokens=4,
+                                               timeout_s=30.0)
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(str(tmp_path / "saved.yaml")) == cfg
+    cfg = load_config(None, ["eval.judge.type=hf", "eval.judge.path=/guard", "eval.judge.input=conversation"])
+    assert cfg.eval.judge == HFJudgeConfig(path="/guard", input="conversation")
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    (["eval.judge.type=gpt"], r"eval.judge.type must be one of \['hf', 'openai', 'refusal'\]"),
+    (["eval.judge.url=http://h/v1"], r"unknown key\(s\) \['url'\] for a refusal judge"),
+    (["eval.judge.type=openai", "eval.judge.url=http://h/v1", "eval.judge.model=m", "eval.judge.workers=four"],
+     "config key eval.judge.workers: cannot read 'four' as int"),
+    (["eval.judge.type=openai", "eval.judge.url=h:8000"], "an openai judge needs url"),
+    (["eval.judge.type=hf", "eval.judge.path=x", "eval.judge.dtype=int8"], "eval.judge: dtype must be"),
+    (["eval.judge=refusal"], "'eval.judge' is a section"),
+])
+def test_bad_judge_settings_name_the_key(overrides, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("key", ["train.log_every=1", "cache.per_token=false"])
+def test_removed_keys_are_unknown(key):
+    """train.log_every (never read) and cache.per_token (written, never read back) are gone."""
+    with pytest.raises(ConfigError, match=f"unknown config key '{key.split('=')[0]}'"):
+        load_config(None, [key])
+
+
 @pytest.mark.parametrize("overrides,msg", [
     (["build.entity.backend=regex"], r"build.entity.backend must be one of \('llm', 'spacy', 'given'\)"),
     (["build.image.min_similarity=1.5"], r"build.image.min_similarity must be in \(0, 1\]"),

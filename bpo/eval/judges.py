@@ -4,8 +4,9 @@
     verdicts = judge.judge([JudgeItem(id, prompt_text, image_path, response), ...])  # same order, same ids
 
 A judge never guesses: a reply it cannot read becomes `Verdict(label=None, raw=<what it got>)`, and the caller
-counts and reports those (every metric in `bpo.eval.adapters` carries an `unparsable` count). Three judges, chosen
-by the config's `type` and printed by `describe()`:
+counts and reports those (every metric in `bpo.eval.metrics` carries an `unparsable` count). Three judges, chosen
+by the config's `type` and printed by `describe()`; their keys are bpo.config's `RefusalJudgeConfig`,
+`OpenAIJudgeConfig` and `HFJudgeConfig` (eval.judge), read and checked with the rest of the config:
 
 - `refusal`: offline keyword rules (below). Cheap, deterministic, and crude: use it for smoke tests and as a
   lower-bound sanity check, not for reported numbers.
@@ -34,11 +35,10 @@ import random
 import re
 import threading
 import time
-import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-from bpo.config import ConfigError
+from bpo.config import ConfigError, RefusalJudgeConfig, judge_config
 from bpo.engines.cache import AnswerCache
 from bpo.engines.http import (GaveUp, HTTPStatusError, RedirectRefused, Retry, image_data_url, is_local,
                               request_json)
@@ -144,11 +144,6 @@ _REFUSAL_RE = _phrase_regex(REFUSAL_PHRASES)
 _COMPLIANCE_RE = _phrase_regex(COMPLIANCE_MARKERS)
 
 
-@dataclass
-class RefusalJudgeConfig:
-    type: str = "refusal"
-
-
 class RefusalJudge:
     def __init__(self, cfg=None):
         self.cfg = cfg or RefusalJudgeConfig()
@@ -175,22 +170,6 @@ class RefusalJudge:
 
 # ---------------------------------------------------------------------------------------------------------------
 # openai: OpenAI-compatible chat completions over urllib
-
-@dataclass
-class OpenAIJudgeConfig:
-    type: str = "openai"
-    url: str = ""  # base URL, e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1
-    model: str = ""
-    api_key_env: str = "OPENAI_API_KEY"  # name of the environment variable holding the key (never the key itself)
-    max_retries: int = 5  # retries after the first attempt, on HTTP 429, 5xx and connection errors
-    timeout_s: float = 120.0  # per request
-    backoff_s: float = 1.0  # first retry waits about this long; doubles each retry, with jitter
-    backoff_max_s: float = 60.0
-    max_tokens: int = 16  # the verdict is one word; guard models may add a category line
-    workers: int = 4  # requests in flight at once
-    cache_dir: str = ""  # verdict cache directory; empty = no cache
-    prompt_file: str = ""  # empty = bpo/eval/judge_prompt.txt
-
 
 class VerdictCache(AnswerCache):
     """Verdicts on disk (bpo.engines.cache: one file per key, written atomically). The key is sha256 of (model,
@@ -330,21 +309,6 @@ class OpenAIJudge:
 # hf: a local guard model
 
 
-@dataclass
-class HFJudgeConfig:
-    type: str = "hf"
-    path: str = ""  # local model directory; never downloaded
-    model_class: str = "auto"  # auto | image-text-to-text | causal-lm (auto: by the config's model type)
-    dtype: str = "bf16"  # bf16 | fp16 | fp32
-    device: str = "auto"  # auto = cuda when available, else cpu
-    max_new_tokens: int = 8
-    prompt_file: str = ""  # empty = bpo/eval/judge_prompt.txt; or a shipped prompt's name (mm_safetybench)
-    # prompt = the judge prompt as one user message; conversation = the guard-model preset: the request (with its
-    # image) as the user turn and the response as the assistant turn, through the guard's own chat template, which
-    # carries its policy and asks for its verdict (Llama Guard 3 / Llama Guard 3 Vision answer "safe" or "unsafe\nS<k>")
-    input: str = "prompt"
-
-
 class HFJudge:
     """Prompt a local guard model through its chat template with the judge prompt (and the image, for an
     image-text-to-text model; a causal LM sees the text only), decode greedily and parse the verdict word; with
@@ -438,59 +402,12 @@ class HFJudge:
 # ---------------------------------------------------------------------------------------------------------------
 # config -> judge
 
-_CONFIGS = {"refusal": RefusalJudgeConfig, "openai": OpenAIJudgeConfig, "hf": HFJudgeConfig}
-
-
-def _coerce(value, annotation, key):
-    if annotation is bool and isinstance(value, bool):
-        return value
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, str) and type(value) is annotation:
-        return value
-    name = getattr(annotation, "__name__", annotation)
-    raise ConfigError(f"judge.{key}: expected {name}, got {value!r}")
-
-
-def judge_config(cfg_dict):
-    """Validated judge config dataclass from a plain dict (defaults are the dataclasses' and nowhere else)."""
-    if not isinstance(cfg_dict, dict) or "type" not in cfg_dict:
-        raise ConfigError(f"judge config needs a 'type', one of {sorted(_CONFIGS)}; got {cfg_dict!r}")
-    kind = cfg_dict["type"]
-    if kind not in _CONFIGS:
-        raise ConfigError(f"judge.type must be one of {sorted(_CONFIGS)}, got {kind!r}")
-    cls = _CONFIGS[kind]
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = set(cfg_dict) - known
-    if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} for a {kind} judge; known keys: {sorted(known)}")
-    cfg = cls(**{k: _coerce(v, hints[k], k) for k, v in cfg_dict.items()})
-    if kind == "openai":
-        if not cfg.url.startswith(("http://", "https://")) or not cfg.model:
-            raise ConfigError(f"an openai judge needs url (http:// or https://) and model; got url={cfg.url!r}, "
-                              f"model={cfg.model!r}")
-        if cfg.max_retries < 0 or cfg.timeout_s <= 0 or cfg.workers < 1 or cfg.max_tokens < 1:
-            raise ConfigError("judge: max_retries must be >= 0; timeout_s, workers and max_tokens must be positive")
-    if kind == "hf":
-        if not cfg.path:
-            raise ConfigError("an hf judge needs path (a local model directory)")
-        if cfg.model_class not in ("auto", "image-text-to-text", "causal-lm"):
-            raise ConfigError(f"judge.model_class must be auto, image-text-to-text or causal-lm, got "
-                              f"{cfg.model_class!r}")
-        if cfg.dtype not in ("bf16", "fp16", "fp32") or cfg.max_new_tokens < 1:
-            raise ConfigError("judge: dtype must be bf16, fp16 or fp32 and max_new_tokens positive")
-        if cfg.input not in ("prompt", "conversation"):
-            raise ConfigError(f"judge.input must be prompt or conversation, got {cfg.input!r}")
-        if cfg.input == "conversation" and cfg.prompt_file:
-            raise ConfigError("judge.input=conversation sends the exchange through the guard model's own chat "
-                              "template; it reads no prompt_file (leave it empty)")
-    return cfg
-
-
-def build_judge(cfg_dict, sleep=time.sleep, rng=None):
-    """A judge from a config dict; `sleep` and `rng` reach the openai judge's retry loop (tests inject them)."""
-    cfg = judge_config(cfg_dict)
+def build_judge(cfg, sleep=time.sleep, rng=None):
+    """A judge from eval.judge as the config tree holds it (validated when the config was read), or from a mapping of
+    its keys, read and checked by bpo.config.judge_config; `sleep` and `rng` reach the openai judge's retry loop
+    (tests inject them)."""
+    if isinstance(cfg, dict):
+        cfg = judge_config(cfg)
     if cfg.type == "refusal":
         return RefusalJudge(cfg)
     if cfg.type == "openai":
