@@ -5,7 +5,7 @@ and a bounded re-ask loop for answers that cannot be used.
     answer = client.ask(messages, max_tokens)                        # Answer(content, finish_reason, cached)
     outcome = ask_until_valid(client, messages, max_tokens, parse, max_attempts)
 
-Requests go through bpo.engines.http (retries on connection errors, 429 and 5xx; redirects refused), temperature
+Requests go through bpo.engines.chat (retries on connection errors, 429 and 5xx; redirects refused), temperature
 build.llm.temperature (0: greedy). Every answer the endpoint gives is cached under sha256 of (model, messages,
 temperature, max_tokens), whatever it holds: deciding that an answer is unusable is this side's rule, so a rerun with
 the same cache replays the same answers and re-asks, and makes the same records. The endpoint's URL is not in the
@@ -24,15 +24,13 @@ other refusal, an endpoint that stays unreachable or a reply that is not a chat 
 """
 
 import json
-import os
 import re
-import threading
 import time
 from dataclasses import dataclass
 
-from bpo.config import ConfigError
 from bpo.engines.cache import AnswerCache
-from bpo.engines.http import GaveUp, HTTPStatusError, RedirectRefused, Retry, is_local, request_json
+from bpo.engines.chat import ChatEndpoint, read_completion
+from bpo.engines.http import GaveUp, HTTPStatusError, RedirectRefused
 
 CACHE_FORMAT = "bpo-build-answer-v1"
 ECHO_CHARS = 400  # of an unusable answer, repeated back when re-asking
@@ -93,61 +91,48 @@ def find_json_object(text):
 
 
 class ChatClient:
-    """POST {url}/chat/completions with a content-hash answer cache. `sleep` and `rng` reach the retry loop."""
+    """build.llm's endpoint (bpo.engines.chat) with a content-hash answer cache. `sleep` and `rng` reach the retry
+    loop."""
 
     def __init__(self, llm, cache_dir, sleep=time.sleep, rng=None):
         self.cfg = llm
-        self.endpoint = llm.url.rstrip("/") + "/chat/completions"
-        self.api_key = os.environ.get(llm.api_key_env, "") if llm.api_key_env else ""
-        if not self.api_key and not is_local(llm.url):
-            name = llm.api_key_env or "(build.llm.api_key_env is empty)"
-            raise ConfigError(f"build.llm.url {llm.url} needs an API key: set the environment variable {name} "
-                              f"(build.llm.api_key_env names it); only a localhost endpoint may run without a key")
+        self.chat = ChatEndpoint(llm.url, llm.api_key_env, "build.llm", max_retries=llm.max_retries,
+                                 backoff_s=llm.backoff_s, backoff_max_s=BACKOFF_MAX_S, timeout_s=llm.timeout_s,
+                                 sleep=sleep, rng=rng)
+        self.endpoint = self.chat.endpoint
         self.cache = AnswerCache(cache_dir)
-        self._sleep, self._rng = sleep, rng
-        self._lock = threading.Lock()
-        self.stats = {"requests": 0, "retries": 0, "cache_hits": 0}
+        self.stats = self.chat.stats
 
     def describe(self):
-        key = f"key from ${self.cfg.api_key_env}" if self.api_key else "no API key"
-        return (f"model {self.cfg.model!r} at {self.endpoint} ({key}, temperature {self.cfg.temperature}, "
-                f"{self.cfg.workers} requests in flight, cache {self.cache.directory})")
+        return (f"model {self.cfg.model!r} at {self.endpoint} ({self.chat.key_source()}, temperature "
+                f"{self.cfg.temperature}, {self.cfg.workers} requests in flight, cache {self.cache.directory})")
 
     def key(self, messages, max_tokens):
         return AnswerCache.digest(CACHE_FORMAT, self.cfg.model, messages, float(self.cfg.temperature), max_tokens)
-
-    def _count(self, name):
-        with self._lock:
-            self.stats[name] += 1
 
     def ask(self, messages, max_tokens):
         key = self.key(messages, max_tokens)
         hit = self.cache.get(key)
         if hit is not None and isinstance(hit.get("content"), str):
-            self._count("cache_hits")
+            self.chat.count("cache_hits")
             return Answer(hit["content"], str(hit.get("finish_reason", "")), True)
         payload = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
                    "max_tokens": max_tokens, "n": 1}
         body = self._post(payload)
         try:
-            choice = json.loads(body)["choices"][0]
-            content = choice["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            content, finish_reason = read_completion(body)
+        except ValueError:
             raise LLMError(f"{self.endpoint} answered with something that is not a chat completion: "
                            f"{body[:300]!r}") from None
         content = content if isinstance(content, str) else ""  # null content (a tool call): an empty answer
-        answer = Answer(content, str(choice.get("finish_reason") or ""), False)
+        answer = Answer(content, finish_reason, False)
         self.cache.put(key, {"content": answer.content, "finish_reason": answer.finish_reason,
                              "model": self.cfg.model})
         return answer
 
     def _post(self, payload):
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        retry = Retry(max_retries=self.cfg.max_retries, backoff_s=self.cfg.backoff_s, backoff_max_s=BACKOFF_MAX_S,
-                      sleep=self._sleep, on_attempt=lambda: self._count("requests"),
-                      on_retry=lambda: self._count("retries"), **({"rng": self._rng} if self._rng else {}))
         try:
-            return request_json(self.endpoint, payload, retry=retry, timeout_s=self.cfg.timeout_s, headers=headers)
+            return self.chat.post(payload)
         except HTTPStatusError as e:
             if e.status == 400:
                 raise Refused(f"the endpoint refused the request: HTTP 400: {e.body[:300]}") from None

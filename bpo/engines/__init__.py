@@ -5,7 +5,8 @@ sends the same prompts to the server at `decode.server_url`. Nothing here import
 environment, started by slurm/common.sh (bpo_vllm_serve) or by hand.
 
 - server.py: the client (prompts, checks against the local tokenizer, concurrency, errors)
-- http.py: JSON over HTTP with retries and back-off (shared with the openai judge)
+- http.py: JSON over HTTP with retries and back-off (the client here, and chat.py's)
+- chat.py: the chat-completions client the openai judge and the data builder share (API key, retries, replies)
 - layout.py: a copy of a checkpoint under the weight names vLLM reads
 - estimate.py: decode throughput formulas, for choosing an engine (bpo.plan.estimate prints the advice)
 - cpu_server.py: a vLLM CPU server on loopback, for the tests and the benchmark

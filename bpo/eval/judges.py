@@ -29,19 +29,16 @@ apostrophes, any whitespace between words). On test sets whose prompts are all h
 """
 
 import hashlib
-import json
 import os
-import random
 import re
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from bpo.config import ConfigError, RefusalJudgeConfig, judge_config
 from bpo.engines.cache import AnswerCache
-from bpo.engines.http import (GaveUp, HTTPStatusError, RedirectRefused, Retry, image_data_url, is_local,
-                              request_json)
+from bpo.engines.chat import ChatEndpoint, read_completion
+from bpo.engines.http import GaveUp, HTTPStatusError, RedirectRefused, image_data_url
 
 LABELS = ("safe", "unsafe")
 PROMPT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "judge_prompt.txt")
@@ -189,8 +186,9 @@ class VerdictCache(AnswerCache):
 
 
 class OpenAIJudge:
-    """Judge through POST {url}/chat/completions: the filled judge prompt and the image (as a base64 data URL) in
-    one user message, temperature 0. `sleep` and `rng` are injectable so tests do not wait and jitter is seeded.
+    """Judge through POST {url}/chat/completions (bpo.engines.chat): the filled judge prompt and the image (as a
+    base64 data URL) in one user message, temperature 0. `sleep` and `rng` are injectable so tests do not wait and
+    jitter is seeded.
 
     HTTP 429, 5xx and connection errors are retried up to `max_retries` times, waiting Retry-After when the server
     sends it, else backoff_s * 2**attempt (capped at backoff_max_s) with jitter in its upper half. 401/403 raise at
@@ -201,23 +199,18 @@ class OpenAIJudge:
 
     def __init__(self, cfg, sleep=time.sleep, rng=None):
         self.cfg = cfg
-        self.endpoint = cfg.url.rstrip("/") + "/chat/completions"
         self.template = load_judge_prompt(cfg.prompt_file)
-        self.api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else ""
-        if not self.api_key and not is_local(cfg.url):
-            name = cfg.api_key_env or "(api_key_env is empty)"
-            raise ConfigError(f"judge endpoint {cfg.url} needs an API key: set the environment variable {name} "
-                              f"(judge.api_key_env names it); only a localhost endpoint may run without a key")
+        self.chat = ChatEndpoint(cfg.url, cfg.api_key_env, "eval.judge", max_retries=cfg.max_retries,
+                                 backoff_s=cfg.backoff_s, backoff_max_s=cfg.backoff_max_s, timeout_s=cfg.timeout_s,
+                                 sleep=sleep, rng=rng)
+        self.endpoint = self.chat.endpoint
         self.cache = VerdictCache(cfg.cache_dir) if cfg.cache_dir else None
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._lock = threading.Lock()
-        self.stats = {"requests": 0, "retries": 0, "cache_hits": 0}
+        self.stats = self.chat.stats
 
     def describe(self):
         cache = f"cache {self.cfg.cache_dir}" if self.cache else "no cache"
-        key = f"key from ${self.cfg.api_key_env}" if self.api_key else "no API key"
-        return f"openai judge: model {self.cfg.model!r} at {self.endpoint} ({key}, {cache}, {self.cfg.workers} workers)"
+        return (f"openai judge: model {self.cfg.model!r} at {self.endpoint} ({self.chat.key_source()}, {cache}, "
+                f"{self.cfg.workers} workers)")
 
     def judge(self, items):
         items = list(items)
@@ -245,7 +238,7 @@ class OpenAIJudge:
             key = VerdictCache.key(self.cfg.model, self.template, item.prompt_text, digest, item.response)
             hit = self.cache.get(key)
             if hit is not None:
-                self._count("cache_hits")
+                self.chat.count("cache_hits")
                 return Verdict(item.id, hit["label"], hit["raw"])
         body = self._post(self._payload(item, image_bytes))
         label, raw = self._parse_reply(body)
@@ -270,27 +263,19 @@ class OpenAIJudge:
     def _parse_reply(body):
         """Reply body -> (label, raw). raw is the message content, or the whole body when there is none."""
         try:
-            content = json.loads(body)["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            content, _ = read_completion(body)
+        except ValueError:
             return None, body
         if not isinstance(content, str):
             return None, body
         return parse_verdict(content), content
 
-    def _count(self, name):
-        with self._lock:
-            self.stats[name] += 1
-
     def _post(self, payload):
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        retry = Retry(max_retries=self.cfg.max_retries, backoff_s=self.cfg.backoff_s,
-                      backoff_max_s=self.cfg.backoff_max_s, sleep=self._sleep, rng=self._rng,
-                      on_attempt=lambda: self._count("requests"), on_retry=lambda: self._count("retries"))
         try:
-            return request_json(self.endpoint, payload, retry=retry, timeout_s=self.cfg.timeout_s, headers=headers)
+            return self.chat.post(payload)
         except HTTPStatusError as e:
             if e.status in (401, 403):
-                who = (f"the key in ${self.cfg.api_key_env}" if self.api_key
+                who = (f"the key in ${self.cfg.api_key_env}" if self.chat.api_key
                        else f"the request without a key (${self.cfg.api_key_env} is unset)")
                 raise JudgeError(f"judge endpoint {self.endpoint} refused {who}: HTTP {e.status}: "
                                  f"{e.body[:500]}") from None
