@@ -19,12 +19,14 @@ Exit status 0 when at least one record was written, 1 when none survived (the re
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from bpo.runtime.atomic import write_text
+import yaml
+
 from bpo.build_data.entity import build_recognizer
 from bpo.build_data.images import build_images
 from bpo.build_data.llm import ChatClient, LLMError
@@ -34,6 +36,7 @@ from bpo.build_data.report import build_report, summary_lines
 from bpo.build_data.rewrite import build_rewriter
 from bpo.config import BUILD_TRANSPORT_KEYS, load_config, require_build
 from bpo.ref_cache.fingerprint import data_digest
+from bpo.runtime.atomic import write_text
 
 FORMAT = 1  # of the parts' rows; bump when they change
 
@@ -56,8 +59,8 @@ def _in_order(pool, fn, items):
 
 
 def main(argv=None):
-    import yaml
-
+    # Here, not at the top: bpo.runtime.shards brings torch (bpo.runtime.dist), seconds that --help and a config
+    # error need not wait for.
     from bpo.runtime.shards import check_settings, run_sharded, write_jsonl_atomic
 
     args = parse_args(argv)
@@ -120,6 +123,4 @@ def main(argv=None):
 
 
 def _as_dict(b):
-    import dataclasses
-
     return dataclasses.asdict(b)

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bpo.runtime import dist
+from bpo.data.dataset import cat_padded
 from bpo.model.load import load_model
+from bpo.runtime import dist
+from bpo.runtime.ds_configs import inference_config
 
 
 def load_generator(model_cfg, path, zero3):
@@ -34,9 +36,7 @@ def load_generator(model_cfg, path, zero3):
     if not zero3:
         model = load_model(model_cfg, path=path)
         return model.to(dist.device()).eval()
-    import deepspeed
-
-    from bpo.runtime.ds_configs import inference_config
+    import deepspeed  # here, not at the top: ZeRO-3 inference alone needs it, and it takes seconds to import
 
     ds = inference_config(model_cfg)  # ds_configs/zero3_inference.json, as the reference-cache job reads it
     model = load_model(model_cfg, path=path, ds_config=ds)
@@ -57,8 +57,6 @@ def left_pad(rows, fill):
 def batch_prompts(prompts, pad_id):
     """prompts: list of (ids, image_inputs, prompt_fields) as `bpo.data.encode.encode_prompt` returns them -> the
     keyword arguments of one left-padded generate call (input_ids, attention_mask, fields, image inputs)."""
-    from bpo.data.dataset import cat_padded
-
     ids = [p[0] for p in prompts]
     batch = {"input_ids": left_pad(ids, pad_id), "attention_mask": left_pad([[1] * len(i) for i in ids], 0)}
     for key in sorted({k for _, _, fields in prompts for k in fields}):

@@ -24,12 +24,14 @@ back-off (bpo.engines.http). A request the server refuses with HTTP 400 (a promp
 that row's error; any other refusal, or a server that stays unreachable, stops the job with the reason.
 """
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from bpo.engines.http import GaveUp, HTTPStatusError, Retry, request_json
+from bpo.engines.http import GaveUp, HTTPStatusError, Retry, image_data_url, request_json
+from bpo.runtime import dist
 
 BACKOFF_MAX_S = 60.0
 
@@ -86,8 +88,6 @@ class ServerEngine:
 
     def check_model(self):
         """The served model entry for `served_name`; raises when the server serves something else."""
-        import json
-
         try:
             listing = json.loads(self._call("/models"))
             served = {m["id"]: m for m in listing["data"]}
@@ -120,8 +120,6 @@ class ServerEngine:
         return body
 
     def _one(self, path, body, local_ids, where):
-        import json
-
         try:
             reply = json.loads(self._call(path, body))
         except HTTPStatusError as e:
@@ -190,8 +188,6 @@ class ServerEngine:
 
 def connect(decode, model_path, tokenizer, stop_ids):
     """A ServerEngine for decode.server_url whose server is checked to serve the configured model."""
-    from bpo.runtime import dist
-
     engine = ServerEngine(decode, decode.server_model or model_path, tokenizer, stop_ids)
     entry = engine.check_model()
     dist.print0(f"{engine.describe()}; the server reports max_model_len {entry.get('max_model_len', 'unknown')}")
@@ -200,8 +196,6 @@ def connect(decode, model_path, tokenizer, stop_ids):
 
 def chat_messages(messages, image_path):
     """bpo.data.conversation.to_messages output -> OpenAI chat messages, each image part carrying the file inline."""
-    from bpo.engines.http import image_data_url
-
     url = None
     out = []
     for m in messages:

@@ -22,6 +22,7 @@ import os
 from bpo.config import DataConfig
 from bpo.data.conversation import Turn
 from bpo.data.formats import extract_image
+from bpo.data.records import image_path, load_records, read_raw_records
 from bpo.eval import figstep, vlguard
 from bpo.eval.examples import BadExample, EvalExample, check_image, image_under_root
 
@@ -55,8 +56,6 @@ def load_mmsafe_po(path, image_root=None, check_images=True, allow_outside_root=
     """The MMSafe-PO test split (training record format: JSON array, JSONL, the hub's parquet) with its
     chosen/rejected pairs; the image rules are load_records' (data.allow_outside_image_root,
     data.max_image_pixels)."""
-    from bpo.data.records import image_path, load_records
-
     records, bad = load_records(path, image_root, check_images, allow_outside_root=allow_outside_root,
                                 max_image_pixels=max_image_pixels, split=split, image_cache=image_cache)
     examples = []
@@ -187,8 +186,6 @@ def load_spa_vl_harm(path, image_root=None, image_cache="", split="", check_imag
     extracted (default: beside the data). meta: class1, class2, class3 (SPA-VL's harm domain, category and
     subcategory) and split.
     """
-    from bpo.data.records import read_raw_records
-
     name = split.split("/")[-1] if split else "harm"
     cache = image_cache or (path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     examples, bad, seen = [], [], set()

@@ -301,6 +301,7 @@ class HFJudge:
     are a few tokens, and no padding keeps decoding exact."""
 
     def __init__(self, cfg):
+        # torch and transformers here, not at the top: only this judge needs them, and they take seconds to import
         import torch
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -372,7 +373,7 @@ class HFJudge:
         return bool(bos) and prompt.startswith(bos)
 
     def _generate(self, inputs):
-        import torch
+        import torch  # as in __init__: only this judge needs it
 
         dtype = next(self.model.parameters()).dtype
         inputs = {k: v.to(self.device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}

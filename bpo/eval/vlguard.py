@@ -17,6 +17,7 @@ An example's id is "<entry id>/<subset>", its meta holds `subset`, `benign` (tru
 """
 
 from bpo.data.conversation import Turn
+from bpo.data.records import read_raw_records
 from bpo.eval.examples import BadExample, EvalExample, image_under_root
 
 SUBSETS = {"safe_instruction": "safe_safe", "unsafe_instruction": "safe_unsafe", "instruction": "unsafe"}
@@ -42,8 +43,6 @@ def _pairs(entry):
 def load_vlguard(path, image_root="", check_images=True, allow_outside_root=False, subsets=tuple(SUBSETS.values())):
     """Examples in file order (entry by entry, pairs in their order), of the subsets asked for. The file is read by
     the shared reader (a JSON array as published; JSONL or gzipped alike); DataFileError when it cannot be read."""
-    from bpo.data.records import read_raw_records
-
     examples, bad, seen = [], [], set()
     for source, entry in read_raw_records(path):
         eid = entry.get("id") if isinstance(entry, dict) else None
