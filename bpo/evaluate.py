@@ -19,17 +19,17 @@ openai judge caches verdicts on disk so a rerun pays nothing twice. Outputs: OUT
 response, verdict, judge output, pairwise answer), OUTPUT/report.json and OUTPUT/report.md.
 """
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 
-if __package__ in (None, ""):
+if not __package__:  # run as a file, as the deepspeed launcher does: put the repo root on the path so `bpo` imports
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+from bpo import cli
 from bpo.runtime import dist
 from bpo.runtime.atomic import write_text
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config
@@ -43,11 +43,7 @@ from bpo.runtime.shards import TokenRate, check_settings, run_sharded, write_jso
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*")
-    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
+    return cli.parse_job_args(__doc__, argv)
 
 
 def load_examples(ecfg, image_root, dcfg):
@@ -362,6 +358,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from bpo import cli
-
     cli.run(main)

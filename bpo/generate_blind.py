@@ -19,14 +19,14 @@ Resumable: results land in OUTPUT.parts/shard_NNNNNN.jsonl, one file per `blind.
 written atomically; a restart redoes only missing shards, and rank 0 merges them in input order at the end.
 """
 
-import argparse
 import os
 import sys
 import time
 
-if __package__ in (None, ""):
+if not __package__:  # run as a file, as the deepspeed launcher does: put the repo root on the path so `bpo` imports
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bpo import cli
 from bpo.runtime import dist
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config, require
 from bpo.data.formats import InlineImage
@@ -37,11 +37,7 @@ from bpo.runtime.shards import TokenRate, check_settings, run_sharded, write_jso
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*")
-    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
+    return cli.parse_job_args(__doc__, argv)
 
 
 def blinded_prompt(entry, chat, image_root):
@@ -210,6 +206,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from bpo import cli
-
     cli.run(main)

@@ -9,19 +9,20 @@ Resume after a kill:   the same command with --resume (train.resume=true); a cha
 Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_8bit | paged_adamw_8bit (README)
 """
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make `bpo` importable
+if not __package__:  # run as a file, as the deepspeed launcher does: put the repo root on the path so `bpo` imports
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from bpo.runtime import checkpoint, dist, ds_configs, reshard, run_lock, run_log, run_record
+from bpo import cli
+from bpo import run_record
+from bpo.runtime import checkpoint, dist, ds_configs, reshard, run_lock, run_log
 from bpo.model import lora
 from bpo import optim
 from bpo.data import sampler
@@ -39,17 +40,15 @@ from bpo.runtime.stop import EXIT_CODE as STOPPED_EXIT_CODE, Diverged, StopReque
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (see bpo/config.py for every key and default)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the run's newest complete checkpoint, on any number of ranks "
-                             "(= train.resume=true)")
-    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
-                        help="with --resume: accept a changed math key (loss.beta, optim.lr, ...) or data.contents "
-                             "(the training data); repeatable (= train.resume_allow=[KEY, ...])")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
-    args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
+    def flags(parser):
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from the run's newest complete checkpoint, on any number of ranks "
+                                 "(= train.resume=true)")
+        parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                            help="with --resume: accept a changed math key (loss.beta, optim.lr, ...) or data.contents "
+                                 "(the training data); repeatable (= train.resume_allow=[KEY, ...])")
+
+    args = cli.parse_job_args(__doc__, argv, flags)
     if args.resume:
         args.overrides.append("train.resume=true")
     if args.allow_change:
@@ -443,6 +442,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from bpo import cli
-
     cli.run(main)

@@ -20,7 +20,7 @@ Resuming (`plan_resume`, decided by rank 0; `load`, on every rank). What is trus
 - from the files: model weights, optimizer and scheduler state, the step, each rank's RNG state. The DeepSpeed
   config stored in them is ignored: this run's config applies.
 A checkpoint saved on another number of ranks is read through DeepSpeed's universal format (bpo.runtime.reshard). Before any
-of this, train.py checks that the start is the same run (bpo.runtime.run_record) and that no other job holds it
+of this, train.py checks that the start is the same run (bpo.run_record) and that no other job holds it
 (bpo.runtime.run_lock). A tag holding PIN_FILE (the last finite checkpoint of a run that diverged) is never pruned.
 """
 
