@@ -34,6 +34,9 @@ from bpo.engines.server import ServerError, adds_bos, connect
 from bpo.ref_cache.fingerprint import data_digest, digest_of, model_fingerprint
 from bpo.engines.hf import Generation, generate, load_generator
 from bpo.runtime.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
+from bpo.data.encode import encode_prompt, render_prompt
+from bpo.data.chat import load_chat
+from bpo.data.records import load_records, read_raw_records
 
 
 def parse_args(argv=None):
@@ -44,8 +47,6 @@ def blinded_prompt(entry, chat, image_root):
     """((prompt_ids, {}, prompt_fields), None) for the conversation without its image, or (None, the reason it
     cannot be built)."""
     from jinja2 import TemplateError
-
-    from bpo.data.encode import encode_prompt
 
     record, error = entry
     if record is None:
@@ -64,7 +65,6 @@ def decode_blind(model, chat, cfg, usable, prompts, entries, seed):
     if cfg.decode.engine == "hf":
         out = generate(model, chat, [prompts[i][0] for i in usable], cfg.decode, seed, synced=cfg.decode.zero3)
         return {i: (g, "") for i, g in zip(usable, out)}
-    from bpo.data.encode import render_prompt
 
     processor = chat.processor
     texts = [render_prompt(entries[i][0], chat, with_image=False) for i in usable]
@@ -134,9 +134,6 @@ def dummy_decode(model, chat, cfg):
 
 
 def main(argv=None):
-    from bpo.data.chat import load_chat
-    from bpo.data.records import load_records, read_raw_records
-
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     input_file = cfg.blind.input_file or cfg.data.train_file
