@@ -20,11 +20,9 @@ if not __package__:  # run as a file, as the deepspeed launcher does: put the re
 
 import torch
 
-from bpo import cli
-from bpo import run_record
+from bpo import cli, optim, run_record
 from bpo.runtime import checkpoint, dist, ds_configs, reshard, run_lock, run_log
 from bpo.model import lora
-from bpo import optim
 from bpo.data import sampler
 from bpo.config import ConfigError, check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.data.records import drop_cut_blind, enforce_max_image_pixels, load_records
