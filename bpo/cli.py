@@ -1,10 +1,28 @@
-"""How every job's entry point ends on an expected error: one line naming the file, record or key and what to do,
-not a traceback."""
+"""What every job's entry point shares: its arguments (`parse_job_args`), and its end on an expected error: one line
+naming the file, record or key and what to do, not a traceback (`run`)."""
 
+import argparse
 import sys
 
 
+def parse_job_args(doc, argv=None, flags=None, launched=True):
+    """A config-driven job's arguments: `--config FILE` and `section.key=value` overrides, which may come before and
+    after flags; `--help` prints the job's docstring `doc`. `flags(parser)` adds the job's own flags. A job started by
+    the deepspeed launcher (`launched`) also accepts the `--local_rank` it passes, and ignores it (ranks come from the
+    environment)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (see bpo/config.py for every key and default)")
+    if launched:
+        parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    if flags:
+        flags(parser)
+    parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
+    return parser.parse_intermixed_args(argv)
+
+
 def expected_errors():
+    # Imported here, once a job has failed (start-up time): build_data runs through `run` too and starts without torch,
+    # which the model and checkpoint modules these errors live in would load.
     from bpo.runtime.checkpoint import CheckpointError
     from bpo.config import ConfigError
     from bpo.data.chat import ChatTemplateError, MissingPackageError

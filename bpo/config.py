@@ -148,7 +148,7 @@ class TrainConfig:
     # Continue from the newest complete checkpoint in output_dir (or start at step 0 when there is none); false into
     # an output_dir that holds checkpoints is refused rather than overwriting them.
     resume: bool = False
-    # Changes a resume accepts in the keys that change the math (bpo.runtime.run_record), e.g. [loss.beta, data.contents];
+    # Changes a resume accepts in the keys that change the math (bpo.run_record), e.g. [loss.beta, data.contents];
     # --allow-change KEY adds one. Recorded in RUN/history/; anything else that differs from the run is refused.
     resume_allow: typing.List[str] = field(default_factory=list)
     # Consecutive steps with a non-finite loss or gradient norm (DeepSpeed skips those updates) that stop the run,

@@ -19,17 +19,17 @@ openai judge caches verdicts on disk so a rerun pays nothing twice. Outputs: OUT
 response, verdict, judge output, pairwise answer), OUTPUT/report.json and OUTPUT/report.md.
 """
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 
-if __package__ in (None, ""):
+if not __package__:  # run as a file, as the deepspeed launcher does: put the repo root on the path so `bpo` imports
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+from bpo import cli
 from bpo.runtime import dist
 from bpo.runtime.atomic import write_text
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config
@@ -40,22 +40,29 @@ from bpo.runtime.faults import maybe_slow
 from bpo.ref_cache.fingerprint import digest_of, model_fingerprint
 from bpo.engines.hf import generate, load_generator
 from bpo.runtime.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
+from bpo.eval import adapters, metrics
+from bpo.eval.metrics import WITHHELD
+from bpo.data.encode import encode_prompt, render_prompt
+from bpo.eval.pairwise import PairwiseItem, pairwise_prompt, score_pairwise
+from bpo.data.usable import usable_records
+from bpo.data.dataset import PreferenceDataset, split_by_kind
+from bpo.data.shared import make_collate
+from bpo.loss import sequence_logps
+from bpo.model.load import SequenceScorer, choose_layout, load_model, model_inputs
+from bpo.ops.logprobs import describe_impl
+from bpo.ref_cache.store import CachedReference
+from bpo.model.reference import LiveReference
+from bpo.eval.judges import JudgeItem, RefusalJudge, build_judge
+from bpo.data.chat import load_chat
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*")
-    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
+    return cli.parse_job_args(__doc__, argv)
 
 
 def load_examples(ecfg, image_root, dcfg):
     """The test set's usable examples (bad ones printed and skipped), then, with eval.modality_probe, a copy of each
     one that has an image, asked without it: id "<id>#no_image", meta image_withheld and probe_of."""
-    from bpo.eval import adapters
-    from bpo.eval.metrics import WITHHELD
-
     examples, bad = adapters.load_test_set(ecfg.format, ecfg.test_file, image_root, ecfg.split, dcfg.image_cache,
                                            allow_outside_root=dcfg.allow_outside_image_root,
                                            max_image_pixels=dcfg.max_image_pixels)
@@ -88,8 +95,6 @@ def text_only(example):
 def decode_records(model, chat, cfg, records, batch, seed, max_new_tokens):
     """[(text, new tokens, finish reason, error)] for the records' prompts (with their images) from the configured
     engine: `model` is the in-process model (decode.engine=hf) or a bpo.engines.server.ServerEngine."""
-    from bpo.data.encode import encode_prompt, render_prompt
-
     processor = chat.processor
     prompts = [encode_prompt(r, chat, "", with_image=True) for r in records]
     if cfg.decode.engine == "hf":
@@ -106,9 +111,6 @@ def decode_records(model, chat, cfg, records, batch, seed, max_new_tokens):
 
 def generation_rows(batch, examples, model, chat, cfg, seed):
     """Response (and, for pairs, the pairwise answer) of each example in one batch."""
-    from bpo.data.encode import render_prompt
-    from bpo.eval.pairwise import pairwise_prompt
-
     ecfg = cfg.eval
     exs = [examples[i] for i in batch]
     out = decode_records(model, chat, cfg, [as_record(e) for e in exs], batch, seed, cfg.decode.max_new_tokens)
@@ -133,8 +135,6 @@ def generation_rows(batch, examples, model, chat, cfg, seed):
 def reward_examples(examples, cfg, chat):
     """The examples whose pairs can be scored under data.max_length, by the rule every job shares
     (bpo.data.usable): any other stops the run unless data.skip_bad, which leaves it out of reward accuracy only."""
-    from bpo.data.usable import usable_records
-
     records, _, _ = usable_records([as_record(e) for e in examples], [], chat, "", cfg.data.max_length,
                                    ("chosen", "rejected"), cfg.data.skip_bad, cfg.eval.test_file)
     keep = {r.id for r in records}
@@ -147,12 +147,6 @@ def reward_margins(examples, cfg, model_path, chat):
 
     Both models are scored exactly as in training (same encoding, head and reduction); the reference comes from
     eval.ref_cache when set (checked against the test file), else from model.path. One replica per rank."""
-    from bpo.data.dataset import PreferenceDataset, split_by_kind
-    from bpo.data.shared import make_collate
-    from bpo.loss import sequence_logps
-    from bpo.model.load import SequenceScorer, choose_layout, load_model, model_inputs
-    from bpo.ops.logprobs import describe_impl
-
     records = [as_record(e) for e in examples]
     mine = list(range(dist.rank(), len(records), dist.world_size()))
     dataset = PreferenceDataset(records, chat, "", cfg.data.max_length, responses=("chosen", "rejected"))
@@ -161,14 +155,10 @@ def reward_margins(examples, cfg, model_path, chat):
     dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, device))
     policy = SequenceScorer(load_model(cfg.model, path=model_path), **head).to(device).eval()
     if cfg.eval.ref_cache:
-        from bpo.ref_cache.store import CachedReference
-
         reference = CachedReference(cfg.eval.ref_cache, cfg, chat.processor, data_file=cfg.eval.test_file,
                                     image_root=cfg.eval.image_root or cfg.data.image_root)
         reference.check_ids(records, ("chosen", "rejected"))
     else:
-        from bpo.model.reference import LiveReference
-
         ref_model = load_model(cfg.model, path=cfg.train.ref_model_path or cfg.model.path)
         reference = LiveReference(SequenceScorer(ref_model, **head).to(device).eval(),
                                   cfg.loss.reduction)
@@ -197,10 +187,6 @@ def gather_dict(local):
 def build_report(cfg, examples, rows, verdicts, margins, judge_desc):
     """The set's own numbers on the examples as published (with their images; harmful prompts only), then the
     modality probe and, for benign prompts, over-refusal."""
-    from bpo.eval import metrics
-    from bpo.eval.judges import JudgeItem, RefusalJudge
-    from bpo.eval.pairwise import PairwiseItem, score_pairwise
-
     fmt = cfg.eval.format
     by_id = {v.id: v for v in verdicts}
     shown = [e for e in examples if not e.meta.get(metrics.WITHHELD)]
@@ -289,9 +275,6 @@ def markdown(report):
 
 
 def main(argv=None):
-    from bpo.data.chat import load_chat
-    from bpo.eval.judges import JudgeItem, build_judge
-
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     ecfg = cfg.eval
@@ -362,6 +345,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from bpo import cli
-
     cli.run(main)

@@ -19,14 +19,14 @@ Resumable: results land in OUTPUT.parts/shard_NNNNNN.jsonl, one file per `blind.
 written atomically; a restart redoes only missing shards, and rank 0 merges them in input order at the end.
 """
 
-import argparse
 import os
 import sys
 import time
 
-if __package__ in (None, ""):
+if not __package__:  # run as a file, as the deepspeed launcher does: put the repo root on the path so `bpo` imports
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bpo import cli
 from bpo.runtime import dist
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config, require
 from bpo.data.formats import InlineImage
@@ -34,22 +34,19 @@ from bpo.engines.server import ServerError, adds_bos, connect
 from bpo.ref_cache.fingerprint import data_digest, digest_of, model_fingerprint
 from bpo.engines.hf import Generation, generate, load_generator
 from bpo.runtime.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
+from bpo.data.encode import encode_prompt, render_prompt
+from bpo.data.chat import load_chat
+from bpo.data.records import load_records, read_raw_records
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*")
-    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
+    return cli.parse_job_args(__doc__, argv)
 
 
 def blinded_prompt(entry, chat, image_root):
     """((prompt_ids, {}, prompt_fields), None) for the conversation without its image, or (None, the reason it
     cannot be built)."""
     from jinja2 import TemplateError
-
-    from bpo.data.encode import encode_prompt
 
     record, error = entry
     if record is None:
@@ -68,7 +65,6 @@ def decode_blind(model, chat, cfg, usable, prompts, entries, seed):
     if cfg.decode.engine == "hf":
         out = generate(model, chat, [prompts[i][0] for i in usable], cfg.decode, seed, synced=cfg.decode.zero3)
         return {i: (g, "") for i, g in zip(usable, out)}
-    from bpo.data.encode import render_prompt
 
     processor = chat.processor
     texts = [render_prompt(entries[i][0], chat, with_image=False) for i in usable]
@@ -138,9 +134,6 @@ def dummy_decode(model, chat, cfg):
 
 
 def main(argv=None):
-    from bpo.data.chat import load_chat
-    from bpo.data.records import load_records, read_raw_records
-
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     input_file = cfg.blind.input_file or cfg.data.train_file
@@ -210,6 +203,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from bpo import cli
-
     cli.run(main)

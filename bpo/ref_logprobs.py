@@ -18,29 +18,26 @@ The records scored are the usable ones by bpo.data.usable, the rule training app
 same records are left out here and there.
 """
 
-import argparse
 import os
 import sys
 
-if __package__ in (None, ""):
+if not __package__:  # run as a file, as the deepspeed launcher does: put the repo root on the path so `bpo` imports
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
+from bpo import cli
 from bpo.runtime import dist
 from bpo.model import lora
 from bpo.ref_cache import store as ref_cache
 from bpo.config import check_model_dir, load_config, require
 from bpo.runtime.faults import maybe_crash
+from bpo.runtime.shards import lockstep
 from bpo.loss import sequence_logps
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*")
-    return parser.parse_intermixed_args(argv)  # overrides may come before and after flags
+    return cli.parse_job_args(__doc__, argv)
 
 
 def build_scorer(cfg, blank):
@@ -182,22 +179,18 @@ def main(argv=None):
         collate = make_collate(layout, pad_id, cfg.train.max_tokens_per_sequence)
     bar = tqdm(total=len(records), initial=len(records) - sum(len(shards[i]) for i in pending), unit="ex",
                desc="ref logprobs", disable=rank != 0, dynamic_ncols=True)
-    written = 0
     bs = cfg.cache.batch_size
-    for round_start in range(0, len(pending), world):
-        round_shards = pending[round_start:round_start + world]
-        # ZeRO-3 runs in lockstep: every rank makes as many forwards as the busiest rank of the round.
-        forwards = max(-(-len(shards[i]) // bs) for i in round_shards)
-        if rank < len(round_shards):
-            i = round_shards[rank]
-            values = score_shard(engine, dataset, shards[i], bs, cfg, collate)
-            ref_cache.write_shard(shard_path(i), shard_ids[i], values, fingerprint_digest=digest_of(fp))
-            forwards -= -(-len(shards[i]) // bs)
-            written += 1
-            maybe_crash("ref_shards", written)
-        for _ in range(forwards):
-            dummy_forward(engine, dataset, collate)
-        bar.update(sum(len(shards[i]) for i in round_shards))
+
+    def forwards(i):
+        return -(-len(shards[i]) // bs)
+
+    def do(i, written):  # the rank's `written`-th shard: one per round
+        values = score_shard(engine, dataset, shards[i], bs, cfg, collate)
+        ref_cache.write_shard(shard_path(i), shard_ids[i], values, fingerprint_digest=digest_of(fp))
+        maybe_crash("ref_shards", written)
+
+    for in_round in lockstep(pending, forwards, do, idle=lambda: dummy_forward(engine, dataset, collate)):
+        bar.update(sum(len(shards[i]) for i in in_round))
     bar.close()
     dist.barrier()
     if rank == 0:
@@ -211,6 +204,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from bpo import cli
-
     cli.run(main)

@@ -9,24 +9,23 @@ Resume after a kill:   the same command with --resume (train.resume=true); a cha
 Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_8bit | paged_adamw_8bit (README)
 """
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 
-if __package__ in (None, ""):  # run as a script by the deepspeed launcher: make `bpo` importable
+if not __package__:  # run as a file, as the deepspeed launcher does: put the repo root on the path so `bpo` imports
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from bpo.runtime import checkpoint, dist, ds_configs, reshard, run_lock, run_log, run_record
+from bpo import cli, optim, run_record
+from bpo.runtime import checkpoint, dist, ds_configs, reshard, run_lock, run_log
 from bpo.model import lora
-from bpo import optim
 from bpo.data import sampler
 from bpo.config import ConfigError, check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
-from bpo.data.records import enforce_max_image_pixels
+from bpo.data.records import drop_cut_blind, enforce_max_image_pixels, load_records
 from bpo.runtime.faults import maybe_crash, maybe_poison, maybe_slow
 from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
 from bpo.model.load import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
@@ -36,20 +35,25 @@ from bpo.ops.logprobs import describe_impl
 from bpo.model.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
 from bpo.runtime.stop import EXIT_CODE as STOPPED_EXIT_CODE, Diverged, StopRequest
+from bpo.data.dataset import PreferenceDataset, split_by_kind
+from bpo.data.usable import usable_records
+from bpo.ref_cache.store import CachedReference
+from bpo.data.chat import load_chat
+from bpo.data.encode import blank_image_example
+from bpo.data.shared import make_collate
+from bpo.export.job import export
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (see bpo/config.py for every key and default)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the run's newest complete checkpoint, on any number of ranks "
-                             "(= train.resume=true)")
-    parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
-                        help="with --resume: accept a changed math key (loss.beta, optim.lr, ...) or data.contents "
-                             "(the training data); repeatable (= train.resume_allow=[KEY, ...])")
-    parser.add_argument("overrides", nargs="*", help="section.key=value, applied after the file")
-    args = parser.parse_intermixed_args(argv)  # overrides may come before and after flags
+    def flags(parser):
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from the run's newest complete checkpoint, on any number of ranks "
+                                 "(= train.resume=true)")
+        parser.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                            help="with --resume: accept a changed math key (loss.beta, optim.lr, ...) or data.contents "
+                                 "(the training data); repeatable (= train.resume_allow=[KEY, ...])")
+
+    args = cli.parse_job_args(__doc__, argv, flags)
     if args.resume:
         args.overrides.append("train.resume=true")
     if args.allow_change:
@@ -97,10 +101,6 @@ def build_ds_config(cfg, world_size, hidden_size=None):
 def build_data(cfg, chat, log):
     """Records -> the usable ones (bpo.data.usable, the rule every job shares) as a dataset. Bad records stop the
     run unless data.skip_bad."""
-    from bpo.data.dataset import PreferenceDataset
-    from bpo.data.records import drop_cut_blind, load_records
-    from bpo.data.usable import usable_records
-
     records, bad = load_records(cfg.data.train_file, image_root=cfg.data.image_root,
                                 check_images=cfg.data.check_images,
                                 allow_outside_root=cfg.data.allow_outside_image_root,
@@ -166,8 +166,6 @@ def build_reference(cfg, ds_config, chat, dataset, blank):
     if cfg.loss.type == "sft":
         return None
     if cfg.train.ref_cache:
-        from bpo.ref_cache.store import CachedReference
-
         reference = CachedReference(cfg.train.ref_cache, cfg, chat.processor, cfg.data.train_file)
         reference.check_ids(dataset.records, dataset.responses)
         return reference
@@ -236,8 +234,6 @@ def preference_loss(token_logps, response_mask, ref_logps, batch, loss_cfg):
 
     ref_logps: the reference's (R,), reduced by loss.reduction; None for loss.type=sft. The NLL term (loss.type=sft,
     or loss.sft_weight > 0) reads each chosen response's log-prob per token, whatever loss.reduction is."""
-    from bpo.data.dataset import split_by_kind
-
     uses_nll = loss_cfg.type == "sft" or loss_cfg.sft_weight > 0
     if uses_nll:
         nll, nll_metrics = nll_loss(split_by_kind(sequence_logps(token_logps, response_mask, "mean"), batch)[0])
@@ -268,10 +264,6 @@ def add_router_aux(loss, metrics, scorer, coef):
 
 def train(cfg):
     """Run (or resume) training; returns 0 when done, bpo.runtime.stop.EXIT_CODE when stopped on request (checkpoint saved)."""
-    from bpo.data.chat import load_chat
-    from bpo.data.encode import blank_image_example
-    from bpo.data.shared import make_collate
-
     require(cfg, "model.path", "data.train_file")
     lora.require_platform(cfg.model)  # QLoRA, FlexAttention: CUDA only; say so before anything starts
     check_model_dir(cfg.model.path, "model.path")
@@ -403,8 +395,6 @@ def train(cfg):
     stop_request.clear()  # a request that came with the last step: the run is complete, nothing to stop
     log.close()
     if cfg.train.export_16bit:
-        from bpo.export.job import export
-
         def export_model():
             # From the checkpoint just written, streaming, in the model class's key names: loads with from_pretrained.
             # A LoRA run writes its adapter directory, or with lora.export=merged full weights with the adapters
@@ -443,6 +433,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from bpo import cli
-
     cli.run(main)

@@ -23,10 +23,6 @@ DEFAULT_CONFIG=configs/bpo_7b.yaml
 REPO=${BPO_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 # shellcheck source=slurm/common.sh
 source "$REPO/slurm/common.sh"
-if [ ! -f bpo/evaluate.py ]; then
-    echo "bpo/evaluate.py is not in $REPO: nothing to evaluate with" >&2
-    exit 1
-fi
 bpo_job_start
 bpo_preflight --readable "$EXPORT_DIR/config.json" "$TEST_FILE" "$IMAGE_ROOT" --writable "$EVAL_DIR"
 bpo_generate "$EXPORT_DIR" bpo/evaluate.py --config "$CONFIG" "${BPO_OVERRIDES[@]}" \

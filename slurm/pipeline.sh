@@ -29,10 +29,6 @@ if [ "$SKIP_EVAL" != 1 ] && [ "$ENGINE" = hf ] && [ "$(bpo_config_value decode.z
          "bpo/evaluate.py keeps one replica per rank; ENGINE=vllm evaluates it on a tensor-parallel vLLM server"
     SKIP_EVAL=1
 fi
-if [ "$SKIP_EVAL" != 1 ] && [ ! -f bpo/evaluate.py ]; then
-    echo "bpo/evaluate.py is not in $REPO: set SKIP_EVAL=1 to submit the chain without the eval job" >&2
-    exit 1
-fi
 mkdir -p "$LOG_DIR" "$RUN_ROOT"
 common=(--parsable --output="$LOG_DIR/%x-%j.out")
 train_nodes=() other_nodes=() export_cpus=()

@@ -2,22 +2,17 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import yaml
 
+from ports import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The team's shared material beside the checkout (real chat templates, real benchmark files), read where it lies and
 # never copied into the project; CI lays a copy of it beside its clone. BPO_SHARED points elsewhere (a worktree).
 SHARED = os.environ.get("BPO_SHARED") or os.path.normpath(os.path.join(REPO, "..", "shared"))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(path, sections):

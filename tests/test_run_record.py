@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from bpo.runtime import run_record
+from bpo import run_record
 from bpo.config import Config, ConfigError, from_dict
 
 

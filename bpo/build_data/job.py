@@ -18,7 +18,6 @@ build.llm.workers requests in flight, and writes
 Exit status 0 when at least one record was written, 1 when none survived (the report says why) or on an error.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
+from bpo import cli
 from bpo.build_data.entity import build_recognizer
 from bpo.build_data.images import build_images
 from bpo.build_data.llm import ChatClient, LLMError
@@ -42,10 +42,7 @@ FORMAT = 1  # of the parts' rows; bump when they change
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config")
-    parser.add_argument("overrides", nargs="*")
-    return parser.parse_intermixed_args(argv)
+    return cli.parse_job_args(__doc__, argv, launched=False)
 
 
 def _in_order(pool, fn, items):

@@ -20,7 +20,7 @@ Resuming (`plan_resume`, decided by rank 0; `load`, on every rank). What is trus
 - from the files: model weights, optimizer and scheduler state, the step, each rank's RNG state. The DeepSpeed
   config stored in them is ignored: this run's config applies.
 A checkpoint saved on another number of ranks is read through DeepSpeed's universal format (bpo.runtime.reshard). Before any
-of this, train.py checks that the start is the same run (bpo.runtime.run_record) and that no other job holds it
+of this, train.py checks that the start is the same run (bpo.run_record) and that no other job holds it
 (bpo.runtime.run_lock). A tag holding PIN_FILE (the last finite checkpoint of a run that diverged) is never pruned.
 """
 
@@ -35,6 +35,7 @@ import torch
 from bpo.runtime import dist
 from bpo.runtime.faults import maybe_crash
 from bpo.runtime.safe_load import UnsafeCheckpoint, safe_load, weights_only_loads
+from bpo.runtime.reshard import UNIVERSAL
 
 TAG_RE = re.compile(r"step_(\d+)")
 MODEL_FILE = "zero_pp_rank_{}_mp_rank_00_model_states.pt"
@@ -345,8 +346,6 @@ def save(engine, output_dir, step, keep):
 def _clear_stale(tag_dir, world):
     """A tag written again (after a resume from an older one) must not keep what its earlier writing left: files of
     ranks this run does not have, or a universal copy of the old contents (bpo.runtime.reshard would load it)."""
-    from bpo.runtime.reshard import UNIVERSAL
-
     for name in os.listdir(tag_dir):
         m = re.fullmatch(r"(?:zero_pp_rank_(\d+)_mp_rank_00_(?:model|optim)_states|rng_rank(\d+))\.pt", name)
         if m and int(m.group(1) or m.group(2)) >= world:

@@ -6,7 +6,8 @@ job redoes only missing shards, and rank 0 concatenates them in order. Because b
 split, outputs do not depend on the number of ranks or on restarts.
 
 Under ZeRO-3 every forward is a collective, so ranks must make the same number of model calls: in each round a rank
-with fewer batches than the busiest one calls `idle()` to make up the difference.
+with fewer batches than the busiest one calls `idle()` to make up the difference. That round loop, `lockstep`, also
+drives the reference cache (bpo/ref_logprobs.py), which writes shards of its own format.
 """
 
 import json
@@ -64,6 +65,24 @@ class TokenRate:
             return f"{self.tokens / max(time.time() - self._t0, 1e-9):.0f} tok/s"
 
 
+def lockstep(pending, calls, work, idle=None):
+    """Deal the `pending` shards round-robin to the ranks, one each per round; yields each round's shards once this
+    rank is through it. `work(shard, round)` (rounds count from 1) does this rank's shard, which takes `calls(shard)`
+    model calls. Under ZeRO-3 every forward is a collective, so a rank with fewer calls than the busiest rank of the
+    round, or with no shard, calls `idle()` to make up the difference (without `idle`, ranks do not wait for each
+    other)."""
+    world, rank = dist.world_size(), dist.rank()
+    for done_rounds, start in enumerate(range(0, len(pending), world), start=1):
+        in_round = pending[start:start + world]
+        owed = max(calls(i) for i in in_round)
+        if rank < len(in_round):
+            work(in_round[rank], done_rounds)
+            owed -= calls(in_round[rank])
+        for _ in range(owed if idle else 0):
+            idle()
+        yield in_round
+
+
 def run_sharded(parts_dir, num_items, batch_size, batches_per_shard, work, idle=None, desc="work",
                 crash_point=None, postfix=None):
     """Run `work(batch_index, item_range) -> rows` over every batch not already on disk; returns all rows in order
@@ -88,26 +107,22 @@ def run_sharded(parts_dir, num_items, batch_size, batches_per_shard, work, idle=
                 f"{world} rank(s)")
     bar = tqdm(total=num_items, initial=num_items - sum(len(shards[i]) for i in pending), unit="item", desc=desc,
                disable=rank != 0, dynamic_ncols=True)
-    for done_rounds, start in enumerate(range(0, len(pending), world), start=1):
-        in_round = pending[start:start + world]
-        calls = max(n_batches(i) for i in in_round)
-        if rank < len(in_round):
-            mine = in_round[rank]
-            rows = []
-            for b in range(n_batches(mine)):
-                first = shards[mine].start + b * batch_size
-                batch = range(first, min(first + batch_size, shards[mine].stop))
-                rows += work(first // batch_size, batch)
-                if world == 1:  # one process sees all the work: move the bar per batch, not per shard
-                    bar.update(len(batch))
-                if postfix:
-                    bar.set_postfix_str(postfix())
-            write_jsonl_atomic(path(mine), rows)
-            calls -= n_batches(mine)
-            if crash_point:
-                maybe_crash(crash_point, done_rounds)
-        for _ in range(calls if idle else 0):
-            idle()
+
+    def do(mine, done_rounds):
+        rows = []
+        for b in range(n_batches(mine)):
+            first = shards[mine].start + b * batch_size
+            batch = range(first, min(first + batch_size, shards[mine].stop))
+            rows += work(first // batch_size, batch)
+            if world == 1:  # one process sees all the work: move the bar per batch, not per shard
+                bar.update(len(batch))
+            if postfix:
+                bar.set_postfix_str(postfix())
+        write_jsonl_atomic(path(mine), rows)
+        if crash_point:
+            maybe_crash(crash_point, done_rounds)
+
+    for in_round in lockstep(pending, n_batches, do, idle):
         bar.update(sum(len(shards[i]) for i in in_round) - (len(shards[in_round[0]]) if world == 1 else 0))
     bar.close()
     dist.barrier()

@@ -7,11 +7,11 @@ equal; the tests assert exactly that.
 
 import json
 import os
-import socket
 
 import pytest
 
 from jobs import run_single, write_config
+from ports import free_port
 
 pytestmark = pytest.mark.server
 MAX_NEW = 16
@@ -147,9 +147,7 @@ def test_wrong_model_name_is_a_clear_error(vllm_server, sample_data_dir, tmp_pat
 
 
 def test_dead_server_is_a_clear_error(served_model_dir, sample_data_dir, tmp_path):
-    with socket.socket() as s:  # a loopback port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nothing listens on
     config = blind_config(tmp_path / "cfg.yaml", served_model_dir, sample_data_dir, engine="vllm",
                           server_url=f"http://127.0.0.1:{port}/v1", server_retries=1, server_backoff_s=0.1)
     proc = run_single("generate_blind.py", config, [f"blind.output_file={tmp_path / 'out.jsonl'}"],

@@ -4,7 +4,6 @@ local guard-model judge on the tiny random LLaVA."""
 import base64
 import json
 import os
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,6 +19,7 @@ from bpo.eval.judges import (
     fill_prompt,
     parse_verdict,
 )
+from ports import free_port
 
 KEY_ENV = "BPO_TEST_JUDGE_KEY"
 
@@ -272,9 +272,7 @@ def test_other_4xx_raises_with_body(server):
 
 
 def test_connection_errors_retry_then_give_up():
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     sleeps = Sleeps()
     judge = openai_judge(f"http://127.0.0.1:{port}/v1", sleeps, max_retries=2, timeout_s=2.0)
     with pytest.raises(JudgeError, match="gave up after 3 attempts"):

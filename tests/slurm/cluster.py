@@ -12,10 +12,11 @@ n2 are two slurmd processes on 127.0.0.1 with distinct ports, each started with 
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+
+from ports import free_port
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol")
@@ -48,17 +49,6 @@ def unavailable_reason():
     return None
 
 
-def _free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class SlurmCluster:
     """Start with `start()`, stop with `stop()`; `env` is what a client (sbatch, scontrol, srun) needs."""
 
@@ -79,7 +69,7 @@ class SlurmCluster:
         return os.path.join(self.root, *parts)
 
     def write_config(self):
-        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        ctld_port, *node_ports = (free_port() for _ in range(1 + len(self.nodes)))
         for d in ("state", "log", *(f"spool/{n}" for n in self.nodes)):
             os.makedirs(self._path(d), mode=0o700, exist_ok=True)
         # munged insists that everyone may traverse its socket's directory (and no one else may write there).

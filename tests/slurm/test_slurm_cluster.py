@@ -101,15 +101,12 @@ def pipeline(cluster, tmp_path_factory):
                EXTRA_OVERRIDES="eval.limit=4")
     if not os.path.exists(env["PY"]):
         env.pop("PY")
-    skip_eval = not os.path.exists(os.path.join(REPO, "bpo", "evaluate.py"))
-    if skip_eval:
-        env["SKIP_EVAL"] = "1"
     start = time.time()
     proc = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, f"pipeline.sh failed:\n{proc.stdout}\n{proc.stderr}"
     jobs = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line and line.split("=")[1].isdigit())
-    assert list(jobs) == ["blind", "ref", "train", "export"] + ([] if skip_eval else ["eval"]), proc.stdout
+    assert list(jobs) == ["blind", "ref", "train", "export", "eval"], proc.stdout
 
     # Stop training part-way, the way the time limit does: as soon as a checkpoint exists.
     run_dir = os.path.join(run_root, "train")
@@ -140,7 +137,7 @@ def pipeline(cluster, tmp_path_factory):
     final = states(cluster, jobs)
     assert set(final.values()) == {"COMPLETED"}, f"{final}\n{explain(cluster, jobs)}"
     return {"jobs": jobs, "run_root": run_root, "run_dir": run_dir, "requeued_after": requeued_after,
-            "skip_eval": skip_eval, "seconds": time.time() - start}
+            "seconds": time.time() - start}
 
 
 def test_chain_trains_on_two_nodes_and_exports(cluster, pipeline):
@@ -174,8 +171,6 @@ def test_requeued_training_resumes_from_its_checkpoint(cluster, pipeline):
 
 
 def test_eval_report(pipeline):
-    if pipeline["skip_eval"]:
-        pytest.skip("bpo/evaluate.py is not in the repo yet: the chain was submitted with SKIP_EVAL=1 (no eval job)")
     eval_dir = os.path.join(pipeline["run_root"], "eval")
     with open(os.path.join(eval_dir, "report.json")) as f:
         assert json.load(f)

@@ -22,6 +22,8 @@ import yaml
 
 from bpo.runtime.atomic import write_text
 from bpo.config import Config, ConfigError, to_dict, with_absolute_paths
+from bpo.data.records import read_raw_records
+from bpo.ref_cache.fingerprint import data_digest
 
 IDENTITY_NAME = "identity.json"
 HISTORY_DIR = "history"
@@ -65,9 +67,6 @@ def math_keys():
 def data_identity(data):
     """{"sha256", "records"} of the training data (`data`: the config's data section; a file, or a dataset folder's
     split; records: entries read, bad ones included)."""
-    from bpo.data.records import read_raw_records
-    from bpo.ref_cache.fingerprint import data_digest
-
     records = read_raw_records(data.train_file, data.split, data.image_cache)
     return {"sha256": data_digest(data.train_file, data.split), "records": len(records)}
 
@@ -82,7 +81,7 @@ def check_allow_list(cfg):
     unknown = [k for k in cfg.train.resume_allow if k != DATA_KEY and k not in math_keys()]
     if unknown:
         raise ConfigError(f"train.resume_allow names {unknown}, which are not keys a resume compares: give math keys "
-                          f"(e.g. loss.beta) or {DATA_KEY}; operational keys (bpo.runtime.run_record.OPERATIONAL) may change "
+                          f"(e.g. loss.beta) or {DATA_KEY}; operational keys (bpo.run_record.OPERATIONAL) may change "
                           f"freely")
 
 
