@@ -267,16 +267,17 @@ def test_setup_from_config_reads_what_the_config_decides():
 
 
 def test_docs_quote_what_plan_computes_from_the_configs():
-    """configs/bpo_7b.yaml and bpo_70b.yaml (their `# plan says:` line) and README.md's plan tables are what bpo.plan.estimate
-    computes from those configs now: a change to a config, a default or the plan fails here until
-    `python -m bpo.plan.docs` rewrites them."""
+    """configs/bpo_7b.yaml and bpo_70b.yaml (their `# plan says:` line) and the plan tables of README.md and docs/*.md
+    (docs/slurm.md holds them) are what bpo.plan computes from those configs now: a change to a config, a default or
+    the plan fails here until `python -m bpo.plan.docs` rewrites them."""
     from bpo.plan import docs as plan_docs
 
     docs = plan_docs.documents()
-    assert set(docs) == {"configs/bpo_7b.yaml", "configs/bpo_70b.yaml", "README.md"}
+    assert set(docs) == {"configs/bpo_7b.yaml", "configs/bpo_70b.yaml", "docs/slurm.md"}
+    assert "README.md" in plan_docs.markdown_files() and "docs/slurm.md" in plan_docs.markdown_files()
     for path, (now, generated) in docs.items():
-        assert now == generated, f"{path}: memory figures drifted from bpo.plan.estimate; run python -m bpo.plan.docs"
-    assert docs["README.md"][0].count("<!-- plan: configs/") == 2
+        assert now == generated, f"{path}: memory figures drifted from bpo.plan; run python -m bpo.plan.docs"
+    assert docs["docs/slurm.md"][0].count("<!-- plan: configs/") == 2
     # The check can fail: a stale figure is rewritten, and the figure follows the config it is computed from.
     text = docs["configs/bpo_7b.yaml"][0]
     line = next(x for x in text.split("\n") if x.startswith(plan_docs.SAYS_LINE))
