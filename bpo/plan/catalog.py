@@ -143,7 +143,7 @@ _CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermed
                "projection_dim": 768}
 
 # The published config.json files' dimensions (llava-hf/llava-1.5-7b-hf, llava-hf/llava-next-72b-hf,
-# Qwen/Qwen2-VL-72B-Instruct), so plans for the README need no download.
+# Qwen/Qwen2-VL-72B-Instruct), so the plans the docs quote need no download.
 BUILTIN = {
     "llava-1.5-7b": {
         "model_type": "llava", "vision_config": _CLIP_L_336,
