@@ -40,8 +40,8 @@ $(VENV)/.installed: setup.py $(LOCK)
 	python3 -m venv $(VENV)
 	# torch and torchvision must come as a matching pair: transformers 5 builds the Qwen2-VL, Qwen2.5-VL, OneVision
 	# and InternVL processors only with torchvision, and the torchvision wheel beside torch 2.13's CPU build is a CUDA
-	# build whose ops do not load. The lock's 2.14.1 + 0.29.1 lie on local disk here and run on the CPU (README,
-	# "Install").
+	# build whose ops do not load. The lock's 2.14.1 + 0.29.1 lie on local disk here and run on the CPU
+	# (docs/install.md).
 	$(PY) -m pip install -q -c $(LOCK) torch torchvision
 	$(PY) -m pip install -q -c $(LOCK) -e ".[test]"
 	touch $@
@@ -68,7 +68,7 @@ lock: latest-venv
 	$(VLLM_VENV)/bin/pip freeze --exclude torch --exclude torchvision > $(VLLM_LOCK).tmp && mv $(VLLM_LOCK).tmp $(VLLM_LOCK)
 	touch $(VLLM_VENV)/.installed  # built from what the new lock now says
 
-# The science demo: BPO vs DPO from one SFT base on bpo.demo.world, 3 seeds (README, "The science demo").
+# The science demo: BPO vs DPO from one SFT base on bpo.demo.world, 3 seeds (docs/science_demo.md).
 demo: venv
 	$(PY) -m launch.science --out demo
 

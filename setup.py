@@ -30,7 +30,7 @@ setup(
         "accelerate",  # transformers needs it for HfDeepSpeedConfig (ZeRO-3 construction); not used for training
     ],
     extras_require={
-        # Packages that some families' processors import (README, "Model families"); bpo names the missing one at
+        # Packages that some families' processors import (docs/families.md); bpo names the missing one at
         # start (bpo.data.chat.load_chat). SmolVLM / SmolVLM2 spell image positions out in words with num2words.
         "families": ["num2words"],
         "test": ["pytest", "pytest-xdist", "triton", "num2words"],  # num2words: the SmolVLM2 replica's processor

@@ -62,7 +62,7 @@ def main(argv=None):
     from bpo.engines import cpu_server
     from bpo.engines.estimate import Hardware, server_tokens_s, zero3_tokens_s
     from bpo.engines.layout import write_served_copy
-    from bpo.plan.estimate import load_dims
+    from bpo.plan.catalog import load_dims
     from bpo.demo.sample_data import write_sample_data
     from bpo.demo.tiny import write_tiny_llava
     from record import markdown_table, update_section

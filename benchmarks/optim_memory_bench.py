@@ -76,6 +76,7 @@ def main():
     args = parser.parse_args()
 
     from bpo.plan import estimate as plan
+    from bpo.plan.catalog import load_dims
     from bpo.demo.sample_data import write_sample_data
     from bpo.demo.tiny import write_tiny_llava
 
@@ -83,7 +84,7 @@ def main():
     model = write_tiny_llava(os.path.join(root, "model"), hidden_size=args.hidden_size, num_layers=args.num_layers)
     data_dir = write_sample_data(os.path.join(root, "data"))
     data = add_blind(os.path.join(data_dir, "train.jsonl"), os.path.join(root, "train_blind.jsonl"))
-    dims = plan.load_dims(model)
+    dims = load_dims(model)
     config = write_config(os.path.join(root, "cfg.yaml"), {
         "model": {"path": model, "dtype": "fp32"},
         "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r},

@@ -173,7 +173,7 @@ class DecodeConfig:
     batch_size: int = 8
     zero3: bool = False  # shard the model with ZeRO-3 inference (for models larger than one device; slow)
     # hf = transformers `generate` in this process (the reference); vllm = an OpenAI-compatible server (vLLM, SGLang)
-    # at server_url, sent the prompts the hf path would decode (bpo/engines/server.py; README "Generation engines").
+    # at server_url, sent the prompts the hf path would decode (bpo/engines/server.py; docs/generation.md).
     engine: str = "hf"
     server_url: str = ""  # base URL of the server's API, e.g. http://127.0.0.1:8000/v1
     server_model: str = ""  # the name the server serves the model under; empty = the model path as configured

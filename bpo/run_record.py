@@ -44,7 +44,8 @@ OPERATIONAL = ("train.output_dir", "train.resume", "train.resume_allow", "train.
                "model.attn_implementation", "model.gradient_checkpointing",
                "train.micro_batch_size", "train.grad_accum")
 # Compared in place of the batch split: examples per optimizer step. A run may resume on another number of ranks with
-# grad_accum changed to keep it (README); the sampler gives each optimizer step the same examples whatever the split.
+# grad_accum changed to keep it (docs/checkpoints.md); the sampler gives each optimizer step the same examples
+# whatever the split.
 GLOBAL_BATCH = "train.global_batch"
 
 

@@ -5,8 +5,8 @@ Multi-node (Slurm):    srun torchrun --nnodes $N --nproc_per_node 8 ... bpo/trai
 CPU, 2 processes:      DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 deepspeed --num_gpus 2 bpo/train.py \
                            --config configs/smoke.yaml train.ds_config=ds_configs/zero3_cpu.json
 Resume after a kill:   the same command with --resume (train.resume=true); a changed math key is refused unless
-                       accepted with --allow-change KEY (README "Checkpoints, resuming, and what is trusted")
-Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_8bit | paged_adamw_8bit (README)
+                       accepted with --allow-change KEY (docs/checkpoints.md)
+Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_8bit | paged_adamw_8bit (docs/memory.md)
 """
 
 import json

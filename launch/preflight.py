@@ -77,14 +77,15 @@ def existing_checkpoints(run_dir):
 
 def checkpoint_need(model, keep, run_dir):
     """Bytes still to find for checkpoints: (keep + 1 - already written) x one checkpoint, at least one."""
-    from bpo.plan.estimate import checkpoint_bytes, load_dims
+    from bpo.plan.catalog import load_dims
+    from bpo.plan.estimate import checkpoint_bytes
 
     one = checkpoint_bytes(load_dims(model))
     return one * max(1, keep + 1 - existing_checkpoints(run_dir)), one
 
 
 def export_need(model, dtype):
-    from bpo.plan.estimate import load_dims
+    from bpo.plan.catalog import load_dims
 
     return load_dims(model).total_params * (4 if dtype == "fp32" else 2)
 
@@ -124,7 +125,7 @@ def parse_args(argv=None):
     parser.add_argument("--gpus-per-node", type=int, default=0, help="0 skips the GPU check")
     parser.add_argument("--readable", nargs="*", default=[], metavar="PATH")
     parser.add_argument("--writable", nargs="*", default=[], metavar="DIR")
-    parser.add_argument("--checkpoint-model", help="model (directory or bpo.plan.estimate built-in) to size checkpoints by")
+    parser.add_argument("--checkpoint-model", help="model (directory or bpo.plan.catalog built-in) to size checkpoints by")
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--export-model", help="model to size an export by (parameters x dtype bytes)")
     parser.add_argument("--export-dtype", default="bf16", choices=("bf16", "fp16", "fp32"))

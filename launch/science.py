@@ -2,7 +2,7 @@
 
     python -m launch.science [--out demo] [--seeds 0 1 2] [--nproc 2]
 
-Runs bpo's own commands on bpo.demo.world (README, "The science demo"), each printed before it runs, its output in
+Runs bpo's own commands on bpo.demo.world (docs/science_demo.md), each printed before it runs, its output in
 OUT/logs/. Once: the starting checkpoint (`python -m bpo.demo.world model OUT/start`). Then per seed S, in OUT/seed_S/:
 
     world/           python -m bpo.demo.world data ... --seed S             (training files drawn by S; val, test fixed)

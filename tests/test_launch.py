@@ -140,7 +140,8 @@ def test_preflight_unwritable_dir(tmp_path):
 
 
 def test_preflight_checkpoint_estimate_counts_existing_checkpoints(tmp_path, tiny_model_dir):
-    from bpo.plan.estimate import checkpoint_bytes, load_dims
+    from bpo.plan.catalog import load_dims
+    from bpo.plan.estimate import checkpoint_bytes
 
     one = checkpoint_bytes(load_dims(tiny_model_dir))
     assert preflight.checkpoint_need(tiny_model_dir, 2, str(tmp_path)) == (3 * one, one)

@@ -1,4 +1,4 @@
-"""bpo.plan.estimate: parameter counts against real transformers models, and memory rows small enough to check by hand."""
+"""bpo.plan (catalog, estimate, report, docs): parameter counts against real transformers models, and memory rows small enough to check by hand."""
 
 import json
 import os
@@ -6,8 +6,10 @@ from dataclasses import replace
 
 import pytest
 
+from bpo.plan import catalog, report
 from bpo.plan import estimate as plan
-from bpo.plan.estimate import GiB, ModelDims, Setup, estimate, total_bytes
+from bpo.plan.catalog import ModelDims
+from bpo.plan.estimate import GiB, Setup, estimate, total_bytes
 from jobs import REPO
 
 # A model with round numbers: H = 100, 2 layers, 4 heads of 25 (2 kv heads: kv_dim 50), I = 300, V = 1000.
@@ -79,7 +81,7 @@ def test_fused_chunk_never_exceeds_the_tokens():
 def test_fused_head_counts_its_weight_gradient_at_72b():
     """The fused head's backward holds an fp32 (V, H) accumulator and its bf16 copy: ~7 GiB at V = 152064,
     H = 8192, which the 70B template's plan left out (50.6 GiB shown, ~57.5 GiB needed)."""
-    dims = plan.load_dims("llava-next-72b")
+    dims = catalog.load_dims("llava-next-72b")
     setup = Setup(nodes=8, gpus_per_node=8, seq_len=4096, scoring="rows", chunk_size=1024)
     rows, _ = rows_of(dims, setup)
     assert rows["head:fused"] == 1024 * 152064 * 10 + 6 * 152064 * 8192
@@ -123,14 +125,14 @@ def test_checkpoint_bytes():
     ("qwen2-vl-72b", 73_405_560_320, 72_706_203_648),
 ])
 def test_builtin_models(name, total, llm):
-    dims = plan.load_dims(name)
+    dims = catalog.load_dims(name)
     assert (dims.total_params, dims.llm_params) == (total, llm)
 
 
 def test_counts_match_instantiated_llava(tiny_model_dir):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    dims = plan.load_dims(tiny_model_dir)
+    dims = catalog.load_dims(tiny_model_dir)
     model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_model_dir))
     named = dict(model.named_parameters())
     assert dims.total_params == sum(p.numel() for p in named.values())
@@ -148,7 +150,7 @@ def test_counts_match_instantiated_qwen2_vl_from_a_top_level_config(tmp_path):
                              "in_chans": 3, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))
-    dims = plan.load_dims(str(path))
+    dims = catalog.load_dims(str(path))
     model = Qwen2VLForConditionalGeneration(AutoConfig.for_model(**raw))
     named = dict(model.named_parameters())
     assert dims.total_params == sum(p.numel() for p in named.values())
@@ -157,17 +159,17 @@ def test_counts_match_instantiated_qwen2_vl_from_a_top_level_config(tmp_path):
 
 
 def test_cli_prints_a_table_and_exits_1_when_it_does_not_fit(capsys):
-    assert plan.main(["--model", "llava-1.5-7b", "--nodes", "1", "--gpus-per-node", "8"]) == 0
+    assert report.main(["--model", "llava-1.5-7b", "--nodes", "1", "--gpus-per-node", "8"]) == 0
     out = capsys.readouterr().out
     assert "optimizer (fp32 master + Adam m, v)" in out and "fits in 80 GiB" in out
-    assert plan.main(["--model", "llava-next-72b", "--nodes", "1", "--gpus-per-node", "8", "--markdown"]) == 1
+    assert report.main(["--model", "llava-next-72b", "--nodes", "1", "--gpus-per-node", "8", "--markdown"]) == 1
     out = capsys.readouterr().out
     assert "| component | GiB per GPU | formula (bytes) |" in out and "DOES NOT FIT" in out
 
 
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(SystemExit, match="no such config.json"):
-        plan.load_dims("/nonexistent/model")
+        catalog.load_dims("/nonexistent/model")
 
 
 def test_lora_and_8bit_rows_by_hand():
@@ -202,7 +204,7 @@ def test_qlora_rows_by_hand():
     layer_linear = pq // 2
     assert rows["gather"] == 2 * max((0.5 + 1 / 64) * layer_linear + 2 * (120_200 - layer_linear), 2 * 100_000)
     assert plan.load_bytes(DIMS, setup) == weights + 4 * GiB  # the whole NF4 model on each GPU while it loads
-    text, fits = plan.report(DIMS, setup)
+    text, fits = report.report(DIMS, setup)
     assert "loading: the whole NF4 model sits on every GPU" in text and fits
 
 
@@ -222,7 +224,7 @@ def test_lora_count_matches_peft_on_instantiated_models(family, tiny_model_dir, 
     from bpo.model.lora import add_adapters
 
     if family == "tiny":
-        dims = plan.load_dims(tiny_model_dir)
+        dims = catalog.load_dims(tiny_model_dir)
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tiny_model_dir))
     else:
         raw = {"model_type": "qwen2_vl", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96,
@@ -230,7 +232,7 @@ def test_lora_count_matches_peft_on_instantiated_models(family, tiny_model_dir, 
                "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 4,
                                  "in_chans": 3, "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2}}
         (tmp_path / "config.json").write_text(json.dumps(raw))
-        dims = plan.load_dims(str(tmp_path))
+        dims = catalog.load_dims(str(tmp_path))
         model = Qwen2VLForConditionalGeneration(AutoConfig.for_model(**raw))
     _, parts = add_adapters(model, ModelConfig(finetune="lora"), LoraConfig(r=4, alpha=8))
     adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -240,7 +242,7 @@ def test_lora_count_matches_peft_on_instantiated_models(family, tiny_model_dir, 
 
 
 def test_cli_takes_the_memory_levers(capsys):
-    assert plan.main(["--model", "llava-1.5-7b", "--optim", "adamw_8bit", "--finetune", "qlora", "--lora-r", "8",
+    assert report.main(["--model", "llava-1.5-7b", "--optim", "adamw_8bit", "--finetune", "qlora", "--lora-r", "8",
                       "--reference", "adapters_off"]) == 0
     out = capsys.readouterr().out
     assert "optimizer (fp32 master + 8-bit Adam m, v)" in out and "LoRA parameters (r=8" in out
@@ -261,20 +263,21 @@ def test_setup_from_config_reads_what_the_config_decides():
     assert (setup.finetune, setup.reference, setup.head, setup.responses, setup.offload) == (
         "lora", "adapters_off", "naive", 2, "param")
     with pytest.raises(SystemExit):  # a flag the config decides is refused, not silently ignored
-        plan.parse_args(["--config", os.path.join(REPO, "configs", "bpo_7b.yaml"), "--seq-len", "5"])
+        report.parse_args(["--config", os.path.join(REPO, "configs", "bpo_7b.yaml"), "--seq-len", "5"])
 
 
 def test_docs_quote_what_plan_computes_from_the_configs():
-    """configs/bpo_7b.yaml and bpo_70b.yaml (their `# plan says:` line) and README.md's plan tables are what bpo.plan.estimate
-    computes from those configs now: a change to a config, a default or the plan fails here until
-    `python -m bpo.plan.docs` rewrites them."""
+    """configs/bpo_7b.yaml and bpo_70b.yaml (their `# plan says:` line) and the plan tables of README.md and docs/*.md
+    (docs/slurm.md holds them) are what bpo.plan computes from those configs now: a change to a config, a default or
+    the plan fails here until `python -m bpo.plan.docs` rewrites them."""
     from bpo.plan import docs as plan_docs
 
     docs = plan_docs.documents()
-    assert set(docs) == {"configs/bpo_7b.yaml", "configs/bpo_70b.yaml", "README.md"}
+    assert set(docs) == {"configs/bpo_7b.yaml", "configs/bpo_70b.yaml", "docs/slurm.md"}
+    assert "README.md" in plan_docs.markdown_files() and "docs/slurm.md" in plan_docs.markdown_files()
     for path, (now, generated) in docs.items():
-        assert now == generated, f"{path}: memory figures drifted from bpo.plan.estimate; run python -m bpo.plan.docs"
-    assert docs["README.md"][0].count("<!-- plan: configs/") == 2
+        assert now == generated, f"{path}: memory figures drifted from bpo.plan; run python -m bpo.plan.docs"
+    assert docs["docs/slurm.md"][0].count("<!-- plan: configs/") == 2
     # The check can fail: a stale figure is rewritten, and the figure follows the config it is computed from.
     text = docs["configs/bpo_7b.yaml"][0]
     line = next(x for x in text.split("\n") if x.startswith(plan_docs.SAYS_LINE))

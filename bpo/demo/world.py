@@ -26,7 +26,7 @@ OUT_DIR/images/*.png
 
 `--seed` draws the training files (sft, pref) and nothing else: val and test are the same for every seed, so seeds
 are compared on one evaluation set. Every split has its own random stream, so one split's size never changes another.
-The same arguments give the same bytes. Fixed before any DPO or BPO result was seen (see README, "The science demo").
+The same arguments give the same bytes. Fixed before any DPO or BPO result was seen (see docs/science_demo.md).
 """
 
 import argparse

@@ -3,48 +3,53 @@
     python -m bpo.plan.docs            # rewrite them
     python -m bpo.plan.docs --check    # exit 1 naming each one that drifted (tests/test_plan.py runs this)
 
-A config names what it cannot say itself in one comment line, `# plan: ARGS`: bpo.plan.estimate's flags for the cluster
+A config names what it cannot say itself in one comment line, `# plan: ARGS`: `python -m bpo.plan`'s flags for the cluster
 (--model when model.path is not on this machine, --nodes, --gpus-per-node) and the Slurm template's overrides
 (train.ref_cache=...). The comment line after it, `# plan says: ...`, is generated from
-`python -m bpo.plan --config THE_FILE ARGS`. README.md holds whole tables, each between `<!-- plan: CONFIG ARGS -->`
-and `<!-- /plan -->`.
+`python -m bpo.plan --config THE_FILE ARGS`. README.md and the pages in docs/ hold whole tables, each between
+`<!-- plan: CONFIG ARGS -->` and `<!-- /plan -->` (docs/slurm.md has the two training templates'); every such block
+in those files is regenerated, wherever it sits.
 """
 
 import argparse
+import glob
 import os
 import re
 import shlex
 
-from bpo.plan import estimate as plan
+from bpo.plan.catalog import load_dims
+from bpo.plan.estimate import GiB, checkpoint_bytes, total_bytes
+from bpo.plan.report import build_setup, parse_args, report
+from bpo.runtime.atomic import write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = ("configs/bpo_7b.yaml", "configs/bpo_70b.yaml")
-README = "README.md"
+DOCS = ("README.md", "docs/*.md")  # the Markdown files scanned for plan blocks
 ARGS_LINE = "# plan: "
 SAYS_LINE = "# plan says: "
-README_BLOCK = re.compile(r"(<!-- plan: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /plan -->)", re.S)
+PLAN_BLOCK = re.compile(r"(<!-- plan: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /plan -->)", re.S)
 
 
 def _setup(config, args):
-    parsed = plan.parse_args(["--config", os.path.join(REPO, config), *shlex.split(args)])
-    model, setup = plan.build_setup(parsed)
-    return plan.load_dims(model), setup, parsed
+    parsed = parse_args(["--config", os.path.join(REPO, config), *shlex.split(args)])
+    model, setup = build_setup(parsed)
+    return load_dims(model), setup, parsed
 
 
 def summary(config, args):
     """The one-line figure a config's comment quotes."""
     dims, setup, _ = _setup(config, args)
-    total = plan.total_bytes(dims, setup) / plan.GiB
+    total = total_bytes(dims, setup) / GiB
     verdict = "fits" if total <= setup.gpu_mem_gib else "does NOT fit"
     return (f"{total:.1f} GiB per GPU of {setup.gpu_mem_gib:g} ({verdict}; {setup.head} head, {setup.reference} "
-            f"reference, {setup.ranks} GPUs); one checkpoint {plan.checkpoint_bytes(dims, setup) / plan.GiB:.0f} GiB "
+            f"reference, {setup.ranks} GPUs); one checkpoint {checkpoint_bytes(dims, setup) / GiB:.0f} GiB "
             f"on disk")
 
 
 def table(config, args):
-    """The Markdown table README.md shows for a config: the command, then bpo.plan.estimate's report."""
+    """The Markdown table the docs show for a config: the command, then bpo.plan.report's report."""
     dims, setup, _ = _setup(config, args)
-    text, _ = plan.report(dims, setup, markdown=True)
+    text, _ = report(dims, setup, markdown=True)
     return f"`python -m bpo.plan --config {config} {args} --markdown`\n\n{text}\n"
 
 
@@ -62,12 +67,14 @@ def config_text(config, text):
     raise ValueError(f"{config} has no '{ARGS_LINE.strip()}' line")
 
 
-def readme_text(text):
+def markdown_text(text):
+    """`text` (a Markdown file's contents) with every plan block regenerated."""
+
     def block(m):
         config, _, args = m.group("args").partition(" ")
         return m.group(1) + table(config, args) + m.group(4)
 
-    return README_BLOCK.sub(block, text)
+    return PLAN_BLOCK.sub(block, text)
 
 
 def documents():
@@ -77,10 +84,20 @@ def documents():
         with open(os.path.join(REPO, path)) as f:
             text = f.read()
         out[path] = (text, config_text(path, text))
-    with open(os.path.join(REPO, README)) as f:
-        text = f.read()
-    out[README] = (text, readme_text(text))
+    for path in markdown_files():
+        with open(os.path.join(REPO, path)) as f:
+            text = f.read()
+        if PLAN_BLOCK.search(text):
+            out[path] = (text, markdown_text(text))
     return out
+
+
+def markdown_files():
+    """The Markdown files that may hold plan blocks, relative to the repository, sorted."""
+    found = set()
+    for pattern in DOCS:
+        found.update(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, pattern)))
+    return sorted(found)
 
 
 def main(argv=None):
@@ -92,8 +109,6 @@ def main(argv=None):
         for path in drifted:
             print(f"{path}: memory figures differ from bpo.plan.estimate's; run python -m bpo.plan.docs")
         return 1 if drifted else 0
-    from bpo.runtime.atomic import write_text
-
     for path, (now, generated) in documents().items():
         if now != generated:
             write_text(os.path.join(REPO, path), generated)
