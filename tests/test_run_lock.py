@@ -12,7 +12,7 @@ from bpo.runtime import run_lock
 from bpo.runtime.checkpoint import CheckpointError
 from jobs import REPO
 
-HOLD = "import sys, time; from bpo import run_lock; run_lock.acquire(sys.argv[1]); print('held', flush=True); " \
+HOLD = "import sys, time; from bpo.runtime import run_lock; run_lock.acquire(sys.argv[1]); print('held', flush=True); " \
        "time.sleep(60)"
 
 

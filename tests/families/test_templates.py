@@ -66,7 +66,7 @@ def test_inspect_names_the_record_and_tokens_when_prompt_and_reply_tokenize_toge
     from bpo.data.chat import read_template
     from bpo.data.inspect import main
 
-    template = read_template(os.path.join(os.path.dirname(__import__("bpo.demo.tiny").tiny.__file__), "templates",
+    template = read_template(os.path.join(os.path.dirname(__import__("bpo.demo.tiny").demo.tiny.__file__), "templates",
                                           "llava15.jinja"))
     spaced = tmp_path / "spaced.jinja"
     spaced.write_text(template.replace("{{ 'ASSISTANT:' }}", "{{ 'ASSISTANT: ' }}"))
