@@ -28,11 +28,11 @@ from bpo.data import sampler
 from bpo.config import ConfigError, check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.data.records import enforce_max_image_pixels
 from bpo.runtime.faults import maybe_crash, maybe_poison, maybe_slow
-from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
-from bpo.model.load import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
-                       resolve_attn_implementation, set_gradient_checkpointing, set_trainable,
-                       text_hidden_size)
-from bpo.ops.logprobs import describe_impl
+from bpo.loss import bpo_loss, finalize_metrics, nll_loss
+from bpo.model.load import describe, is_zero3, load_model, resolve_attn_implementation, text_hidden_size
+from bpo.model.parts import set_gradient_checkpointing, set_trainable
+from bpo.model.scorer import SequenceScorer, choose_layout, model_inputs
+from bpo.ops.logprobs import describe_impl, response_mask, sequence_logps
 from bpo.model.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
 from bpo.runtime.stop import EXIT_CODE as STOPPED_EXIT_CODE, Diverged, StopRequest
@@ -256,7 +256,7 @@ def preference_loss(token_logps, response_mask, ref_logps, batch, loss_cfg):
 
 def add_router_aux(loss, metrics, scorer, coef):
     """loss + coef x the MoE router's auxiliary load-balancing loss of the forward just run (loss.router_aux_coef;
-    bpo.model.load.router_aux_loss_function), logged as router_aux. coef 0: the loss unchanged, the paper's objective."""
+    bpo.model.moe.router_aux_loss_function), logged as router_aux. coef 0: the loss unchanged, the paper's objective."""
     if not coef:
         return loss, metrics
     aux = scorer.router_aux_loss  # scalar, this micro-batch's tokens
@@ -299,7 +299,7 @@ def train(cfg):
     dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, dist.device()))
     pad_id = chat.pad_id
     dataset = build_data(cfg, chat, log)
-    blank = blank_image_example(chat)  # ZeRO-3 lockstep for micro-batches without an image (bpo.model.load)
+    blank = blank_image_example(chat)  # ZeRO-3 lockstep for micro-batches without an image (bpo.model.scorer)
     world, rank = dist.world_size(), dist.rank()
     per_epoch = sampler.steps_per_epoch(len(dataset), cfg.train.micro_batch_size, cfg.train.grad_accum, world)
     if per_epoch == 0:
@@ -351,10 +351,10 @@ def train(cfg):
                                              cfg.train.micro_batch_size, cfg.train.grad_accum, world, rank):
             batch = collate([dataset[i] for i in indices])
             inputs = model_inputs(batch, engine.device)
-            response_mask = inputs["labels"][:, 1:] != -100  # (R, T-1)
+            mask = response_mask(inputs["labels"])  # (R, T-1)
             # Reference first: its no-grad forward then never runs beside the policy's saved activations.
             ref_logps = reference(batch, inputs) if reference is not None else None  # (R,)
-            loss, metrics = preference_loss(engine(**inputs), response_mask, ref_logps, batch, cfg.loss)
+            loss, metrics = preference_loss(engine(**inputs), mask, ref_logps, batch, cfg.loss)
             loss, metrics = add_router_aux(loss, metrics, engine.module, cfg.loss.router_aux_coef)
             loss = maybe_poison(loss, step + 1)
             engine.backward(loss)
