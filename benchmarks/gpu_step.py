@@ -43,7 +43,7 @@ def trained_parameters(model_dir):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     from bpo.config import ModelConfig
-    from bpo.model.load import set_trainable
+    from bpo.model.parts import set_trainable
 
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir))

@@ -15,7 +15,9 @@ import deepspeed  # noqa: E402
 
 from bpo.runtime import dist
 from bpo.config import from_dict  # noqa: E402
-from bpo.model.load import SequenceScorer, load_model, set_trainable  # noqa: E402
+from bpo.model.load import load_model  # noqa: E402
+from bpo.model.parts import set_trainable  # noqa: E402
+from bpo.model.scorer import SequenceScorer  # noqa: E402
 from bpo.train import build_ds_config  # noqa: E402
 
 model_dir, ckpt_dir = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it

@@ -39,7 +39,7 @@ class ModelConfig:
     # parameters are gathered all at once, as one unit. Needed where each expert is its own module, called only when
     # a token routes to it (remote-code DeepSeek/Mixtral-style MoE): ranks routing differently would otherwise gather
     # different modules and their collectives would desynchronise (a hang on NCCL). Blocks holding an `experts`
-    # nn.ModuleList are found without being named here (bpo.model.load.leaf_module_classes); transformers 5's own MoE
+    # nn.ModuleList are found without being named here (bpo.model.moe.leaf_module_classes); transformers 5's own MoE
     # classes keep every expert in one fused tensor and need none.
     z3_leaf_modules: typing.List[str] = field(default_factory=list)
 

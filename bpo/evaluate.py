@@ -37,7 +37,8 @@ from bpo.data.conversation import Turn
 from bpo.data.records import Record, enforce_max_image_pixels
 from bpo.engines.server import ServerError, adds_bos, chat_messages, connect
 from bpo.runtime.faults import maybe_slow
-from bpo.ref_cache.fingerprint import digest_of, model_fingerprint
+from bpo.ref_cache.fingerprint import model_fingerprint
+from bpo.runtime.digest import digest_of
 from bpo.engines.hf import generate, load_generator
 from bpo.runtime.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
 from bpo.eval import adapters, metrics
@@ -47,9 +48,9 @@ from bpo.eval.pairwise import PairwiseItem, pairwise_prompt, score_pairwise
 from bpo.data.usable import usable_records
 from bpo.data.dataset import PreferenceDataset, split_by_kind
 from bpo.data.shared import make_collate
-from bpo.loss import sequence_logps
-from bpo.model.load import SequenceScorer, choose_layout, load_model, model_inputs
-from bpo.ops.logprobs import describe_impl
+from bpo.model.load import load_model
+from bpo.model.scorer import SequenceScorer, choose_layout, model_inputs
+from bpo.ops.logprobs import describe_impl, response_mask, sequence_logps
 from bpo.ref_cache.store import CachedReference
 from bpo.model.reference import LiveReference
 from bpo.eval.judges import JudgeItem, RefusalJudge, build_judge
@@ -169,7 +170,7 @@ def reward_margins(examples, cfg, model_path, chat):
     for i in mine:
         batch = collate([dataset[i]])
         inputs = model_inputs(batch, device)
-        logps = sequence_logps(policy(**inputs), inputs["labels"][:, 1:] != -100, cfg.loss.reduction)
+        logps = sequence_logps(policy(**inputs), response_mask(inputs["labels"]), cfg.loss.reduction)
         ref = reference(batch, inputs)
         pc, pr, _ = split_by_kind(logps - ref, batch)
         out[records[i].id] = float(pc[0] - pr[0])

@@ -31,7 +31,8 @@ from bpo.runtime import dist
 from bpo.config import TRANSPORT_KEYS, check_model_dir, load_config, require
 from bpo.data.formats import InlineImage
 from bpo.engines.server import ServerError, adds_bos, connect
-from bpo.ref_cache.fingerprint import data_digest, digest_of, model_fingerprint
+from bpo.ref_cache.fingerprint import data_digest, model_fingerprint
+from bpo.runtime.digest import digest_of
 from bpo.engines.hf import Generation, generate, load_generator
 from bpo.runtime.shards import TokenRate, check_settings, run_sharded, write_jsonl_atomic
 from bpo.data.encode import encode_prompt, render_prompt

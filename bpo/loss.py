@@ -20,16 +20,6 @@ import torch
 import torch.nn.functional as F
 
 
-def sequence_logps(token_logps, mask, reduction="sum"):
-    """Reduce per-token log-probs (R, T) over response tokens (mask (R, T) bool) to per-sequence values (R,)."""
-    summed = (token_logps * mask).sum(-1)
-    if reduction == "sum":
-        return summed
-    if reduction == "mean":
-        return summed / mask.sum(-1).clamp(min=1)
-    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-
-
 def bpo_loss(
     policy_chosen_logps,
     policy_rejected_logps,
@@ -92,9 +82,9 @@ def nll_loss(policy_chosen_token_mean_logps):
     """Mean over B examples of each chosen response's per-token NLL, and metrics as sums (see `finalize_metrics`).
 
     `policy_chosen_token_mean_logps` (B,): each chosen response's log-prob divided by its token count (what
-    `sequence_logps(..., reduction="mean")` gives). Each example weighs the same whatever its length, so the loss of a
-    global batch does not depend on how it is split into micro-batches and ranks (a mean over all tokens of a
-    micro-batch would).
+    `bpo.ops.logprobs.sequence_logps(..., reduction="mean")` gives). Each example weighs the same whatever its
+    length, so the loss of a global batch does not depend on how it is split into micro-batches and ranks (a mean
+    over all tokens of a micro-batch would).
     """
     nll = -policy_chosen_token_mean_logps  # (B,)
     loss = nll.mean()

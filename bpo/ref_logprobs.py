@@ -33,7 +33,7 @@ from bpo.ref_cache import store as ref_cache
 from bpo.config import check_model_dir, load_config, require
 from bpo.runtime.faults import maybe_crash
 from bpo.runtime.shards import lockstep
-from bpo.loss import sequence_logps
+from bpo.ops.logprobs import response_mask, sequence_logps
 
 
 def parse_args(argv=None):
@@ -44,7 +44,8 @@ def build_scorer(cfg, blank):
     import deepspeed
 
     from bpo.runtime.ds_configs import inference_config
-    from bpo.model.load import SequenceScorer, load_model
+    from bpo.model.load import load_model
+    from bpo.model.scorer import SequenceScorer
 
     ds = inference_config(cfg.model)  # ds_configs/zero3_inference.json, as ZeRO-3 generation reads it
     # QLoRA's reference is its 4-bit base: the cache holds what training's adapters-off forward would compute.
@@ -62,14 +63,14 @@ def build_scorer(cfg, blank):
 def score_shard(engine, dataset, indices, batch_size, cfg, collate):
     """Sequence log-probs (n,) for each kind over one shard's examples; blind is NaN where absent."""
     from bpo.data.dataset import split_by_kind
-    from bpo.model.load import model_inputs
+    from bpo.model.scorer import model_inputs
 
     out = {k: [] for k in ref_cache.KINDS}
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start:start + batch_size]])
         inputs = model_inputs(batch, engine.device)
         token_logps = engine(**inputs)  # (R, T-1)
-        mask = inputs["labels"][:, 1:] != -100
+        mask = response_mask(inputs["labels"])  # (R, T-1)
         logps = sequence_logps(token_logps, mask, cfg.loss.reduction).float().cpu()
         chosen, rejected, blind = split_by_kind(logps, batch)
         blind = torch.where(batch["has_blind"], blind, torch.full_like(blind, float("nan")))
@@ -80,7 +81,7 @@ def score_shard(engine, dataset, indices, batch_size, cfg, collate):
 
 def dummy_forward(engine, dataset, collate):
     """ZeRO-3 needs every rank in every forward; a rank without work scores one example and discards it."""
-    from bpo.model.load import model_inputs
+    from bpo.model.scorer import model_inputs
 
     with torch.no_grad():
         engine(**model_inputs(collate([dataset[0]]), engine.device))
@@ -125,8 +126,8 @@ def main(argv=None):
     from bpo.data.records import RESPONSE_KEYS, drop_cut_blind, enforce_max_image_pixels, load_records
     from bpo.data.shared import make_collate
     from bpo.data.usable import usable_records
-    from bpo.ref_cache.fingerprint import digest_of
-    from bpo.model.load import choose_layout
+    from bpo.runtime.digest import digest_of
+    from bpo.model.scorer import choose_layout
     from bpo.ops.logprobs import describe_impl
 
     args = parse_args(argv)

@@ -27,11 +27,11 @@ from bpo.data import sampler
 from bpo.config import ConfigError, check_model_dir, load_config, require, save_config, to_yaml, with_absolute_paths
 from bpo.data.records import drop_cut_blind, enforce_max_image_pixels, load_records
 from bpo.runtime.faults import maybe_crash, maybe_poison, maybe_slow
-from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
-from bpo.model.load import (SequenceScorer, choose_layout, describe, is_zero3, load_model, model_inputs,
-                       resolve_attn_implementation, set_gradient_checkpointing, set_trainable,
-                       text_hidden_size)
-from bpo.ops.logprobs import describe_impl
+from bpo.loss import bpo_loss, finalize_metrics, nll_loss
+from bpo.model.load import describe, is_zero3, load_model, resolve_attn_implementation, text_hidden_size
+from bpo.model.parts import set_gradient_checkpointing, set_trainable
+from bpo.model.scorer import SequenceScorer, choose_layout, model_inputs
+from bpo.ops.logprobs import describe_impl, response_mask, sequence_logps
 from bpo.model.reference import AdapterOffReference, LiveReference
 from bpo.schedule import build_scheduler
 from bpo.runtime.stop import EXIT_CODE as STOPPED_EXIT_CODE, Diverged, StopRequest
@@ -229,17 +229,17 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def preference_loss(token_logps, response_mask, ref_logps, batch, loss_cfg):
+def preference_loss(token_logps, mask, ref_logps, batch, loss_cfg):
     """Per-token log-probs (R, M) -> per-example chosen/rejected/blind -> the BPO, DPO or SFT loss and its metric sums.
 
     ref_logps: the reference's (R,), reduced by loss.reduction; None for loss.type=sft. The NLL term (loss.type=sft,
     or loss.sft_weight > 0) reads each chosen response's log-prob per token, whatever loss.reduction is."""
     uses_nll = loss_cfg.type == "sft" or loss_cfg.sft_weight > 0
     if uses_nll:
-        nll, nll_metrics = nll_loss(split_by_kind(sequence_logps(token_logps, response_mask, "mean"), batch)[0])
+        nll, nll_metrics = nll_loss(split_by_kind(sequence_logps(token_logps, mask, "mean"), batch)[0])
         if loss_cfg.type == "sft":
             return nll, nll_metrics
-    pc, pr, pb = split_by_kind(sequence_logps(token_logps, response_mask, loss_cfg.reduction), batch)
+    pc, pr, pb = split_by_kind(sequence_logps(token_logps, mask, loss_cfg.reduction), batch)
     rc, rr, rb = split_by_kind(ref_logps, batch)
     blind = loss_cfg.type == "bpo"
     loss, metrics = bpo_loss(pc, pr, pb if blind else None, rc, rr, rb if blind else None, beta=loss_cfg.beta,
@@ -252,7 +252,7 @@ def preference_loss(token_logps, response_mask, ref_logps, batch, loss_cfg):
 
 def add_router_aux(loss, metrics, scorer, coef):
     """loss + coef x the MoE router's auxiliary load-balancing loss of the forward just run (loss.router_aux_coef;
-    bpo.model.load.router_aux_loss_function), logged as router_aux. coef 0: the loss unchanged, the paper's objective."""
+    bpo.model.moe.router_aux_loss_function), logged as router_aux. coef 0: the loss unchanged, the paper's objective."""
     if not coef:
         return loss, metrics
     aux = scorer.router_aux_loss  # scalar, this micro-batch's tokens
@@ -291,7 +291,7 @@ def train(cfg):
     dist.print0(describe_impl(cfg.loss.logprob_impl, cfg.loss.logprob_chunk_size, dist.device()))
     pad_id = chat.pad_id
     dataset = build_data(cfg, chat, log)
-    blank = blank_image_example(chat)  # ZeRO-3 lockstep for micro-batches without an image (bpo.model.load)
+    blank = blank_image_example(chat)  # ZeRO-3 lockstep for micro-batches without an image (bpo.model.scorer)
     world, rank = dist.world_size(), dist.rank()
     per_epoch = sampler.steps_per_epoch(len(dataset), cfg.train.micro_batch_size, cfg.train.grad_accum, world)
     if per_epoch == 0:
@@ -343,10 +343,10 @@ def train(cfg):
                                              cfg.train.micro_batch_size, cfg.train.grad_accum, world, rank):
             batch = collate([dataset[i] for i in indices])
             inputs = model_inputs(batch, engine.device)
-            response_mask = inputs["labels"][:, 1:] != -100  # (R, T-1)
+            mask = response_mask(inputs["labels"])  # (R, T-1)
             # Reference first: its no-grad forward then never runs beside the policy's saved activations.
             ref_logps = reference(batch, inputs) if reference is not None else None  # (R,)
-            loss, metrics = preference_loss(engine(**inputs), response_mask, ref_logps, batch, cfg.loss)
+            loss, metrics = preference_loss(engine(**inputs), mask, ref_logps, batch, cfg.loss)
             loss, metrics = add_router_aux(loss, metrics, engine.module, cfg.loss.router_aux_coef)
             loss = maybe_poison(loss, step + 1)
             engine.backward(loss)

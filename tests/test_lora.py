@@ -48,7 +48,7 @@ def models(tiny_model_dir, replica):  # noqa: F811
 def test_adapters_go_on_the_linear_layers_of_the_trained_parts(name, models):
     from bpo.config import LoraConfig, ModelConfig
     from bpo.model.lora import add_adapters, is_adapter_param
-    from bpo.model.load import part_of
+    from bpo.model.parts import part_of
 
     model = _plain(models[name])
     expected_lm = _linears(model, LANGUAGE[name])

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from bpo.loss import bpo_loss, finalize_metrics, nll_loss, sequence_logps
+from bpo.loss import bpo_loss, finalize_metrics, nll_loss
+from bpo.ops.logprobs import sequence_logps
 
 
 def reference_loss(pc, pr, pb, rc, rr, rb, beta, blind_weight, has_blind):
@@ -95,15 +96,6 @@ def test_metric_sums_add_up_across_splits():
     a, b = finalize_metrics(whole), finalize_metrics(summed)
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
-
-
-def test_sequence_logps_reductions():
-    tok = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    assert sequence_logps(tok, mask, "sum").tolist() == [-3.0, -4.0]
-    assert sequence_logps(tok, mask, "mean").tolist() == [-1.5, -4.0]
-    with pytest.raises(ValueError):
-        sequence_logps(tok, mask, "max")
 
 
 def test_nll_is_the_mean_of_per_token_means():

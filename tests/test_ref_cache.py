@@ -219,14 +219,42 @@ def test_fingerprint_covers_the_scoring_code(setup, processor):
 
     root, _, _ = setup
     fp = read_manifest(root / "cache")["fingerprint"]
-    for name in ("data/encode.py", "data/dataset.py", "model/load.py", "ops/logprobs.py"):
+    for name in ("data/encode.py", "data/dataset.py", "model/scorer.py", "ops/logprobs.py"):
         path = os.path.join(REPO, "bpo", name)
         assert fp[f"code bpo/{name}"] == hashlib.sha256(open(path, "rb").read()).hexdigest()[:16], name
     assert fp["version transformers"] and fp["version tokenizers"]
 
 
+def test_every_scoring_code_file_exists():
+    """A file moved or renamed away from SCORING_CODE would be hashed as missing (code_fingerprint fails) or, worse,
+    listed under a stale name while its new home goes unhashed."""
+    from bpo.ref_cache.fingerprint import SCORING_CODE
+
+    missing = [name for name in SCORING_CODE if not os.path.isfile(os.path.join(REPO, "bpo", name))]
+    assert not missing, missing
+
+
+def test_scoring_code_is_the_scoring_path_and_not_the_loss():
+    """What the cached numbers are computed by lives in hashed files; the loss, which only reads the cached numbers,
+    and loading and part naming are not hashed, so editing them keeps a 72B cache valid."""
+    import inspect
+
+    from bpo.data.dataset import collate
+    from bpo.data.shared import collate_shared
+    from bpo.model.scorer import SequenceScorer, TowersForward, base_forward
+    from bpo.ops.logprobs import response_mask, sequence_logprobs, sequence_logps
+    from bpo.ref_cache.fingerprint import SCORING_CODE
+
+    assert "loss.py" not in SCORING_CODE
+    assert not {"model/load.py", "model/parts.py"} & set(SCORING_CODE)
+    for fn in (collate, collate_shared, SequenceScorer, TowersForward, base_forward, response_mask, sequence_logprobs,
+               sequence_logps):
+        where = os.path.relpath(inspect.getsourcefile(fn), os.path.join(REPO, "bpo"))
+        assert where in SCORING_CODE, (fn.__name__, where)
+
+
 def test_an_edit_that_restores_mtime_is_noticed(tmp_path, monkeypatch):
-    from bpo.ref_cache.fingerprint import file_digest
+    from bpo.runtime.digest import file_digest
 
     monkeypatch.setenv("BPO_CACHE_DIR", str(tmp_path / "index"))
     data = tmp_path / "train.jsonl"

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from bpo.build_data.report import Drop
 from bpo.config import ConfigError
-from bpo.ref_cache.fingerprint import digest_of, file_digest
+from bpo.runtime.digest import digest_of, file_digest
 
 @dataclass(frozen=True)
 class Found:

@@ -25,8 +25,12 @@ that prints a repr for an image turn (which must be a list) is refused. data.cha
 `{enable_thinking: false}`) go to every rendering, probes included (`Chat.render`).
 """
 
+import json
 import os
 from dataclasses import dataclass, field
+
+from bpo.data.conversation import to_messages
+from bpo.runtime.digest import digest_of, tokenizer_digest
 
 SHIPPED_TEMPLATES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "templates")
 _PROBE_QUESTION = "bpo probe question"
@@ -55,7 +59,7 @@ class Chat:
     eos_id: int  # appended to every response when end_of_turn_id is None
     stop_ids: tuple  # generation config's end tokens, the tokenizer's EOS and the end-of-turn marker
     template_source: str  # "checkpoint" or the data.chat_template value
-    tokenizer_digest: str  # bpo.ref_cache.fingerprint.tokenizer_digest: generated ids are reused only under the same one
+    tokenizer_digest: str  # bpo.runtime.digest.tokenizer_digest: generated ids are reused only under the same one
     text_content: str = "parts"  # how a text-only turn's content is given: "parts" (a list) or "string"
     template_kwargs: dict = field(default_factory=dict)  # data.chat_template_kwargs, passed to every rendering
     # True when end_of_turn_id is the next turn's opening (GLM-4.1V: <|user|>): the template writes it only before a
@@ -86,15 +90,11 @@ class Chat:
     def template_digest(self):
         """Hash of what renders text: the template, and data.chat_template_kwargs when any are set (so settings
         written before the key existed still match)."""
-        from bpo.ref_cache.fingerprint import digest_of
-
         template = self.processor.chat_template
         return digest_of([template, self.template_kwargs] if self.template_kwargs else template)
 
     def messages(self, turns, with_image=True):
         """bpo.data.conversation.to_messages in the content form this template prints verbatim."""
-        from bpo.data.conversation import to_messages
-
         return to_messages(turns, with_image=with_image, text_content=self.text_content)
 
     def render(self, messages, add_generation_prompt):
@@ -160,8 +160,6 @@ def load_chat(model_dir, chat_template="", trust_remote_code=False, template_kwa
 
 def chat_from_processor(processor, generation_eos=(), template_source="checkpoint", template_kwargs=None):
     """The Chat of a processor that has a chat template; generation_eos: the generation config's end tokens."""
-    from bpo.ref_cache.fingerprint import tokenizer_digest
-
     probe = Chat(processor, None, None, (), template_source, "", "parts", dict(template_kwargs or {}))
     text_content = _text_content(probe)
     probe = Chat(processor, None, None, (), template_source, "", text_content, probe.template_kwargs)
@@ -270,8 +268,6 @@ def _end_of_turn(chat, generation_eos):
 
 def _generation_eos_ids(model_dir):
     """eos_token_id of generation_config.json (an int or a list), else of config.json; [] when neither sets one."""
-    import json
-
     for name in ("generation_config.json", "config.json"):
         try:
             with open(os.path.join(model_dir, name)) as f:

@@ -10,9 +10,9 @@ from torch.utils.data import Dataset
 
 from bpo.data.encode import encode_example
 from bpo.data.records import RESPONSE_KEYS
+from bpo.ops.logprobs import IGNORE_INDEX
 
 KIND_IDS = {kind: i for i, kind in enumerate(RESPONSE_KEYS)}  # chosen 0, rejected 1, blind 2
-IGNORE_INDEX = -100
 
 
 class PreferenceDataset(Dataset):

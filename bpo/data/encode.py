@@ -5,7 +5,7 @@ The prompt is the conversation rendered with the generation prompt and tokenised
 Every output of the processor is kept: per-image inputs (`pixel_values`, `image_grid_thw`, `image_sizes`,
 `pixel_attention_mask`, ...) in `image_inputs`, and per-token fields (any output of the prompt's shape, e.g.
 Gemma-3's `token_type_ids`, Qwen2-VL's `mm_token_type_ids`) in `prompt_fields`; the model takes what its forward
-accepts (`bpo.model.load.model_inputs`).
+accepts (`bpo.model.scorer.model_inputs`).
 
 A response's tokens are the tokens that the whole rendered conversation (prompt + the reply as an assistant message)
 has after the prompt's tokens, tokenised as one text; the prompt's own tokens must be a prefix of them, or the record
@@ -205,7 +205,7 @@ def _generated_ids(record, kind, chat):
 
 @dataclass(frozen=True)
 class BlankImage:
-    """A one-turn prompt with a blank image, processed; see bpo.model.load.SequenceScorer (ZeRO-3 lockstep)."""
+    """A one-turn prompt with a blank image, processed; see bpo.model.scorer.SequenceScorer (ZeRO-3 lockstep)."""
     prompt_ids: list
     image_inputs: dict
     prompt_fields: dict

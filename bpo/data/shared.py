@@ -6,8 +6,8 @@ response; here they are computed once. In the one forward pass:
 - a prompt token attends causally within its prompt; a response token attends to its whole prompt and causally to
   its own response, never to a sibling response or another example (`attention_allowed`);
 - a response token's position continues from the end of its prompt as if the response stood alone after it
-  (`position_ids`: prompt 0..P-1, every response P, P+1, ...); bpo.model.load turns these into multimodal rotary positions
-  for families that have them;
+  (`position_ids`: prompt 0..P-1, every response P, P+1, ...); bpo.model.scorer turns these into multimodal rotary
+  positions for families that have them;
 - the log-prob of a response's first token is read off the prompt's last hidden state, of every later token off the
   token before it (`predictor_index`).
 
@@ -27,8 +27,9 @@ Batch tensors (S packed sequences of width L; R virtual rows with at most M resp
 
 import torch
 
-from bpo.data.dataset import IGNORE_INDEX, KIND_IDS, cat_padded
+from bpo.data.dataset import KIND_IDS, cat_padded
 from bpo.data.records import RESPONSE_KEYS
+from bpo.ops.logprobs import IGNORE_INDEX
 
 SHARED_KEYS = ("position_ids", "example_of", "part_of", "predictor_index", "prompt_spans")
 
@@ -166,7 +167,7 @@ def image_blocks(token_type_ids, image_types=(1,)):
 
 
 def make_collate(layout, pad_token_id, max_tokens=0):
-    """examples -> batch for `layout` ("shared" or "rows"), as chosen by bpo.model.load.choose_layout."""
+    """examples -> batch for `layout` ("shared" or "rows"), as chosen by bpo.model.scorer.choose_layout."""
     from bpo.data.dataset import collate
 
     if layout == "rows":

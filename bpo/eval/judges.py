@@ -304,6 +304,8 @@ class HFJudge:
         # torch and transformers here, not at the top: only this judge needs them, and they take seconds to import
         import torch
         import transformers
+
+        from bpo.runtime.dtypes import torch_dtype  # imports torch, which this module loads only for local judges
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
         self.cfg = cfg
@@ -316,7 +318,7 @@ class HFJudge:
             kind = "image-text-to-text" if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES else "causal-lm"
         self.kind = kind
         self.device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+        dtype = torch_dtype(cfg.dtype)
         load = dict(dtype=dtype, local_files_only=True)
         if kind == "image-text-to-text":
             self.processor = transformers.AutoProcessor.from_pretrained(cfg.path, local_files_only=True)

@@ -40,12 +40,12 @@ import torch
 
 from bpo.runtime.atomic import publish_dir
 from bpo.runtime.checkpoint import latest_tag
+from bpo.runtime.dtypes import DTYPES, torch_dtype
 from bpo.runtime.faults import maybe_crash
 
-# The training wrapper (bpo.model.load.SequenceScorer) holds the HF model as `.model`; its parameter names carry this
+# The training wrapper (bpo.model.scorer.SequenceScorer) holds the HF model as `.model`; its parameter names carry this
 # prefix, which export removes so the directory loads with the model class's own names.
 WRAPPER_PREFIX = "model."
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
               "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
@@ -156,7 +156,7 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
     _check_base_model(base_model)
     _check_out_dir(out_dir, tag_dir, base_model, force)
     ckpt = PartitionedCheckpoint(tag_dir)
-    target = DTYPES[dtype]
+    target = torch_dtype(dtype)
     from bpo.export import lora as export_lora
 
     if export_lora.is_lora(ckpt):
@@ -293,7 +293,7 @@ def copy_base_files(base_model, out, dtype):
             shutil.copy2(src, os.path.join(out, name))
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
-    config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    config["dtype"] = str(torch_dtype(dtype)).removeprefix("torch.")  # transformers' name: bfloat16, float16, float32
     config.pop("torch_dtype", None)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

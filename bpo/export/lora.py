@@ -102,11 +102,11 @@ def merge_into_base(ckpt, ckpt_dir, base_model, out_dir, dtype):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    from bpo.export.job import DTYPES
+    from bpo.runtime.dtypes import torch_dtype
 
     with tempfile.TemporaryDirectory(prefix=".adapter-", dir=os.path.dirname(os.path.abspath(out_dir))) as adapter:
         write_adapter_dir(ckpt, ckpt_dir, os.path.join(adapter, "a"), torch.float32, base_model)
-        model = AutoModelForImageTextToText.from_pretrained(base_model, dtype=DTYPES[dtype], local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(base_model, dtype=torch_dtype(dtype), local_files_only=True)
         model = PeftModel.from_pretrained(model, os.path.join(adapter, "a")).merge_and_unload()
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp)

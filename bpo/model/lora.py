@@ -2,7 +2,7 @@
 
 model.finetune=lora freezes every weight of the model and adds LoRA adapters (PEFT) to each nn.Linear of the
 parts that model.train_vision_tower / train_projector / train_language_model mark trained (the parts of
-`bpo.model.load._locate`: image encoder, connector, language model), so one rule covers every family whatever its
+`bpo.model.parts.locate`: image encoder, connector, language model), so one rule covers every family whatever its
 module names: Qwen2-VL's connector is `model.visual.merger`, Idefics3's language model `model.text_model`. The
 output head is never adapted: the fused log-prob head reads `lm_head.weight` directly and would not see an adapter.
 A part without an nn.Linear (Gemma-3's projector is a bare weight matrix) stays frozen and is reported so.
@@ -23,12 +23,16 @@ bitsandbytes' 4-bit kernels are what QLoRA is built on; `require_platform` refus
 """
 
 import contextlib
+import json
+import os
 import re
 
+import torch
 from torch import nn
 
+from bpo.model.parts import LANGUAGE_MODELS, PARTS, locate, wanted_parts
 from bpo.runtime.atomic import write_text
-from bpo.model.load import LANGUAGE_MODELS, PARTS, _locate
+from bpo.runtime.dtypes import torch_dtype
 
 # What QLoRA does to the base, in words: part of a reference cache's fingerprint (bpo.ref_cache.store).
 QUANTIZATION = "bitsandbytes 4-bit nf4, double quantization, on the language model's Linear layers (not lm_head)"
@@ -46,8 +50,6 @@ def uses_adapters(model_cfg):
 
 def require_platform(model_cfg):
     """What runs on CUDA only, said before any weights are read: QLoRA, and FlexAttention."""
-    import torch
-
     if model_cfg.attn_implementation == "flex_attention" and not torch.cuda.is_available():
         raise PlatformError(
             "model.attn_implementation=flex_attention needs a CUDA GPU: PyTorch's FlexAttention has no backward pass "
@@ -60,11 +62,6 @@ def require_platform(model_cfg):
             "adapters on a base in model.dtype).")
 
 
-def wanted_parts(model_cfg):
-    return {"vision_encoder": model_cfg.train_vision_tower, "connector": model_cfg.train_projector,
-            "language_model": model_cfg.train_language_model}
-
-
 def target_modules(model, model_cfg):
     """{part: [module path of each nn.Linear that gets an adapter]}, parts not trained mapping to []."""
     wanted = wanted_parts(model_cfg)
@@ -72,7 +69,7 @@ def target_modules(model, model_cfg):
     targets = {part: [] for part in PARTS}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module is not head:
-            part = _locate(name + ".weight")[0]
+            part = locate(name + ".weight")[0]
             if wanted[part]:
                 targets[part].append(name)
     return targets
@@ -100,14 +97,14 @@ def add_adapters(model, model_cfg, lora_cfg):
     config = peft_config(lora_cfg, flat, model_cfg.path)
     base = {part: 0 for part in PARTS}
     for name, p in model.named_parameters():
-        base[_locate(name)[0]] += getattr(p, "ds_numel", p.numel())
+        base[locate(name)[0]] += getattr(p, "ds_numel", p.numel())
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     adapters = {part: 0 for part in PARTS}
     for name, p in model.named_parameters():
         if is_adapter_param(name):
             if not p.requires_grad:
                 raise RuntimeError(f"PEFT left adapter parameter {name} frozen")
-            adapters[_locate(name)[0]] += p.numel()
+            adapters[locate(name)[0]] += p.numel()
         elif p.requires_grad:
             raise RuntimeError(f"PEFT left base parameter {name} trainable")
     parts = {part: (bool(targets[part]), adapters[part], len(targets[part]), base[part]) for part in PARTS}
@@ -128,9 +125,6 @@ def config_dict(config):
 
 def save_config(config, directory):
     """Write DIRECTORY/adapter_config.json atomically."""
-    import json
-    import os
-
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, CONFIG_FILE)
     write_text(path, json.dumps(config_dict(config), indent=2, sort_keys=True))
@@ -201,9 +195,7 @@ def quantization_config(model_cfg):
     `model.` that is not the language model (image encoder, connector), and the output head."""
     from transformers import BitsAndBytesConfig
 
-    from bpo.model.load import DTYPES
-
-    dtype = DTYPES[model_cfg.dtype]
+    dtype = torch_dtype(model_cfg.dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype,
                               llm_int8_skip_modules=unquantized_patterns())

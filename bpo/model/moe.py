@@ -8,6 +8,8 @@ remedy is to mark the whole MoE block a leaf module (`deepspeed.utils.set_z3_lea
 gathered together when the block starts, whichever experts run.
 """
 
+import sys
+
 from torch import nn
 
 from bpo.runtime import dist
@@ -33,7 +35,7 @@ def set_leaf_modules(model, names=()):
     rank runs the same gathers in the same order. Returns the class names (empty: nothing set)."""
     classes = leaf_module_classes(model, names)
     if classes:
-        from deepspeed.utils import set_z3_leaf_modules
+        from deepspeed.utils import set_z3_leaf_modules  # heavy; only ZeRO-3 loads (which have it) get here
 
         modules = set_z3_leaf_modules(model, classes)
         dist.print0(f"ZeRO-3 leaf modules: {', '.join(classes)} ({len(modules)} modules gathered whole)")
@@ -44,8 +46,6 @@ def router_aux_loss_function(model):
     """fn(router_logits, attention_mask) -> the model's own auxiliary load-balancing loss: `load_balancing_loss_func`
     of its modeling module (Switch Transformer eqs. 4-6, as transformers adds it in the model's forward when labels
     are given), with its config's expert count and top-k."""
-    import sys
-
     loss_fn = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
     text = model.config.get_text_config()
     experts = next((getattr(text, k) for k in ("num_experts", "num_local_experts") if getattr(text, k, None)), None)

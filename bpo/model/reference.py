@@ -3,7 +3,8 @@ switched off, or (bpo.ref_cache.store) a cache."""
 
 import torch
 
-from bpo.loss import sequence_logps
+from bpo.model.lora import adapters_disabled
+from bpo.ops.logprobs import response_mask, sequence_logps
 
 
 class LiveReference:
@@ -16,7 +17,7 @@ class LiveReference:
     @torch.no_grad()
     def __call__(self, batch, inputs):
         token_logps = self.engine(**inputs)  # (R, T-1)
-        return sequence_logps(token_logps, inputs["labels"][:, 1:] != -100, self.reduction)  # (R,)
+        return sequence_logps(token_logps, response_mask(inputs["labels"]), self.reduction)  # (R,)
 
 
 class AdapterOffReference:
@@ -34,8 +35,6 @@ class AdapterOffReference:
 
     @torch.no_grad()
     def __call__(self, batch, inputs):
-        from bpo.model.lora import adapters_disabled
-
         module = self.engine.module
         was_training = module.training
         module.eval()
@@ -44,4 +43,4 @@ class AdapterOffReference:
                 token_logps = self.engine(**inputs)  # (R, T-1)
         finally:
             module.train(was_training)
-        return sequence_logps(token_logps, inputs["labels"][:, 1:] != -100, self.reduction)  # (R,)
+        return sequence_logps(token_logps, response_mask(inputs["labels"]), self.reduction)  # (R,)

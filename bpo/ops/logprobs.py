@@ -8,7 +8,9 @@ their gradients: at N = 4096 tokens and V = 128256 that is 2 GiB per fp32 copy. 
   * ``_ChunkedLogprobs``         - a torch autograd.Function that walks over chunks of tokens and keeps
                                    only one (V, chunk) block of logits alive at a time;
   * ``sequence_logprobs``        - the plain function the trainer calls, on the backend it is given;
-  * ``resolve_impl``             - loss.logprob_impl (naive | fused | triton | auto) -> the head that runs.
+  * ``resolve_impl``             - loss.logprob_impl (naive | fused | triton | auto) -> the head that runs;
+  * ``response_mask``, ``sequence_logps`` - which shifted labels are scored, and the reduction of a row's
+                                   token log-probs to its sequence log-prob (sum or mean over those tokens).
 
 The Triton backend lives in ``bpo/ops/triton_logprobs.py`` and is imported only when asked for.
 Every head takes ``transform`` (``bpo.ops.logit_transform.LogitTransform``): the scaling and/or softcap
@@ -47,9 +49,29 @@ IMPLS = ("naive", "fused", "triton", "auto")
 # Tokens whose logits the torch backend holds at once. Defined once, with the measurement that chose it, in the config
 # tree (loss.logprob_chunk_size); bpo.config imports nothing heavy, so the kernels may read it.
 DEFAULT_CHUNK_SIZE = LossConfig.logprob_chunk_size
+# The label of a token that is not scored (prompt, image tokens, padding): the batches' (bpo.data.dataset) and
+# transformers' convention.
+IGNORE_INDEX = -100
 
 
-def naive_sequence_logprobs(hidden, weight, labels, ignore_index=-100, temperature=1.0, transform=NO_TRANSFORM):
+def response_mask(labels):
+    """(R, T) labels as collated (unshifted) -> (R, T-1) bool: the next-token targets that are scored, aligned with
+    the per-token log-probs of labels[:, 1:] that the scorer returns."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def sequence_logps(token_logps, mask, reduction="sum"):
+    """Reduce per-token log-probs (R, T) over response tokens (mask (R, T) bool) to per-sequence values (R,)."""
+    summed = (token_logps * mask).sum(-1)
+    if reduction == "sum":
+        return summed
+    if reduction == "mean":
+        return summed / mask.sum(-1).clamp(min=1)
+    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
+def naive_sequence_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX, temperature=1.0,
+                            transform=NO_TRANSFORM):
     """Reference: log_softmax over the full (..., V) logits, then gather the labels.
 
     hidden (..., H), weight (V, H), labels (...) long -> (...) float32, 0.0 where labels == ignore_index.
@@ -68,7 +90,7 @@ def sequence_logprobs(
     hidden,
     weight,
     labels,
-    ignore_index=-100,
+    ignore_index=IGNORE_INDEX,
     temperature=1.0,
     chunk_size=DEFAULT_CHUNK_SIZE,
     backend="torch",
@@ -106,7 +128,7 @@ def sequence_logprobs(
         h, y = hidden2d.index_select(0, valid), labels1d.index_select(0, valid)  # (M, H), (M,)
 
     if backend == "triton":
-        from bpo.ops.triton_logprobs import triton_valid_row_logprobs
+        from bpo.ops.triton_logprobs import triton_valid_row_logprobs  # triton is optional: imported when asked for
 
         logp = triton_valid_row_logprobs(h, weight, y, temperature, transform=transform)  # (M,)
     else:

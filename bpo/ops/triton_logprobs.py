@@ -45,6 +45,8 @@ Performance note: the block sizes below are reasonable defaults, not tuned on ha
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -326,6 +328,4 @@ def _on_device(device):
     # Triton launches on torch's current CUDA device; make it the tensors' device.
     if device.type == "cuda":
         return torch.cuda.device(device)
-    import contextlib
-
     return contextlib.nullcontext()

@@ -44,8 +44,8 @@ def fingerprint(cfg, processor, data_file, model_path=None, image_root=None):
 
 
 def _fingerprint(cfg, processor, data_file, model_path, image_root):
-    from bpo.ref_cache.fingerprint import (code_fingerprint, data_digest, digest_of, images_fingerprint, model_fingerprint,
-                                 tokenizer_digest)
+    from bpo.ref_cache.fingerprint import code_fingerprint, data_digest, images_fingerprint, model_fingerprint
+    from bpo.runtime.digest import digest_of, tokenizer_digest
 
     model_path = model_path or cfg.train.ref_model_path or cfg.model.path
     # evaluate.py checks a cache against the test file, read with its own split; every other job reads data.train_file

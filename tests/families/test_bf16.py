@@ -28,8 +28,8 @@ def _score(path, dtype, impl, examples, pad_id, perturb):
     from transformers import AutoModelForImageTextToText
 
     from bpo.data.shared import collate_shared
-    from bpo.loss import sequence_logps
-    from bpo.model.load import SequenceScorer, model_inputs
+    from bpo.ops.logprobs import response_mask, sequence_logps
+    from bpo.model.scorer import SequenceScorer, model_inputs
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     if perturb:
@@ -43,7 +43,7 @@ def _score(path, dtype, impl, examples, pad_id, perturb):
     with torch.no_grad():
         token_logps = SequenceScorer(model, impl=impl)(**inputs)
     assert token_logps.dtype == torch.float32  # the head's output: fp32 in every dtype
-    return sequence_logps(token_logps, inputs["labels"][:, 1:] != -100), batch
+    return sequence_logps(token_logps, response_mask(inputs["labels"])), batch
 
 
 @pytest.mark.parametrize("family", ["llava15", "qwen2_vl"])

@@ -8,7 +8,7 @@ answers at once (a stop token first), which this test counts as unusable; test_s
 encoding and scoring to the plain HF forward.
 
 Qwen2-VL's data mixes text-only records with image ones so that, at some step, one rank's micro-batch holds no
-image while the other's does: the ZeRO-3 lockstep case (bpo.model.load.SequenceScorer's blank row).
+image while the other's does: the ZeRO-3 lockstep case (bpo.model.scorer.SequenceScorer's blank row).
 """
 
 import json

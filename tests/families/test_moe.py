@@ -12,7 +12,7 @@ def rows_batch(path, root):
     from bpo.data.chat import load_chat
     from bpo.data.dataset import collate
     from bpo.data.encode import encode_example
-    from bpo.model.load import model_inputs
+    from bpo.model.scorer import model_inputs
 
     chat = load_chat(path)
     examples = [encode_example(r, chat, root, max_length=400) for r in records()]
@@ -25,7 +25,7 @@ def test_router_aux_loss_is_the_models_own(replica, image_root):  # noqa: F811
     layer's router logits, padding excluded), and it reaches the routers' weights."""
     from transformers import AutoModelForImageTextToText
 
-    from bpo.model.load import SequenceScorer
+    from bpo.model.scorer import SequenceScorer
 
     path = replica("qwen3_vl_moe")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
@@ -48,7 +48,7 @@ def test_router_aux_loss_is_refused_where_transformers_has_none(replica):
     for one is a configuration error, not a silent zero."""
     from transformers import AutoModelForImageTextToText
 
-    from bpo.model.load import SequenceScorer
+    from bpo.model.scorer import SequenceScorer
 
     model = AutoModelForImageTextToText.from_pretrained(replica("llama4"), dtype=torch.float32)
     with pytest.raises(ValueError, match="router_aux_coef"):
@@ -77,7 +77,7 @@ def test_tokenizer_digest_ignores_what_the_last_call_did(family, replica, image_
 
     from bpo.data.chat import load_chat
     from bpo.data.encode import render_prompt
-    from bpo.ref_cache.fingerprint import tokenizer_digest
+    from bpo.runtime.digest import tokenizer_digest
 
     chat = load_chat(replica(family))
     before = tokenizer_digest(chat.tokenizer)

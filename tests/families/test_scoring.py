@@ -119,8 +119,8 @@ def test_sequence_logprobs_equal_the_plain_hf_forward(family, replica, image_roo
     from bpo.data.chat import load_chat
     from bpo.data.dataset import collate, split_by_kind
     from bpo.data.encode import encode_example, verify_example
-    from bpo.loss import sequence_logps
-    from bpo.model.load import SequenceScorer, model_inputs
+    from bpo.ops.logprobs import response_mask, sequence_logps
+    from bpo.model.scorer import SequenceScorer, model_inputs
 
     path = replica(family)
     chat = load_chat(path)
@@ -133,7 +133,7 @@ def test_sequence_logprobs_equal_the_plain_hf_forward(family, replica, image_roo
     inputs = model_inputs(batch, torch.device("cpu"))
     with torch.no_grad():
         token_logps = SequenceScorer(model, impl="fused")(**inputs)
-    per_row = sequence_logps(token_logps, inputs["labels"][:, 1:] != -100)
+    per_row = sequence_logps(token_logps, response_mask(inputs["labels"]))
     ours = split_by_kind(per_row, batch)  # (chosen (B,), rejected (B,), blind (B,))
 
     end_id = chat.tokenizer.convert_tokens_to_ids(END_MARKERS[family] or APPENDED_EOS[family])
@@ -199,7 +199,7 @@ def test_freezing_by_what_a_module_is(family, replica):
     from transformers import AutoModelForImageTextToText
 
     from bpo.config import ModelConfig
-    from bpo.model.load import set_trainable
+    from bpo.model.parts import set_trainable
 
     model = AutoModelForImageTextToText.from_pretrained(replica(family), dtype=torch.float32)
     parts = set_trainable(model, ModelConfig())  # the paper's defaults: image encoder frozen
@@ -308,7 +308,7 @@ def test_final_logit_softcap_as_the_hf_forward_applies_it(family, impl, replica,
     equal the log-softmax of `model(**inputs).logits` either way, and taking the other choice must be wrong."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from bpo.model.load import SequenceScorer
+    from bpo.model.scorer import SequenceScorer
     from bpo.ops.logit_transform import LogitTransform
 
     path = replica(family)

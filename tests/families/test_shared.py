@@ -12,12 +12,12 @@ from .test_scoring import image_root, records  # noqa: F401 (image_root is a fix
 def score(model, scorer, batch, device=torch.device("cpu"), backward=True):
     """Per-sequence log-probs (R,) and the gradient of a weighted sum of them over every trained parameter (None
     without backward)."""
-    from bpo.loss import sequence_logps
-    from bpo.model.load import model_inputs
+    from bpo.ops.logprobs import response_mask, sequence_logps
+    from bpo.model.scorer import model_inputs
 
     inputs = model_inputs(batch, device)
     model.zero_grad()
-    logps = sequence_logps(scorer(**inputs), inputs["labels"][:, 1:] != -100)
+    logps = sequence_logps(scorer(**inputs), response_mask(inputs["labels"]))
     if not backward:
         return logps.cpu(), None, int(inputs["attention_mask"].sum())
     (logps * torch.arange(1.0, len(logps) + 1, device=device)).sum().backward()  # distinct weights: no silent swap
@@ -37,7 +37,7 @@ def test_shared_equals_rows(family, replica, image_root):  # noqa: F811
     from bpo.data.dataset import collate
     from bpo.data.encode import encode_example
     from bpo.data.shared import collate_shared
-    from bpo.model.load import SequenceScorer, shared_layout_unsupported
+    from bpo.model.scorer import SequenceScorer, shared_layout_unsupported
 
     path = replica(family)
     chat = load_chat(path)
@@ -71,7 +71,7 @@ def test_layers_outside_attention_refuse_the_shared_layout(family, replica, imag
     from bpo.data.dataset import collate
     from bpo.data.encode import encode_example
     from bpo.data.shared import collate_shared
-    from bpo.model.load import SequenceScorer, choose_layout, shared_layout_unsupported
+    from bpo.model.scorer import SequenceScorer, choose_layout, shared_layout_unsupported
 
     path = replica(family)
     chat = load_chat(path)
@@ -99,7 +99,7 @@ def test_flex_attention_shared_equals_sdpa_rows(family, replica, image_root, mon
     from bpo.data.dataset import collate
     from bpo.data.encode import encode_example
     from bpo.data.shared import collate_shared
-    from bpo.model.load import SequenceScorer, shared_layout_unsupported
+    from bpo.model.scorer import SequenceScorer, shared_layout_unsupported
 
     path = replica(family)
     chat = load_chat(path)
@@ -148,7 +148,8 @@ def test_auto_attention_takes_the_shared_layout_and_flash_attention_stops_it(mon
     import types
 
     from bpo.config import ConfigError, load_config
-    from bpo.model.load import choose_layout, resolve_attn_implementation
+    from bpo.model.load import resolve_attn_implementation
+    from bpo.model.scorer import choose_layout
 
     assert resolve_attn_implementation("auto", cuda=True) == "flex_attention"
     assert resolve_attn_implementation("auto", cuda=False) == "sdpa"

@@ -280,7 +280,7 @@ def test_one_chunk_default():
     import inspect
 
     from bpo.config import load_config
-    from bpo.model.load import SequenceScorer
+    from bpo.model.scorer import SequenceScorer
     from bpo.plan.estimate import Setup
 
     default = load_config().loss.logprob_chunk_size
@@ -316,3 +316,20 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     hidden, weight, labels, _ = make_inputs((5,), H=8, V=11)
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         sequence_logprobs(hidden, weight, labels, backend="triton")
+
+
+def test_sequence_logps_reductions():
+    tok = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert logprobs_mod.sequence_logps(tok, mask, "sum").tolist() == [-3.0, -4.0]
+    assert logprobs_mod.sequence_logps(tok, mask, "mean").tolist() == [-1.5, -4.0]
+    with pytest.raises(ValueError):
+        logprobs_mod.sequence_logps(tok, mask, "max")
+
+
+def test_response_mask_marks_the_scored_shifted_labels():
+    # (R, T) labels as collated: prompt and padding IGNORE_INDEX; the mask is over labels[:, 1:], the targets the
+    # scorer's (R, T-1) log-probs are of.
+    ignore = logprobs_mod.IGNORE_INDEX
+    labels = torch.tensor([[ignore, ignore, 5, 6], [ignore, 7, ignore, ignore]])
+    assert logprobs_mod.response_mask(labels).tolist() == [[False, True, True], [True, False, False]]

@@ -62,7 +62,7 @@ def reload_check(work):
     from bpo.data.chat import load_chat
     from bpo.data.encode import encode_prompt
     from bpo.data.records import load_records
-    from bpo.model.load import part_of
+    from bpo.model.parts import part_of
 
     exported = os.path.join(work, "run", "hf_model")
     chat = load_chat(exported)  # the processor files came along

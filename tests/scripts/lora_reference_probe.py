@@ -29,8 +29,8 @@ def probe(model_dir, data, image_root, work):
     from bpo.data.dataset import PreferenceDataset, collate
     from bpo.data.encode import blank_image_example
     from bpo.data.records import load_records
-    from bpo.loss import sequence_logps
-    from bpo.model.load import model_inputs
+    from bpo.ops.logprobs import response_mask, sequence_logps
+    from bpo.model.scorer import model_inputs
     from bpo.model.reference import AdapterOffReference
     from bpo.data.sampler import micro_batches
     from bpo.train import build_ds_config, build_policy, build_reference
@@ -63,7 +63,7 @@ def probe(model_dir, data, image_root, work):
         out["off"] += off(batch, inputs).tolist()
         out["copy"] += copy(batch, inputs).tolist()
         with torch.no_grad():
-            out["on"] += sequence_logps(engine(**inputs), inputs["labels"][:, 1:] != -100, "sum").tolist()
+            out["on"] += sequence_logps(engine(**inputs), response_mask(inputs["labels"]), "sum").tolist()
     return out
 
 
