@@ -27,13 +27,23 @@ if not __package__:  # run as a file, as the deepspeed launcher does: put the re
 import torch
 
 from bpo import cli
-from bpo.runtime import dist
-from bpo.model import lora
-from bpo.ref_cache import store as ref_cache
 from bpo.config import check_model_dir, load_config, require
+from bpo.data.chat import load_chat
+from bpo.data.dataset import PreferenceDataset, split_by_kind
+from bpo.data.encode import blank_image_example
+from bpo.data.records import RESPONSE_KEYS, drop_cut_blind, enforce_max_image_pixels, load_records
+from bpo.data.shared import make_collate
+from bpo.data.usable import usable_records
+from bpo.model import lora
+from bpo.model.load import load_model
+from bpo.model.scorer import SequenceScorer, choose_layout, model_inputs
+from bpo.ops.logprobs import describe_impl, response_mask, sequence_logps
+from bpo.ref_cache import store as ref_cache
+from bpo.runtime import dist
+from bpo.runtime.digest import digest_of
+from bpo.runtime.ds_configs import inference_config
 from bpo.runtime.faults import maybe_crash
 from bpo.runtime.shards import lockstep
-from bpo.ops.logprobs import response_mask, sequence_logps
 
 
 def parse_args(argv=None):
@@ -42,10 +52,6 @@ def parse_args(argv=None):
 
 def build_scorer(cfg, blank):
     import deepspeed
-
-    from bpo.runtime.ds_configs import inference_config
-    from bpo.model.load import load_model
-    from bpo.model.scorer import SequenceScorer
 
     ds = inference_config(cfg.model)  # ds_configs/zero3_inference.json, as ZeRO-3 generation reads it
     # QLoRA's reference is its 4-bit base: the cache holds what training's adapters-off forward would compute.
@@ -62,9 +68,6 @@ def build_scorer(cfg, blank):
 @torch.no_grad()
 def score_shard(engine, dataset, indices, batch_size, cfg, collate):
     """Sequence log-probs (n,) for each kind over one shard's examples; blind is NaN where absent."""
-    from bpo.data.dataset import split_by_kind
-    from bpo.model.scorer import model_inputs
-
     out = {k: [] for k in ref_cache.KINDS}
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start:start + batch_size]])
@@ -81,8 +84,6 @@ def score_shard(engine, dataset, indices, batch_size, cfg, collate):
 
 def dummy_forward(engine, dataset, collate):
     """ZeRO-3 needs every rank in every forward; a rank without work scores one example and discards it."""
-    from bpo.model.scorer import model_inputs
-
     with torch.no_grad():
         engine(**model_inputs(collate([dataset[0]]), engine.device))
 
@@ -119,16 +120,6 @@ def prepare_output(out_dir, manifest, shard_ids, fingerprint_digest):
 
 def main(argv=None):
     from tqdm import tqdm
-
-    from bpo.data.chat import load_chat
-    from bpo.data.dataset import PreferenceDataset
-    from bpo.data.encode import blank_image_example
-    from bpo.data.records import RESPONSE_KEYS, drop_cut_blind, enforce_max_image_pixels, load_records
-    from bpo.data.shared import make_collate
-    from bpo.data.usable import usable_records
-    from bpo.runtime.digest import digest_of
-    from bpo.model.scorer import choose_layout
-    from bpo.ops.logprobs import describe_impl
 
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)

@@ -9,7 +9,6 @@ Resume after a kill:   the same command with --resume (train.resume=true); a cha
 Memory levers:         model.finetune=lora (qlora: CUDA only), optim.name=adamw_8bit | paged_adamw_8bit (docs/memory.md)
 """
 
-import json
 import math
 import os
 import sys

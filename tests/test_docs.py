@@ -8,6 +8,7 @@ import dataclasses
 import glob
 import os
 import re
+import typing
 
 from bpo.config import load_config
 from bpo.demo.tiny import FAMILIES
@@ -117,12 +118,13 @@ def test_every_config_key_the_docs_name_exists():
                 parts = key.split(".")
                 if parts[0] not in sections or parts[-1] in FILE_SUFFIXES or key in NOT_KEYS:
                     continue
-                node = cfg
+                nodes = [type(cfg)]  # the classes a value at this depth may have (a union: any of them)
                 for part in parts:
-                    if not dataclasses.is_dataclass(node):
+                    if not all(dataclasses.is_dataclass(n) for n in nodes):
                         break  # a mapping: its keys are whatever it is given
-                    if part not in {f.name for f in dataclasses.fields(node)}:
+                    hints = [typing.get_type_hints(n) for n in nodes if part in {f.name for f in dataclasses.fields(n)}]
+                    if not hints:
                         unknown.append(f"{page}: {key}")
                         break
-                    node = getattr(node, part)
+                    nodes = [c for h in hints for c in (typing.get_args(h[part]) or (h[part],))]
     assert not unknown, f"config keys the docs name that bpo/config.py lacks: {sorted(set(unknown))}"

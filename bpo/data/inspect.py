@@ -22,7 +22,10 @@ from collections import Counter
 
 import yaml
 
-from bpo.data.records import RESPONSE_KEYS, BadRecord, DataFileError, load_records
+from bpo.data.records import BadRecord, DataFileError, RESPONSE_KEYS, load_records
+from bpo.data.encode import PromptTooLong, encode_example, tokenize_text, verify_example
+from bpo.data.conversation import Turn
+from bpo.data.chat import ChatTemplateError, load_chat
 
 
 def check_lengths(records, chat, image_root, max_length):
@@ -30,8 +33,6 @@ def check_lengths(records, chat, image_root, max_length):
     truncated responses by kind, {record id: prompt tokens} of the usable ones); the first two are lists of
     BadRecord."""
     from tqdm import tqdm
-
-    from bpo.data.encode import PromptTooLong, encode_example, verify_example
 
     too_long, failed, truncated, prompt_tokens = [], [], Counter(), {}
     for record in tqdm(records, desc="encoding", unit="rec", disable=None):
@@ -53,9 +54,6 @@ def check_lengths(records, chat, image_root, max_length):
 def template_overhead(chat):
     """Tokens the chat template writes around a one-character question, no image: its system prompt (Ministral-3
     always writes one of ~600 tokens), role markers and generation prompt, which every prompt pays."""
-    from bpo.data.conversation import Turn
-    from bpo.data.encode import tokenize_text
-
     text = chat.render(chat.messages([Turn("user", ".")]), add_generation_prompt=True)
     return len(tokenize_text(chat.processor, text))
 
@@ -145,8 +143,6 @@ def main(argv=None):
         return 2
     lengths = None
     if args.model is not None:
-        from bpo.data.chat import ChatTemplateError, load_chat
-
         try:
             chat = load_chat(args.model, args.chat_template, template_kwargs=template_kwargs)
         except ChatTemplateError as e:

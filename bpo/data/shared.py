@@ -27,7 +27,7 @@ Batch tensors (S packed sequences of width L; R virtual rows with at most M resp
 
 import torch
 
-from bpo.data.dataset import KIND_IDS, cat_padded
+from bpo.data.dataset import KIND_IDS, cat_padded, collate
 from bpo.data.records import RESPONSE_KEYS
 from bpo.ops.logprobs import IGNORE_INDEX
 
@@ -142,7 +142,6 @@ def allowed_mask_mod(example_of, part_of, blocks=None, positions=None, window=No
     """`attention_allowed` (and, with positions and window, `within_window`) as a FlexAttention mask_mod: a function
     of (sequence, head, query index, key index) tensors that FlexAttention evaluates block by block, so the (L, L)
     mask is never materialised. The dense functions above are its readable reference (tests/data/test_shared.py)."""
-
     def mask_mod(s, h, q, k):
         q_ex, k_ex = example_of[s, q], example_of[s, k]
         q_part, k_part = part_of[s, q], part_of[s, k]
@@ -168,8 +167,6 @@ def image_blocks(token_type_ids, image_types=(1,)):
 
 def make_collate(layout, pad_token_id, max_tokens=0):
     """examples -> batch for `layout` ("shared" or "rows"), as chosen by bpo.model.scorer.choose_layout."""
-    from bpo.data.dataset import collate
-
     if layout == "rows":
         return lambda examples: collate(examples, pad_token_id)
     return lambda examples: collate_shared(examples, pad_token_id, max_tokens)

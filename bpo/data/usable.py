@@ -12,11 +12,10 @@ holds exactly the records training (or evaluation) scores.
 
 from bpo.runtime import dist
 from bpo.data.records import BadRecord, raise_if_bad
+from bpo.data.encode import PromptTooLong, encode_example
 
 
 def _encode_error(record, error):
-    from bpo.data.encode import PromptTooLong
-
     if isinstance(error, PromptTooLong):
         return (f"prompt too long: {error.prompt_len} tokens (image tokens included), data.max_length "
                 f"{error.max_length}; no room for a response")
@@ -30,8 +29,6 @@ def usable_records(records, bad, chat, image_root, max_length, responses, skip_b
 
     `bad` holds what load_records already rejected; raises RecordError listing all of them unless skip_bad."""
     from PIL import Image
-
-    from bpo.data.encode import encode_example
 
     unusable, truncated = [], 0
     for i in range(dist.rank(), len(records), dist.world_size()):

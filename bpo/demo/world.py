@@ -36,8 +36,10 @@ import math
 import os
 import random
 
-from bpo.data.conversation import Turn, format_conversation
+from bpo.data.conversation import Turn, format_conversation, parse_conversation
 from bpo.demo.sample_data import _replace_dir
+from bpo.demo.tiny import write_tiny_llava
+from bpo.demo.tiny.pretrain import pretrain_vision_tower
 
 IMAGE_SIZE = 32  # pixels; the science demo's tiny LLaVA reads 32x32 in 4x4 patches (64 image tokens)
 
@@ -281,8 +283,6 @@ def make_eval(split, per_kind):
 
 def _without_image(question):
     """The same conversation with its image marker removed: what the model reads when the image is withheld."""
-    from bpo.data.conversation import parse_conversation
-
     turns = parse_conversation(question)
     return format_conversation([Turn(t.role, t.text, False) for t in turns])
 
@@ -330,9 +330,6 @@ def write_model(out_dir, seed=0, n_images=4000, steps=400):
     import shutil
 
     from PIL import Image
-
-    from bpo.demo.tiny import write_tiny_llava
-    from bpo.demo.tiny.pretrain import pretrain_vision_tower
 
     out_dir = os.path.abspath(out_dir)
     partial = out_dir + ".partial"  # out_dir only ever holds the finished checkpoint, tower pretrained

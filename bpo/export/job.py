@@ -30,33 +30,17 @@ bpo/export/lora.py.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import re
-import shutil
 
 import torch
 
-from bpo.runtime.atomic import publish_dir
+from bpo.export import lora as export_lora
+from bpo.export.hf_dir import INDEX_FILE, MARKER, MARKER_FILE, ExportError, hf_name, write_model_dir
 from bpo.runtime.checkpoint import latest_tag
 from bpo.runtime.dtypes import DTYPES, torch_dtype
-from bpo.runtime.faults import maybe_crash
-
-# The training wrapper (bpo.model.scorer.SequenceScorer) holds the HF model as `.model`; its parameter names carry this
-# prefix, which export removes so the directory loads with the model class's own names.
-WRAPPER_PREFIX = "model."
-BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "processor_config.json", "preprocessor_config.json", "chat_template.jinja",
-              "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-              "video_preprocessor_config.json")
-INDEX_FILE = "model.safetensors.index.json"
-MARKER = "bpo_export"  # key in the index's metadata: the directory was written by this module
-MARKER_FILE = ".bpo_export"  # the same mark on every directory atomic_dir publishes (adapter and merged-PEFT exports too)
-
-
-class ExportError(RuntimeError):
-    pass
+from bpo.runtime.safe_load import safe_load
 
 
 def parse_size(text):
@@ -70,8 +54,6 @@ def _safe_load(path):
     """A checkpoint file read without executing pickled code (bpo.runtime.safe_load: weights-only, with DeepSpeed's few plain
     state classes allowed), memory-mapped. DeepSpeed writes these files with torch.save, so a format without pickle
     is not available; this is the closest to it."""
-    from bpo.runtime.safe_load import safe_load
-
     if not os.path.isfile(path):
         raise ExportError(f"checkpoint file missing: {path}")
     try:
@@ -141,10 +123,6 @@ class PartitionedCheckpoint:
         return torch.cat(pieces)[:numel].view(shape)
 
 
-def hf_name(name):
-    return name[len(WRAPPER_PREFIX):] if name.startswith(WRAPPER_PREFIX) else name
-
-
 def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base_model=None, force=False,
            progress=True, merge=False):
     """Write the HF directory; returns its path. See the module docstring for the layout and memory bound.
@@ -157,8 +135,6 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
     _check_out_dir(out_dir, tag_dir, base_model, force)
     ckpt = PartitionedCheckpoint(tag_dir)
     target = torch_dtype(dtype)
-    from bpo.export import lora as export_lora
-
     if export_lora.is_lora(ckpt):
         if not merge:
             return export_lora.write_adapter_dir(ckpt, ckpt_dir, out_dir, target, base_model)
@@ -171,59 +147,6 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
     else:
         tensors = {hf_name(n): (ckpt.shape(n), lambda n=n: ckpt.tensor(n)) for n in ckpt.names()}
     return write_model_dir(tensors, out_dir, target, parse_size(max_shard_size), base_model, dtype, tag_dir, progress)
-
-
-def write_model_dir(tensors, out_dir, target, limit, base_model, dtype, tag_dir, progress=True):
-    """tensors: {name in the HF model: (shape, function returning the tensor)}, each called only when its shard is
-    written. Shards of at most `limit` bytes, index (marked as this module's, naming the checkpoint tag_dir), base
-    model files; written in a temporary directory renamed to out_dir when complete (`atomic_dir`)."""
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    # Plan shards by size first, so the file names can carry the total count.
-    shards, current, size = [], [], 0
-    for name, (shape, _) in tensors.items():
-        nbytes = torch.Size(shape).numel() * target.itemsize
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current:
-        shards.append(current)
-
-    with atomic_dir(out_dir) as tmp:
-        weight_map, total = {}, 0
-        bar = tqdm(total=len(tensors), unit="tensor", desc="export", disable=not progress)
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            written = {}
-            for name in shard:
-                written[name] = tensors[name][1]().to(target).contiguous()
-                weight_map[name] = fname
-                total += written[name].numel() * target.itemsize
-                bar.update(1)
-            save_file(written, os.path.join(tmp, fname), metadata={"format": "pt"})
-            del written  # one shard in memory at a time
-            maybe_crash("export_shards", i + 1)
-        bar.close()
-        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total, MARKER: {"checkpoint": os.path.abspath(tag_dir)}},
-                       "weight_map": weight_map}, f, indent=1, sort_keys=True)
-        copy_base_files(base_model, tmp, dtype)
-    return out_dir
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir):
-    """OUT_DIR's sibling `.NAME.export-tmp`, emptied, that replaces out_dir when the block succeeds and is removed if
-    it raises. A name of its own, so what a killed export leaves (up to a whole model) is found and removed by the
-    next export to the same place."""
-    out = os.path.abspath(out_dir)
-    with publish_dir(out, tmp=os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.export-tmp")) as tmp:
-        yield tmp
-        with open(os.path.join(tmp, MARKER_FILE), "w") as f:
-            json.dump({"written_by": "bpo.export.job"}, f)
 
 
 def _is_inside(path, directory):
@@ -284,19 +207,6 @@ def _check_base_model(base_model):
     if not os.path.isfile(os.path.join(base_model, "config.json")):
         raise ExportError(f"base model directory {base_model} has no config.json; pass --base-model DIR (the model "
                           f"the run started from, for its config and tokenizer)")
-
-
-def copy_base_files(base_model, out, dtype):
-    for name in BASE_FILES:
-        src = os.path.join(base_model, name)
-        if os.path.isfile(src):
-            shutil.copy2(src, os.path.join(out, name))
-    with open(os.path.join(out, "config.json")) as f:
-        config = json.load(f)
-    config["dtype"] = str(torch_dtype(dtype)).removeprefix("torch.")  # transformers' name: bfloat16, float16, float32
-    config.pop("torch_dtype", None)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def main(argv=None):

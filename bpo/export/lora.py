@@ -24,8 +24,9 @@ import os
 
 import torch
 
-from bpo.export.job import ExportError, atomic_dir, copy_base_files, hf_name
+from bpo.export.hf_dir import ExportError, atomic_dir, copy_base_files, hf_name
 from bpo.model.lora import CONFIG_FILE, adapter_key, base_name, is_adapter_param, merged_weight
+from bpo.runtime.dtypes import torch_dtype
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -101,8 +102,6 @@ def merge_into_base(ckpt, ckpt_dir, base_model, out_dir, dtype):
 
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
-
-    from bpo.runtime.dtypes import torch_dtype
 
     with tempfile.TemporaryDirectory(prefix=".adapter-", dir=os.path.dirname(os.path.abspath(out_dir))) as adapter:
         write_adapter_dir(ckpt, ckpt_dir, os.path.join(adapter, "a"), torch.float32, base_model)

@@ -1,7 +1,6 @@
 """The offline reference log-prob cache: format, fingerprint, and the reader training uses.
 
 A cache directory holds safetensors shards and `manifest.json`:
-
     manifest.json          {"format", "complete", "fingerprint": {...}, "num_shards", "num_examples", ...}
     shard_00000.safetensors  tensors chosen/rejected/blind (n,) float32 sequence log-probs (blind NaN where absent),
                              optional per-token tensors; metadata "shard" = JSON {"ids": the n example ids,
@@ -23,6 +22,8 @@ import torch
 
 from bpo.runtime import dist
 from bpo.runtime.atomic import write_text
+from bpo.ref_cache.fingerprint import code_fingerprint, data_digest, images_fingerprint, model_fingerprint
+from bpo.runtime.digest import digest_of, tokenizer_digest
 
 FORMAT_VERSION = 2
 SHARD_FORMAT = "shard_{:05d}.safetensors"
@@ -44,9 +45,6 @@ def fingerprint(cfg, processor, data_file, model_path=None, image_root=None):
 
 
 def _fingerprint(cfg, processor, data_file, model_path, image_root):
-    from bpo.ref_cache.fingerprint import code_fingerprint, data_digest, images_fingerprint, model_fingerprint
-    from bpo.runtime.digest import digest_of, tokenizer_digest
-
     model_path = model_path or cfg.train.ref_model_path or cfg.model.path
     # evaluate.py checks a cache against the test file, read with its own split; every other job reads data.train_file
     split = cfg.eval.split if data_file == cfg.eval.test_file and data_file != cfg.data.train_file else cfg.data.split
@@ -168,7 +166,6 @@ def shard_problem(path, ids, fingerprint_digest):
 
 class CachedReference:
     """Reference log-probs from a complete cache; same call signature as `reference.LiveReference`."""
-
     def __init__(self, cache_dir, cfg, processor=None, data_file=None, image_root=None):
         manifest = read_manifest(cache_dir)
         if not manifest.get("complete"):

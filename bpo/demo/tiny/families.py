@@ -35,6 +35,7 @@ routing differs from token to token and from rank to rank.
 import os
 
 from bpo.demo.tiny.tokenizers import CORPUS, build_tokenizer
+from bpo.demo.tiny.llava import save_atomically
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -591,8 +592,6 @@ def write_family(name, out_dir, seed=0):
     """Build the replica of family `name` and save it into out_dir (atomically); returns out_dir."""
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
-
-    from bpo.demo.tiny.llava import save_atomically
 
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; choose one of {sorted(FAMILIES)}")

@@ -9,6 +9,7 @@ system runs through the same loading path a 7B or 70B checkpoint takes.
 """
 
 import os
+from bpo.runtime.atomic import publish_dir
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
@@ -136,8 +137,6 @@ def write_tiny_llava(out_dir, seed=0, hidden_size=32, num_layers=2, image_size=I
 
 def save_atomically(out_dir, model, processor):
     """save_pretrained model and processor into out_dir through a temporary sibling directory renamed into place."""
-    from bpo.runtime.atomic import publish_dir
-
     with publish_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

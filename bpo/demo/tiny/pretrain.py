@@ -8,6 +8,7 @@ checkpoint is saved with the trained tower, everything else untouched.
 """
 
 import os
+from bpo.demo.tiny.llava import save_atomically
 
 
 def pretrain_vision_tower(model_dir, images, labels, steps=400, lr=3e-3, batch_size=64, seed=0, log=print):
@@ -15,8 +16,6 @@ def pretrain_vision_tower(model_dir, images, labels, steps=400, lr=3e-3, batch_s
     integer `labels`; returns the training accuracy of the last 100 steps."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from bpo.demo.tiny.llava import save_atomically
 
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
