@@ -1,8 +1,8 @@
-"""Peak memory of exporting a ZeRO-3 checkpoint: bpo.export.job (streaming) vs DeepSpeed's in-memory converter.
+"""Peak memory of exporting a ZeRO-3 checkpoint: bpo.export (streaming) vs DeepSpeed's in-memory converter.
 
     python benchmarks/export_bench.py [--sizes 512x8,1024x16]
 
-For each model size (hidden x layers of a bpo.demo.tiny LLaVA), writes a 2-rank ZeRO-3 checkpoint, then measures the peak
+For each model size (hidden x layers of a tiny LLaVA), writes a 2-rank ZeRO-3 checkpoint, then measures the peak
 resident memory of (a) `python -m bpo.export` with 64 MB shards and (b) DeepSpeed's
 `get_fp32_state_dict_from_zero_checkpoint` + safetensors save, each in a fresh process (that process's own ru_maxrss).
 Writes its table into BENCHMARKS.md.
@@ -91,11 +91,11 @@ def main():
                      f"{ours[1]:.0f} / {ours[0]:.0f}", f"{theirs[1]:.0f} / {theirs[0]:.0f}"])
         subprocess.run(["rm", "-rf", root])
     table = markdown_table(["parameters", "fp32 weights (MiB)", "checkpoint on disk (MiB)",
-                            "bpo.export.job peak anon / RSS (MiB)", "zero_to_fp32 + save peak anon / RSS (MiB)"], rows)
+                            "bpo.export peak anon / RSS (MiB)", "zero_to_fp32 + save peak anon / RSS (MiB)"], rows)
     table += ("\n\nEach cell: peak anonymous memory (sampled every 5 ms from /proc/self/status RssAnon) / peak RSS "
               "(ru_maxrss), of a fresh process, python and torch included (~300 MiB). RSS also counts the pages of "
               "memory-mapped checkpoint files that were read, which are file-backed and reclaimable; the anonymous "
-              "figure is what can exhaust a node's RAM. bpo.export.job writes 64 MB shards, so its anonymous peak is "
+              "figure is what can exhaust a node's RAM. bpo.export writes 64 MB shards, so its anonymous peak is "
               "bounded by the shard size; DeepSpeed's converter holds the whole fp32 model.")
     print(table)
     if not args.no_record:

@@ -7,7 +7,7 @@ runs 2-rank ZeRO-3 BPO training on CPU (fp32) four times: {full, LoRA} x {adamw,
 optimizer holds is read from its partition of the final checkpoint, the exact tensors DeepSpeed serialises from
 memory: the fp32 master partition (`fp32_flat_groups`) and every tensor of the optimizer's state_dict (Adam's m and
 v in fp32, or bitsandbytes' uint8 m and v with their fp32 block scales and code books). The plan column is
-`bpo.plan.estimate`'s optimizer row for the same model, 1 node x 2 ranks, same optimizer and fine-tuning mode. Peak RSS is
+`bpo.plan`'s optimizer row for the same model, 1 node x 2 ranks, same optimizer and fine-tuning mode. Peak RSS is
 rank 0's whole process (python, torch, model, activations), for scale. Writes its table into BENCHMARKS.md.
 """
 
@@ -111,12 +111,12 @@ def main():
     table = markdown_table(
         ["fine-tuning, optim.name", "trained params: checkpoint / plan",
          "per rank (rank 0 / rank 1): fp32 master + optimizer state (MiB)", "measured, larger rank (MiB)",
-         "bpo.plan.estimate optimizer row (MiB)", "measured / plan", "vs full adamw", "peak RSS rank 0 (MiB)"], rows)
+         "bpo.plan optimizer row (MiB)", "measured / plan", "vs full adamw", "peak RSS rank 0 (MiB)"], rows)
     transient = step_transient(20_000_000, "AdamW8bit")
     table += (f"\n\nModel: bpo.demo.tiny LLaVA, {dims.total_params / 1e6:.1f}M parameters (hidden {args.hidden_size}, "
               f"{args.num_layers} layers, CLIP tower frozen), fp32, 2 ranks, ZeRO-3, {args.steps} optimizer steps; "
               f"LoRA r={args.lora_r} on every Linear of the language model and projector. "
-              "bpo.plan.estimate counts 12 B per trained parameter for adamw and 4 + 2 + 8/256 B for 8-bit Adam; the "
+              "bpo.plan counts 12 B per trained parameter for adamw and 4 + 2 + 8/256 B for 8-bit Adam; the "
               "measurement adds ZeRO's per-parameter padding to a multiple of the world size, Adam's step counters "
               "and bitsandbytes' two 256-entry code books (2 KiB). "
               f"Peak RSS does not fall on CPU: bitsandbytes' CPU step (a torch implementation, not a fused kernel) "

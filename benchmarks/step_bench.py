@@ -3,7 +3,7 @@
     make bench-venv                                  # .venv-bench: bpo's stack plus trl (not a test dependency)
     .venv-bench/bin/python benchmarks/step_bench.py [--steps 5 --rounds 3] [--no-record]
 
-A ~20M-parameter LLaVA (bpo.demo.tiny: hidden 512, 8 layers, a CLIP tower on 336-pixel images in 14-pixel patches, so 576
+A ~20M-parameter LLaVA (bpo.demo.tiny: 512 wide, 8 layers, a CLIP tower on 336-pixel images in 14-pixel patches, so 576
 image tokens per image), and MMSafe-PO-shaped data: multi-turn prompts of ~720 tokens with the image (MMSafe-PO's
 test split averages 722), responses of ~50 tokens. fp32, one process, 2 examples per step, live reference model
 (TRL's default; bpo's cached reference is faster still, see the reference-cache section). Every configuration runs

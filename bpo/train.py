@@ -138,7 +138,7 @@ def build_policy(cfg, ds_config, total_steps, blank):
         peft_config, parts = lora.add_adapters(model, cfg.model, cfg.lora)
         describe(model, None, attn)
         dist.print0(lora.describe(parts, cfg.model, cfg.lora))
-        if dist.is_rank0():  # what bpo.export.job writes into an adapter directory
+        if dist.is_rank0():  # what bpo.export writes into an adapter directory
             lora.save_config(peft_config, cfg.train.output_dir)
     else:
         describe(model, set_trainable(model, cfg.model), attn)

@@ -106,7 +106,7 @@ def disk_check(args):
             need = export_need(args.export_model, args.export_dtype)
             return check_disk(target, need, f"a {args.export_dtype} export")
         need, one = checkpoint_need(args.checkpoint_model, args.keep_checkpoints, target)
-    except (ValueError, SystemExit) as e:  # a model bpo.plan.estimate cannot size: say so; the run may still fit
+    except (ValueError, SystemExit) as e:  # a model bpo.plan cannot size: say so; the run may still fit
         return True, f"disk check skipped: cannot size {args.export_model or args.checkpoint_model}: {e}"
     return check_disk(target, need, f"checkpoints of {one / GiB:.1f} GiB, keeping {args.keep_checkpoints}")
 

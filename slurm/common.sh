@@ -180,7 +180,7 @@ bpo_launch() {  # bpo_launch SCRIPT ARGS...: SCRIPT on every node, GPUS_PER_NODE
 # (vllm), VLLM_PORT (a free port), VLLM_ARGS (more `vllm serve` options, space-separated), VLLM_START_TIMEOUT_S (1800:
 # loading 145 GB of weights takes a while), VLLM_LOG (LOG_DIR/vllm-JOBID.log). On cpu-tiny the server is vLLM's CPU
 # build from .venv-vllm (`make vllm-venv`). A checkpoint whose vision tower lacks the published `vision_model.` level
-# (saved by recent transformers, or bpo.export.job) is served from a renamed copy under RUN_ROOT/served/ (bpo.engines.layout).
+# (saved by recent transformers, or bpo.export) is served from a renamed copy under RUN_ROOT/served/ (bpo.engines.layout).
 _bpo_vllm_stop() {
     if [ -n "${BPO_VLLM_PID:-}" ] && kill -0 "$BPO_VLLM_PID" 2>/dev/null; then
         echo "bpo: stopping the vLLM server (pid $BPO_VLLM_PID)"

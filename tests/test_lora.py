@@ -257,7 +257,7 @@ def test_adapter_export_loads_with_peft_and_merged_export_equals_it(lora_runs, m
 
     run_dir, _, _ = lora_runs["tiny"]
     adapter_dir = run_dir / "hf_model"  # written by train.export_16bit with lora.export=adapter
-    # The adapter and its config, and bpo.export.job's mark (a later --force may replace only a marked export).
+    # The adapter and its config, and bpo.export's mark (a later --force may replace only a marked export).
     assert sorted(os.listdir(adapter_dir)) == [".bpo_export", "adapter_config.json", "adapter_model.safetensors"]
     from bpo.config import ModelConfig
     from bpo.model.load import load_model

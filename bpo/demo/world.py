@@ -324,7 +324,7 @@ MODEL = dict(hidden_size=64, num_layers=2, image_size=IMAGE_SIZE, patch_size=4, 
 
 
 def write_model(out_dir, seed=0, n_images=4000, steps=400):
-    """The tiny LLaVA every seed starts from: bpo.demo.tiny's, with the world's texts in its tokenizer and a vision tower
+    """The tiny LLaVA every seed starts from: bpo.demo.tiny's, the world's texts in its tokenizer and a vision tower
     pretrained to tell the eight object kinds apart (bpo.demo.tiny.pretrain; the kind, never harm, is the label) on
     pictures from their own random stream. Its language model knows nothing yet: SFT makes the base from it."""
     import shutil

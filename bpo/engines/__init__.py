@@ -8,6 +8,6 @@ environment, started by slurm/common.sh (bpo_vllm_serve) or by hand.
 - http.py: JSON over HTTP with retries and back-off (the client here, and chat.py's)
 - chat.py: the chat-completions client the openai judge and the data builder share (API key, retries, replies)
 - layout.py: a copy of a checkpoint under the weight names vLLM reads
-- estimate.py: decode throughput formulas, for choosing an engine (bpo.plan.estimate prints the advice)
+- estimate.py: decode throughput formulas, for choosing an engine (bpo.plan prints the advice)
 - cpu_server.py: a vLLM CPU server on loopback, for the tests and the benchmark
 """

@@ -47,7 +47,7 @@ def replica_tokens_s(dims, gpus, batch, hw=Hardware()):
 
 
 def engine_advice(dims, gpus_per_node, gpu_mem_gib):
-    """One paragraph for bpo.plan.estimate: which decode.engine suits this model on one node of these GPUs."""
+    """One paragraph for bpo.plan: which decode.engine suits this model on one node of these GPUs."""
     weights_gib = 2 * dims.total_params / 2**30
     if weights_gib < 0.6 * gpu_mem_gib:
         return (f"generation (blind responses, evaluation): bf16 weights {weights_gib:.0f} GiB fit one GPU, so "

@@ -6,7 +6,7 @@
 Published LLaVA checkpoints (llava-hf/*, LLaVA-NeXT, ...) name the vision tower's weights
 `vision_tower.vision_model.embeddings...`. Recent transformers releases drop that level inside CLIPVisionModel and
 SiglipVisionModel (their conversion mapping removes the prefix on load) and save without it, and so does a
-`bpo.export.job` of a model trained with them: `vision_tower.embeddings...`. transformers reads both spellings; vLLM
+`bpo.export` of a model trained with them: `vision_tower.embeddings...`. transformers reads both spellings; vLLM
 (0.32) reads only the published one and stops with "There is no module or parameter named
 'vision_tower.embeddings'". The copy rewrites only each safetensors header (the names), copying the tensor bytes
 unchanged, so it costs one sequential read and write of the weights and no tensor is ever loaded.

@@ -9,7 +9,7 @@ offline refusal judge's verdict, the implicit reward margin) and returns:
   with their image and with it withheld (the text alone is benign, so a model that reads only the text answers both
   alike; one that reads the image refuses more with it)
 - text_only_answers: share of harmful-image answers that are the base's image-blind answer (they start with
-  bpo.demo.world.GENERIC's opening), the failure the blind term targets; safety_covered / safety_uncovered: safety on the
+  world.GENERIC's opening), the failure the blind term targets; safety_covered / safety_uncovered: safety on the
   weapons the base was taught to refuse and on the two it was not
 - reward_accuracy: share of the test pairs with an image whose implicit reward margin against the base is positive
   (None when the evaluation computed no margins, as for the base itself)

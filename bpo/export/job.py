@@ -51,7 +51,7 @@ def parse_size(text):
 
 
 def _safe_load(path):
-    """A checkpoint file read without executing pickled code (bpo.runtime.safe_load: weights-only, with DeepSpeed's few plain
+    """A checkpoint file read without executing pickled code (bpo.runtime.safe_load: weights-only, DeepSpeed's few plain
     state classes allowed), memory-mapped. DeepSpeed writes these files with torch.save, so a format without pickle
     is not available; this is the closest to it."""
     if not os.path.isfile(path):
@@ -127,7 +127,7 @@ def export(ckpt_dir, out_dir, tag=None, dtype="bf16", max_shard_size="5GB", base
            progress=True, merge=False):
     """Write the HF directory; returns its path. See the module docstring for the layout and memory bound.
 
-    A LoRA checkpoint (bpo.model.lora) is written as a PEFT adapter directory, or with `merge` as full weights with every
+    A LoRA checkpoint (bpo.model.lora) becomes a PEFT adapter directory, or with `merge` full weights with every
     adapter folded into its layer (bpo.export.lora)."""
     tag_dir = resolve_tag_dir(ckpt_dir, tag)
     base_model = base_model or _base_model_from_run(tag_dir)
@@ -181,7 +181,7 @@ def _check_out_dir(out_dir, tag_dir, base_model, force):
     if not _is_previous_export(out_dir):
         shown = ", ".join(sorted(os.listdir(out_dir))[:5])
         raise ExportError(f"refusing --force: {out_dir} is not a previous export (no {INDEX_FILE} written by "
-                          f"bpo.export.job) and holds other files ({shown}, ...); choose another OUT_DIR, or empty it "
+                          f"bpo.export) and holds other files ({shown}, ...); choose another OUT_DIR, or empty it "
                           f"yourself")
 
 

@@ -1,5 +1,5 @@
-"""Export of a LoRA run's ZeRO-3 checkpoint (bpo.model.lora): a PEFT adapter directory, or full weights with the adapters
-folded in. Called by `bpo.export.job.export`; the command line is bpo.export.job's (`--merge` for the second).
+"""Export of a LoRA run's ZeRO-3 checkpoint (model.finetune=lora): a PEFT adapter directory, or full weights, adapters
+folded in. Called by `bpo.export.job.export`; the command line is bpo.export's (`--merge` for the second).
 
 The checkpoint holds the adapters as trained parameters (fp32 master copies, `...q_proj.lora_A.default.weight`) and
 the base as frozen fragments under PEFT's names (`...q_proj.base_layer.weight`). The run keeps the PEFT config it
@@ -10,7 +10,7 @@ Adapter directory (what `PeftModel.save_pretrained` writes, so `PeftModel.from_p
 `base_model.model.<module>.lora_A.weight`, in the export dtype.
 
 Merged (LoRA): every adapted layer's weight becomes W + (alpha / r) B A, computed in fp32 from the fp32 adapters
-and the base fragment, one tensor at a time inside bpo.export.job's shard-by-shard writer, so the memory bound is the
+and the base fragment, one tensor at a time inside bpo.export's shard-by-shard writer, so the memory bound is the
 same as a full export's; every other tensor is the base's, under its own name (`.base_layer` dropped).
 
 Merged (QLoRA): the checkpoint's base fragments are 4-bit blocks whose quantization constants live only in the
@@ -63,11 +63,11 @@ def write_adapter_dir(ckpt, ckpt_dir, out_dir, target, base_model):
 
 
 def merged_tensors(ckpt, ckpt_dir, base_model, out_dir, dtype):
-    """{HF name: (shape, function)} of the merged model for bpo.export.job's writer; None when the base is 4-bit and the
+    """{HF name: (shape, function)} of the merged model for bpo.export's writer; None when the base is 4-bit and the
     merge was done through PEFT instead (then out_dir is already written)."""
     config = run_adapter_config(ckpt_dir)
     if config.get("use_rslora") or config.get("use_dora"):
-        raise ExportError("rsLoRA / DoRA adapters are not folded by bpo.export.job")  # bpo never trains them
+        raise ExportError("rsLoRA / DoRA adapters are not folded by bpo.export")  # bpo never trains them
     scale = config["lora_alpha"] / config["r"]
     adapted = {}  # checkpoint name of a base weight -> (its lora_A name, its lora_B name)
     for name in ckpt.names():

@@ -111,7 +111,7 @@ def add_adapters(model, model_cfg, lora_cfg):
     return config, parts
 
 
-CONFIG_FILE = "adapter_config.json"  # PEFT's name; a run keeps its own beside checkpoints/ for bpo.export.job
+CONFIG_FILE = "adapter_config.json"  # PEFT's name; a run keeps its own beside checkpoints/ for bpo.export
 
 
 def config_dict(config):

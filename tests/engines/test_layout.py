@@ -39,7 +39,7 @@ def test_served_copy_renames_only_the_vision_tower(tiny_model_dir, tmp_path):
 
 
 def test_exported_names_and_sharded_index(tmp_path):
-    """bpo.export.job writes the module's names (model.vision_tower....) and an index; both get the inner level."""
+    """bpo.export writes the module's names (model.vision_tower....) and an index; both get the inner level."""
     import torch
     from safetensors.torch import save_file
 
