@@ -61,15 +61,16 @@ def images_fingerprint(data_file, image_root, allow_outside_root=False, split=""
     return digest_of(out)
 
 
-# The code between a record and its reference log-prob, and nothing else: parsing (records, conversation), prompt
-# rendering and tokenisation (chat), image preprocessing calls and truncation (encode), batching (dataset, shared),
-# the scorer's forward (model/scorer.py) and its log-prob head, label mask and reduction to a sequence log-prob (ops).
+# The code between a record and its reference log-prob, and nothing else: reading the file and parsing its rows
+# (formats, records, conversation), prompt rendering and tokenisation (chat), image preprocessing calls and truncation
+# (encode), batching (dataset, shared), the scorer's forward (model/scorer.py) and its log-prob head, label mask and
+# reduction to a sequence log-prob (ops).
 # Any edit to these files changes the fingerprint (a comment-only edit costs a rebuild; a changed encoding can never
 # slip through). Loading (model/load.py; the dtype and QLoRA's quantization are fingerprinted as settings), part
 # naming (model/parts.py) and the loss (loss.py, which only reads the cached numbers) are left out, so editing them
 # keeps a cache valid.
-SCORING_CODE = ("data/records.py", "data/conversation.py", "data/chat.py", "data/encode.py", "data/dataset.py",
-                "data/shared.py", "model/scorer.py",
+SCORING_CODE = ("data/formats.py", "data/records.py", "data/conversation.py", "data/chat.py", "data/encode.py",
+                "data/dataset.py", "data/shared.py", "model/scorer.py",
                 "ops/logit_transform.py", "ops/logprobs.py", "ops/triton_logprobs.py")
 SCORING_LIBRARIES = ("torch", "transformers", "tokenizers", "PIL")
 
