@@ -179,7 +179,7 @@ def run_stages(stages, echo=print, timings=None):
 
 def report(out, seeds, methods=("base", *METHODS)):
     """Score every evaluation, summarize over seeds, write OUT/science.{json,md,png}; returns (summary, markdown)."""
-    from bpo.eval import world_scores
+    from bpo.demo import world_scores
 
     scores = {m: {s: world_scores.score(os.path.join(out, f"seed_{s}", f"eval_{m}", "results.jsonl"))
                   for s in seeds} for m in methods}

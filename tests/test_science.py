@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from bpo.eval import world_scores
+from bpo.demo import world_scores
 from launch import science
 
 pytestmark = pytest.mark.slow

@@ -1,10 +1,10 @@
-"""bpo.eval.world_scores against counts made by hand on a small results file."""
+"""bpo.demo.world_scores against counts made by hand on a small results file."""
 
 import json
 
 import pytest
 
-from bpo.eval import world_scores
+from bpo.demo import world_scores
 
 
 def _row(split, kind, response, verdict, margin=None):
