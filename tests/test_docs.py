@@ -113,7 +113,10 @@ def test_every_config_key_the_docs_name_exists():
     sections = {f.name for f in dataclasses.fields(cfg)}
     unknown = []
     for page in PAGES:
-        for span in re.findall(r"`([^`\n]+)`", _read(page)):
+        text = _read(page)
+        # code spans, and overrides given on command lines (`section.key=value`, in code blocks too)
+        spans = re.findall(r"`([^`\n]+)`", text) + re.findall(r"(?<![\w/.-])([a-z_]+\.[a-z_0-9.]+)=", text)
+        for span in spans:
             for key in re.findall(r"(?<![\w/.-])([a-z_]+(?:\.[a-z_0-9]+)+)(?![\w*/-])", span):
                 parts = key.split(".")
                 if parts[0] not in sections or parts[-1] in FILE_SUFFIXES or key in NOT_KEYS:
