@@ -5,12 +5,12 @@ import argparse
 import sys
 
 
-def parse_job_args(doc, argv=None, flags=None, launched=True):
+def parse_job_args(doc, argv=None, flags=None, launched=True, prog=None):
     """A config-driven job's arguments: `--config FILE` and `section.key=value` overrides, which may come before and
     after flags; `--help` prints the job's docstring `doc`. `flags(parser)` adds the job's own flags. A job started by
     the deepspeed launcher (`launched`) also accepts the `--local_rank` it passes, and ignores it (ranks come from the
-    environment)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    environment). `prog` names a job started with `python -m` in its usage line."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (see bpo/config.py for every key and default)")
     if launched:
         parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)

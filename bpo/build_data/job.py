@@ -42,7 +42,7 @@ FORMAT = 1  # of the parts' rows; bump when they change
 
 
 def parse_args(argv=None):
-    return cli.parse_job_args(__doc__, argv, launched=False)
+    return cli.parse_job_args(__doc__, argv, launched=False, prog="python -m bpo.build_data")
 
 
 def _in_order(pool, fn, items):

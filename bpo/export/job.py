@@ -210,7 +210,8 @@ def _check_base_model(base_model):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bpo.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt_dir", help="the run's checkpoints/ directory (or one tag directory inside it)")
     parser.add_argument("out_dir")
     parser.add_argument("--tag", help="checkpoint tag, e.g. step_120 (default: the one named in `latest`)")

@@ -78,7 +78,8 @@ def report(dims, setup, markdown=False):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=plan_estimate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bpo.plan", description=plan_estimate.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="config.json, a directory with one, or " + ", ".join(BUILTIN)
                         + " (with --config: model.path when left out)")
     parser.add_argument("--config", help="a training config (YAML): every setting it decides is read from it, and "
