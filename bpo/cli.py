@@ -38,13 +38,7 @@ def expected_errors():
 def run(main, argv=None):
     """main(argv); its return value is the exit status (None = 0), an expected error a one-line exit 1."""
     try:
-        code = main(argv) or 0
+        code = main(argv)
     except expected_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
-    # A job that joined a process group ends through dist.exit_process (why: its docstring). Looked up, not imported:
-    # build_data runs through here without torch.
-    dist = sys.modules.get("bpo.runtime.dist")
-    if dist is not None and dist.is_initialized():
-        dist.exit_process(code)
-    sys.exit(code)
+        raise SystemExit(f"error: {e}") from None
+    sys.exit(code or 0)

@@ -1,14 +1,9 @@
 """bpo.runtime.dist.on_rank0_polled: rank-0 work the other ranks wait for by polling a marker file, never in a collective
 (the 2-rank case, an export slower than BPO_DIST_TIMEOUT_S, runs in tests/test_lora.py)."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from bpo.runtime import dist
-from jobs import REPO
 
 
 def test_rank0_runs_the_work_and_leaves_no_marker(tmp_path):
@@ -37,15 +32,3 @@ def test_other_ranks_wait_for_the_marker_and_raise_rank0s_error(tmp_path, monkey
     (tmp_path / "export.failed").write_text("OSError: disk full")
     with pytest.raises(RuntimeError, match="rank 0 failed to export: OSError: disk full"):
         dist.on_rank0_polled(lambda: None, str(tmp_path / "export"), "to export")
-
-
-def test_exit_process_runs_the_exit_handlers_and_keeps_the_status(tmp_path):
-    """What a normal exit does before the teardown it skips: registered handlers run, buffered output is written."""
-    marker = tmp_path / "released"
-    script = ("import atexit, sys; from bpo.runtime import dist; "
-              f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes')); "
-              "print('done', end=''); sys.stderr.write('warned'); dist.exit_process(75)")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO))
-    assert (proc.returncode, proc.stdout, proc.stderr) == (75, "done", "warned")
-    assert marker.read_text() == "yes"

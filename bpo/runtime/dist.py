@@ -3,7 +3,6 @@
 import atexit
 import datetime
 import os
-import sys
 import time
 
 import torch
@@ -67,19 +66,6 @@ def init_distributed():
 def _destroy():
     if is_initialized():
         dist.destroy_process_group()
-
-
-def exit_process(code):
-    """End a process that joined a process group once its work is written: the exit handlers run as on a normal exit
-    (the run lock's release, `_destroy`, logging's flush), then the process ends without the interpreter's teardown.
-    DeepSpeed keeps its own references to the process groups, so destroying them does not always stop gloo's worker
-    threads, and a thread still holding a tensor when the interpreter is torn down aborts the process (SIGABRT,
-    "terminate called without an active exception"; pytorch/pytorch#179291): a finished job reported as failed, which
-    Slurm then treats as one (its dependants never start)."""
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _unlink_shm_buffer():
